@@ -1,0 +1,47 @@
+//! One decision end to end (typed request -> Decision with reasons) on the sample bundle.
+//!
+//! Run: `cargo bench --bench evaluate`
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::path::Path;
+
+use agentca::engine::evaluate;
+use agentca::request::{RawRequest, Request};
+use agentca::signals::Overlay;
+use agentca::snapshot::Snapshot;
+use chrono::Utc;
+use criterion::{Criterion, criterion_group, criterion_main};
+
+fn request(json: &str) -> Request {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    RawRequest::from_json(&v).unwrap().validate(Utc::now()).unwrap()
+}
+
+fn sample(c: &mut Criterion) {
+    let snap = Snapshot::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap();
+    let live = Overlay::new();
+    let cases = [
+        (
+            "allow",
+            r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3",
+                "time": "2026-11-25T10:00:00Z", "request_id": "r-1"}"#,
+        ),
+        (
+            "deny_forbid",
+            r#"{"agent": "ag-recon-01", "resource": "ledger", "scopes": ["Ledger.Read"], "client_ip": "203.0.113.7",
+                "time": "2026-11-25T10:00:00Z"}"#,
+        ),
+        ("deny_guard", r#"{"agent": "ag-support-02", "resource": "tickets", "scopes": ["Tickets.Read"]}"#),
+    ];
+    let mut group = c.benchmark_group("sample_bundle");
+    for (name, json) in cases {
+        let req = request(json);
+        group.bench_function(name, |b| b.iter(|| evaluate(black_box(&snap), &live, black_box(&req))));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, sample);
+criterion_main!(benches);

@@ -1,0 +1,503 @@
+//! Reads a policies/ folder: the schema, the `*.cedar` files (ids from `@id`), the directory,
+//! the named locations, and the content-hash revision. Every error names its file, and for
+//! policies the line and column.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{Effect, Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use ipnetwork::IpNetwork;
+use miette::Diagnostic;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::directory::Directory;
+
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+pub const DIRECTORY_FILE: &str = "directory.json";
+pub const LOCATIONS_FILE: &str = "locations.json";
+
+/// The three states of a Conditional Access policy (`@state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum PolicyState {
+    #[serde(rename = "on")]
+    On,
+    #[serde(rename = "off")]
+    Off,
+    #[serde(rename = "report-only")]
+    ReportOnly,
+}
+
+impl PolicyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyState::On => "on",
+            PolicyState::Off => "off",
+            PolicyState::ReportOnly => "report-only",
+        }
+    }
+}
+
+/// One policy of the bundle, renamed to its `@id`, with where it was written.
+#[derive(Debug, Clone)]
+pub struct BundlePolicy {
+    pub policy: Policy,
+    pub id: Arc<str>,
+    pub effect: Effect,
+    pub state: PolicyState,
+    pub reason: Arc<str>,
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+/// Named locations (`locations.json`): a name and the networks it covers.
+#[derive(Debug, Clone, Default)]
+pub struct Locations(Vec<(Arc<str>, Vec<IpNetwork>)>);
+
+impl Locations {
+    /// The names of the locations that contain `ip`, in file order.
+    pub fn containing(&self, ip: IpAddr) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter().filter(move |(_, nets)| nets.iter().any(|n| n.contains(ip))).map(|(name, _)| name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn from_json_str(src: &str) -> Result<Locations, Vec<String>> {
+        let root: Value = serde_json::from_str(src).map_err(|e| vec![format!("{}:{}: {}", e.line(), e.column(), e)])?;
+        let Value::Object(map) = root else {
+            return Err(vec!["expected an object of location names to lists of networks".into()]);
+        };
+        let mut errors = Vec::new();
+        let mut out = Vec::with_capacity(map.len());
+        for (name, nets) in map {
+            let Value::Array(items) = nets else {
+                errors.push(format!("location `{name}`: expected an array of networks such as \"10.0.0.0/8\""));
+                continue;
+            };
+            let mut parsed = Vec::with_capacity(items.len());
+            for item in items {
+                match item.as_str().map(|s| (s, IpNetwork::from_str(s.trim()))) {
+                    Some((_, Ok(net))) => parsed.push(net),
+                    Some((s, Err(e))) => errors.push(format!("location `{name}`: `{s}` is not a network: {e}")),
+                    None => errors
+                        .push(format!("location `{name}`: expected a string such as \"10.0.0.0/8\", found {item}")),
+                }
+            }
+            out.push((Arc::from(name.as_str()), parsed));
+        }
+        if errors.is_empty() { Ok(Locations(out)) } else { Err(errors) }
+    }
+}
+
+/// One problem with a bundle: the file, and where known the line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl BundleError {
+    fn in_file(file: &str, message: impl Into<String>) -> Self {
+        BundleError { file: file.to_string(), line: None, column: None, message: message.into() }
+    }
+
+    fn at(file: &str, src: &str, offset: usize, message: impl Into<String>) -> Self {
+        let (line, column) = line_column(src, offset);
+        BundleError { file: file.to_string(), line: Some(line), column: Some(column), message: message.into() }
+    }
+}
+
+impl fmt::Display for BundleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Every problem found in a bundle, one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleErrors(pub Vec<BundleError>);
+
+impl fmt::Display for BundleErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for BundleErrors {}
+
+impl From<BundleError> for BundleErrors {
+    fn from(e: BundleError) -> Self {
+        BundleErrors(vec![e])
+    }
+}
+
+/// A bundle, parsed and validated.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub schema: Schema,
+    /// In file order, then order within the file.
+    pub policies: Vec<BundlePolicy>,
+    pub directory: Directory,
+    pub locations: Locations,
+    pub revision: String,
+    pub warnings: Vec<String>,
+}
+
+impl Bundle {
+    /// Reads and validates the bundle in `dir`. All problems are reported, not just the first.
+    pub fn load(dir: &Path) -> Result<Bundle, BundleErrors> {
+        let display = |name: &str| dir.join(name).display().to_string();
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+        let mut hasher = Sha256::new();
+        let mut read = |name: &str, required: bool, errors: &mut Vec<BundleError>| -> Option<String> {
+            match fs::read_to_string(dir.join(name)) {
+                Ok(src) => {
+                    // Length-prefixed so that moving bytes between files changes the revision.
+                    hasher.update(name.as_bytes());
+                    hasher.update([0]);
+                    hasher.update((src.len() as u64).to_be_bytes());
+                    hasher.update(src.as_bytes());
+                    Some(src)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => None,
+                Err(e) => {
+                    errors.push(BundleError::in_file(&display(name), format!("cannot read: {e}")));
+                    None
+                }
+            }
+        };
+
+        let cedar_files = match list_cedar_files(dir) {
+            Ok(files) => files,
+            Err(e) => {
+                return Err(
+                    BundleError::in_file(&dir.display().to_string(), format!("cannot read the folder: {e}")).into()
+                );
+            }
+        };
+
+        let schema = read(SCHEMA_FILE, true, &mut errors).and_then(|src| match Schema::from_cedarschema_str(&src) {
+            Ok((schema, schema_warnings)) => {
+                warnings.extend(schema_warnings.map(|w| format!("{}: {w}", display(SCHEMA_FILE))));
+                Some(schema)
+            }
+            Err(e) => {
+                errors.extend(diagnostic_errors(&display(SCHEMA_FILE), &src, &e));
+                None
+            }
+        });
+
+        let mut policies = Vec::new();
+        let mut sources: HashMap<String, Arc<str>> = HashMap::new();
+        for name in &cedar_files {
+            let Some(src) = read(name, true, &mut errors) else { continue };
+            let file = display(name);
+            match parse_policies(&file, &src) {
+                Ok(parsed) => policies.extend(parsed),
+                Err(errs) => errors.extend(errs),
+            }
+            sources.insert(file, Arc::from(src));
+        }
+        check_unique_ids(&policies, &mut errors);
+        if policies.is_empty() && errors.is_empty() {
+            warnings.push(format!("{}: no policies: every request will be denied (no_permit)", dir.display()));
+        }
+
+        let directory = read(DIRECTORY_FILE, true, &mut errors).and_then(|src| match Directory::from_json_str(&src) {
+            Ok(d) => Some(d),
+            Err(errs) => {
+                errors.extend(errs.into_iter().map(|e| BundleError::in_file(&display(DIRECTORY_FILE), e.to_string())));
+                None
+            }
+        });
+        if let Some(d) = &directory {
+            warnings.extend(d.warnings.iter().map(|w| format!("{}: {w}", display(DIRECTORY_FILE))));
+        }
+
+        let locations = match read(LOCATIONS_FILE, false, &mut errors) {
+            None => Locations::default(),
+            Some(src) => Locations::from_json_str(&src).unwrap_or_else(|errs| {
+                errors.extend(errs.into_iter().map(|e| BundleError::in_file(&display(LOCATIONS_FILE), e)));
+                Locations::default()
+            }),
+        };
+        let revision = format!("sha256:{}", hex::encode(hasher.finalize()));
+
+        let Some(schema) = schema else { return Err(BundleErrors(errors)) };
+        validate_policies(&schema, &policies, &sources, &mut errors, &mut warnings);
+        match directory {
+            Some(directory) if errors.is_empty() => {
+                Ok(Bundle { dir: dir.to_path_buf(), schema, policies, directory, locations, revision, warnings })
+            }
+            _ => Err(BundleErrors(errors)),
+        }
+    }
+}
+
+/// The `*.cedar` files of the folder, sorted. Hidden entries (a ConfigMap's `..data`) are skipped.
+fn list_cedar_files(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // fs::metadata follows symlinks: a ConfigMap's files are links into `..data/`.
+        if name.ends_with(".cedar") && !name.starts_with('.') && fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Parses one file: each policy takes its `@id`, `@state` and `@reason`.
+fn parse_policies(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<BundleError>> {
+    let set = PolicySet::from_str(src)
+        .map_err(|errs| errs.iter().flat_map(|e| diagnostic_errors(file, src, e)).collect::<Vec<_>>())?;
+    let mut errors = Vec::new();
+    if let Some(t) = set.templates().next() {
+        let offset = src.find(&t.to_string()).unwrap_or(0);
+        errors.push(BundleError::at(
+            file,
+            src,
+            offset,
+            "templates (policies with ?principal or ?resource) are not supported",
+        ));
+    }
+    // Parsed policies are named policy0, policy1, … in the order they appear in the file.
+    let mut parsed: Vec<(usize, &Policy)> = set
+        .policies()
+        .map(|p| (p.id().to_string().trim_start_matches("policy").parse().unwrap_or(usize::MAX), p))
+        .collect();
+    parsed.sort_by_key(|(n, _)| *n);
+
+    let mut out = Vec::with_capacity(parsed.len());
+    let mut cursor = 0;
+    for (_, policy) in parsed {
+        let text = policy.to_string();
+        let offset = src[cursor..].find(&text).map_or(cursor, |i| cursor + i);
+        cursor = offset + text.len().min(src.len() - offset);
+        let err = |message: String| BundleError::at(file, src, offset, message);
+        let id = match policy.annotation("id") {
+            None => {
+                errors.push(err("policy has no @id annotation: every policy needs a stable @id(\"…\")".into()));
+                continue;
+            }
+            Some(id) if id.trim().is_empty() => {
+                errors.push(err("@id must not be empty".into()));
+                continue;
+            }
+            Some(id) => id.to_string(),
+        };
+        let state = match policy.annotation("state") {
+            None | Some("on") => PolicyState::On,
+            Some("off") => PolicyState::Off,
+            Some("report-only") => PolicyState::ReportOnly,
+            Some(other) => {
+                errors.push(err(format!(
+                    "policy `{id}`: unknown @state `{other}`: expected one of on, off, report-only"
+                )));
+                continue;
+            }
+        };
+        let (line, column) = line_column(src, offset);
+        out.push(BundlePolicy {
+            policy: policy.new_id(PolicyId::new(&id)),
+            reason: Arc::from(policy.annotation("reason").unwrap_or_default()),
+            id: Arc::from(id),
+            effect: policy.effect(),
+            state,
+            file: file.to_string(),
+            line,
+            column,
+        });
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
+fn check_unique_ids(policies: &[BundlePolicy], errors: &mut Vec<BundleError>) {
+    let mut seen: HashMap<&str, &BundlePolicy> = HashMap::new();
+    for p in policies {
+        if let Some(first) = seen.insert(&p.id, p) {
+            errors.push(BundleError {
+                file: p.file.clone(),
+                line: Some(p.line),
+                column: Some(p.column),
+                message: format!(
+                    "duplicate @id `{}`: first defined at {}:{}:{}",
+                    p.id, first.file, first.line, first.column
+                ),
+            });
+            seen.insert(&first.id, first);
+        }
+    }
+}
+
+/// Strict validation of every policy (off ones too) against the schema.
+fn validate_policies(
+    schema: &Schema,
+    policies: &[BundlePolicy],
+    sources: &HashMap<String, Arc<str>>,
+    errors: &mut Vec<BundleError>,
+    warnings: &mut Vec<String>,
+) {
+    let by_id: HashMap<&str, &BundlePolicy> = policies.iter().map(|p| (&*p.id, p)).collect();
+    let mut set = PolicySet::new();
+    for p in policies {
+        // A duplicate @id is already reported; the first policy of that id is validated.
+        let _ = set.add(p.policy.clone());
+    }
+    let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+    for e in result.validation_errors() {
+        let id = e.policy_id().to_string();
+        let Some(p) = by_id.get(id.as_str()) else {
+            errors.push(BundleError::in_file("policies", e.to_string()));
+            continue;
+        };
+        let src = sources.get(&p.file).map_or("", |s| &**s);
+        let message = format!("policy `{id}`: {}", describe(e));
+        let at = first_offset(e).filter(|o| *o < src.len());
+        errors.push(match at {
+            Some(offset) => BundleError::at(&p.file, src, offset, message),
+            None => BundleError { file: p.file.clone(), line: Some(p.line), column: Some(p.column), message },
+        });
+    }
+    for w in result.validation_warnings() {
+        let id = w.policy_id().to_string();
+        match by_id.get(id.as_str()) {
+            Some(p) => warnings.push(format!("{}:{}:{}: policy `{id}`: {}", p.file, p.line, p.column, describe(w))),
+            None => warnings.push(describe(w)),
+        }
+    }
+}
+
+/// The message of a diagnostic, its help appended, Cedar's "for policy `…`, " prefix removed.
+fn describe(d: &dyn Diagnostic) -> String {
+    let text = d.to_string();
+    let text = match text.strip_prefix("for policy `") {
+        Some(rest) => rest.split_once("`, ").map_or(text.as_str(), |(_, m)| m).to_string(),
+        None => text.clone(),
+    };
+    match d.help() {
+        Some(help) => format!("{text} ({help})"),
+        None => text,
+    }
+}
+
+fn first_offset(d: &dyn Diagnostic) -> Option<usize> {
+    d.labels().and_then(|mut labels| labels.next()).map(|l| l.offset())
+}
+
+fn diagnostic_errors(file: &str, src: &str, d: &dyn Diagnostic) -> Vec<BundleError> {
+    let message = describe(d);
+    vec![match first_offset(d).filter(|o| *o <= src.len()) {
+        Some(offset) => BundleError::at(file, src, offset, message),
+        None => BundleError::in_file(file, message),
+    }]
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_column(src: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(src.len());
+    while !src.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_column_counts_from_one() {
+        let src = "ab\ncdé\nf";
+        assert_eq!(line_column(src, 0), (1, 1));
+        assert_eq!(line_column(src, 3), (2, 1));
+        assert_eq!(line_column(src, 8), (3, 1));
+        assert_eq!(line_column(src, 100), (3, 2));
+    }
+
+    #[test]
+    fn locations_parse_and_match() {
+        let locs =
+            Locations::from_json_str(r#"{"corp": ["10.0.0.0/8", "2001:db8::/32"], "home": ["192.0.2.7"]}"#).unwrap();
+        let names = |ip: &str| locs.containing(ip.parse().unwrap()).map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(names("10.9.9.9"), ["corp"]);
+        assert_eq!(names("2001:db8::1"), ["corp"]);
+        assert_eq!(names("192.0.2.7"), ["home"]);
+        assert!(names("192.0.2.8").is_empty());
+    }
+
+    #[test]
+    fn bad_locations_name_the_location() {
+        let err = Locations::from_json_str(r#"{"corp": ["10.0.0.0/33", 7]}"#).unwrap_err();
+        assert_eq!(err.len(), 2);
+        assert!(err[0].starts_with("location `corp`: `10.0.0.0/33` is not a network"), "{}", err[0]);
+        assert!(err[1].starts_with("location `corp`: expected a string"), "{}", err[1]);
+    }
+
+    #[test]
+    fn policies_take_their_ids_and_positions() {
+        let src = "// c\n@id(\"a\")\npermit(principal, action, resource);\n\n@id(\"b\") @state(\"report-only\") @reason(\"r\")\nforbid(principal, action, resource);\n";
+        let ps = parse_policies("f.cedar", src).unwrap();
+        let got: Vec<_> =
+            ps.iter().map(|p| (p.id.to_string(), p.state, p.line, p.column, p.reason.to_string())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), PolicyState::On, 2, 1, "".into()),
+                ("b".into(), PolicyState::ReportOnly, 5, 1, "r".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_id_and_bad_state_are_located() {
+        let src = "@id(\"a\")\npermit(principal, action, resource);\n  permit(principal, action, resource);\n@id(\"c\") @state(\"maybe\") forbid(principal, action, resource);";
+        let errs: Vec<String> = parse_policies("f.cedar", src).unwrap_err().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errs,
+            vec![
+                "f.cedar:3:3: policy has no @id annotation: every policy needs a stable @id(\"…\")",
+                "f.cedar:4:1: policy `c`: unknown @state `maybe`: expected one of on, off, report-only",
+            ]
+        );
+    }
+
+    #[test]
+    fn parse_errors_are_located() {
+        let errs =
+            parse_policies("f.cedar", "@id(\"a\")\npermit(principal, action, resource)\nwhen { principal.x == };")
+                .unwrap_err();
+        assert_eq!((errs[0].line, errs[0].column), (Some(3), Some(23)), "{}", errs[0]);
+    }
+}

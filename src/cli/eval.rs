@@ -1,0 +1,64 @@
+//! `agentca eval`: one decision, offline, as JSON (What If), optionally explained per policy.
+
+use std::io::Read;
+use std::path::Path;
+
+use chrono::Utc;
+use serde_json::Value;
+
+use crate::engine::{evaluate, explain};
+use crate::request::{RawRequest, Request};
+use crate::signals::Overlay;
+
+use super::{exit, load};
+
+pub fn run(dir: &Path, request_path: &str, with_explain: bool) -> u8 {
+    let request = match read_request(request_path) {
+        Ok(r) => r,
+        Err(message) => {
+            eprintln!("agentca: invalid request: {message}");
+            return exit::FAILURE;
+        }
+    };
+    let snap = match load(dir) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let live = Overlay::new();
+    let decision = evaluate(&snap, &live, &request);
+    let mut out = match serde_json::to_value(&decision) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("agentca: cannot print the decision: {e}");
+            return exit::FAILURE;
+        }
+    };
+    if with_explain && let Value::Object(map) = &mut out {
+        map.insert("explain".into(), serde_json::to_value(explain(&snap, &live, &request)).unwrap_or(Value::Null));
+    }
+    match serde_json::to_string_pretty(&out) {
+        Ok(text) => println!("{text}"),
+        Err(e) => {
+            eprintln!("agentca: cannot print the decision: {e}");
+            return exit::FAILURE;
+        }
+    }
+    if decision.is_allow() { exit::OK } else { exit::DENY }
+}
+
+/// Reads and validates a request from a file or standard input.
+pub(super) fn read_request(path: &str) -> Result<Request, String> {
+    let text = if path == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).map_err(|e| format!("cannot read standard input: {e}"))?;
+        s
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read `{path}`: {e}"))?
+    };
+    let value: Value = serde_json::from_str(&text).map_err(|e| format!("`{path}` is not JSON: {e}"))?;
+    parse_request(&value)
+}
+
+pub(super) fn parse_request(value: &Value) -> Result<Request, String> {
+    RawRequest::from_json(value).and_then(|raw| raw.validate(Utc::now())).map_err(|e| e.to_string())
+}

@@ -1,0 +1,39 @@
+//! `agentca validate`: parse and validate a bundle, print what it holds or every error.
+
+use std::path::Path;
+
+use crate::bundle::PolicyState;
+
+use super::{exit, load};
+
+pub fn run(dir: &Path) -> u8 {
+    let snap = match load(dir) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let b = &snap.bundle;
+    for w in &b.warnings {
+        eprintln!("warning: {w}");
+    }
+    let count = |state| b.policies.iter().filter(|p| p.state == state).count();
+    let d = &b.directory;
+    println!(
+        "bundle `{}` is valid: {} policies ({} on, {} report-only, {} off), {} agents, {} blueprints, {} sponsors, {} users, {} resources, {} named locations",
+        dir.display(),
+        b.policies.len(),
+        count(PolicyState::On),
+        count(PolicyState::ReportOnly),
+        count(PolicyState::Off),
+        d.agents.len(),
+        d.blueprints.len(),
+        d.sponsors.len(),
+        d.users.len(),
+        d.resources.len(),
+        b.locations.len(),
+    );
+    for id in &snap.index.unreachable {
+        println!("note: policy `{id}` can never apply: its scope names no agent, blueprint, sponsor or resource");
+    }
+    println!("revision {}", snap.revision);
+    exit::OK
+}

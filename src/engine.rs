@@ -1,0 +1,517 @@
+//! The decision: guards first, then the enforced policies of the request's slices (fail
+//! closed on any policy error), report-only policies beside them; and the per-policy
+//! explanation behind `eval --explain`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cedar_policy::{
+    ActionConstraint, Context, Effect, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint,
+    Request as CedarRequest, ResourceConstraint, RestrictedExpression,
+};
+use chrono::{Datelike, Timelike};
+use serde::Serialize;
+
+use crate::bundle::PolicyState;
+use crate::directory::{EntityTypes, RiskLevel};
+use crate::index::{Keys, Outcome};
+use crate::request::{Action, Request};
+use crate::signals::{Live, Overlay};
+use crate::snapshot::{AgentEntry, Snapshot};
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// A policy's effect, as the decision reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyEffect {
+    Permit,
+    Forbid,
+}
+
+impl From<Effect> for PolicyEffect {
+    fn from(e: Effect) -> Self {
+        match e {
+            Effect::Permit => PolicyEffect::Permit,
+            Effect::Forbid => PolicyEffect::Forbid,
+        }
+    }
+}
+
+/// Why a decision came out as it did (DESIGN §4, §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonCode {
+    Policy,
+    NoPermit,
+    PolicyError,
+    UnknownAgent,
+    UnknownResource,
+    AgentDisabled,
+    BlueprintDisabled,
+    SponsorInactive,
+    AuditUnavailable,
+}
+
+impl ReasonCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::Policy => "policy",
+            ReasonCode::NoPermit => "no_permit",
+            ReasonCode::PolicyError => "policy_error",
+            ReasonCode::UnknownAgent => "unknown_agent",
+            ReasonCode::UnknownResource => "unknown_resource",
+            ReasonCode::AgentDisabled => "agent_disabled",
+            ReasonCode::BlueprintDisabled => "blueprint_disabled",
+            ReasonCode::SponsorInactive => "sponsor_inactive",
+            ReasonCode::AuditUnavailable => "audit_unavailable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reason {
+    pub code: ReasonCode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub effect: Option<PolicyEffect>,
+    pub reason: Arc<str>,
+}
+
+/// A report-only policy that matched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReportOnly {
+    pub policy: Arc<str>,
+    pub effect: PolicyEffect,
+    pub reason: Arc<str>,
+}
+
+/// A policy that failed to evaluate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyError {
+    pub policy: Arc<str>,
+    pub message: String,
+    /// True for a report-only policy: it is reported but does not decide.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub report_only: bool,
+}
+
+/// The answer to one request (DESIGN §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub decision: Verdict,
+    pub decision_id: String,
+    pub request_id: Option<String>,
+    pub reasons: Vec<Reason>,
+    pub report_only: Vec<ReportOnly>,
+    pub report_only_decision: Verdict,
+    pub errors: Vec<PolicyError>,
+    pub revision: Arc<str>,
+    pub eval_us: u64,
+}
+
+impl Decision {
+    /// A deny for a reason outside the policies (a guard, an unavailable audit log).
+    pub fn deny(code: ReasonCode, reason: impl Into<Arc<str>>, revision: Arc<str>, request_id: Option<String>) -> Self {
+        let reasons = vec![Reason { code, policy: None, effect: None, reason: reason.into() }];
+        Decision::denied(reasons, revision, request_id)
+    }
+
+    fn denied(reasons: Vec<Reason>, revision: Arc<str>, request_id: Option<String>) -> Self {
+        Decision {
+            decision: Verdict::Deny,
+            decision_id: new_decision_id(),
+            request_id,
+            reasons,
+            report_only: Vec::new(),
+            report_only_decision: Verdict::Deny,
+            errors: Vec::new(),
+            revision,
+            eval_us: 0,
+        }
+    }
+
+    pub fn is_allow(&self) -> bool {
+        self.decision == Verdict::Allow
+    }
+
+    /// True if a policy id or a reason code named `name` is among the reasons.
+    pub fn has_reason(&self, name: &str) -> bool {
+        self.reasons.iter().any(|r| r.code.as_str() == name || r.policy.as_deref() == Some(name))
+    }
+}
+
+/// A time-ordered unique id (UUID v7), so decision ids sort by time in the audit log.
+pub fn new_decision_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Decides one request against one snapshot and the live overlay.
+pub fn evaluate(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
+    let started = Instant::now();
+    let mut decision = decide(snap, live, req);
+    decision.eval_us = started.elapsed().as_micros() as u64;
+    decision
+}
+
+fn decide(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
+    let revision = snap.revision.clone();
+    let agent = snap.agent(&req.agent);
+    let resource = snap.resource(&req.resource);
+    let guards = guard_reasons(snap, live, req, agent.map(|(_, e)| e), resource.is_some());
+    let (Some((agent, entry)), Some((resource, resource_uid)), true) = (agent, resource, guards.is_empty()) else {
+        return Decision::denied(guards, revision, req.request_id.clone());
+    };
+    let risk = live.agent_risk(&agent.id).map_or(agent.risk, |l| l.value);
+    let cedar_request = match cedar_request(snap, req, &entry.uid, resource_uid, risk) {
+        Ok(r) => r,
+        Err(message) => {
+            return Decision::deny(
+                ReasonCode::PolicyError,
+                format!("the request could not be put to the policies: {message}"),
+                revision,
+                req.request_id.clone(),
+            );
+        }
+    };
+    let keys = Keys {
+        agent: &agent.id,
+        blueprint: &agent.blueprint,
+        sponsor: &agent.sponsor,
+        action: req.action,
+        resource: &resource.id,
+    };
+    let mut on = Outcome::default();
+    let mut report = Outcome::default();
+    for slice in snap.index.slices(&keys) {
+        on.add(&snap.authorizer, &cedar_request, &slice.on, &snap.entities);
+        report.add(&snap.authorizer, &cedar_request, &slice.report_forbid, &snap.entities);
+        report.add(&snap.authorizer, &cedar_request, &slice.report_permit, &snap.entities);
+    }
+    combine(snap, on, report, revision, req.request_id.clone())
+}
+
+/// The guards of DESIGN §4, all that apply; empty if the request may go to the policies.
+fn guard_reasons(
+    snap: &Snapshot,
+    live: &Overlay,
+    req: &Request,
+    entry: Option<&AgentEntry>,
+    resource_known: bool,
+) -> Vec<Reason> {
+    let mut reasons = Vec::new();
+    let mut push = |code: ReasonCode, reason: String| {
+        reasons.push(Reason { code, policy: None, effect: None, reason: reason.into() })
+    };
+    if entry.is_none() {
+        push(ReasonCode::UnknownAgent, format!("agent `{}` is not in the directory", req.agent));
+    }
+    if !resource_known {
+        push(ReasonCode::UnknownResource, format!("resource `{}` is not in the directory", req.resource));
+    }
+    let Some(entry) = entry else { return reasons };
+    let agent = &snap.bundle.directory.agents[entry.index];
+    let blueprint = snap.blueprint_of(entry);
+    let sponsor = snap.sponsor_of(entry);
+    let why = |live: &Live<bool>| {
+        let reason = if live.mark.reason.is_empty() { String::new() } else { format!(": {}", live.mark.reason) };
+        format!(" by {} at {}{reason}", live.mark.by, live.mark.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
+    match live.agent_enabled(&agent.id) {
+        Some(l) if !l.value => push(ReasonCode::AgentDisabled, format!("agent `{}` was disabled{}", agent.id, why(&l))),
+        None if !agent.enabled => {
+            push(ReasonCode::AgentDisabled, format!("agent `{}` is disabled in the directory", agent.id))
+        }
+        _ => {}
+    }
+    match live.blueprint_enabled(&blueprint.id) {
+        Some(l) if !l.value => push(
+            ReasonCode::BlueprintDisabled,
+            format!("blueprint `{}` of agent `{}` was disabled{}", blueprint.id, agent.id, why(&l)),
+        ),
+        None if !blueprint.enabled => push(
+            ReasonCode::BlueprintDisabled,
+            format!("blueprint `{}` of agent `{}` is disabled in the directory", blueprint.id, agent.id),
+        ),
+        _ => {}
+    }
+    match live.sponsor_active(&sponsor.id) {
+        Some(l) if !l.value => push(
+            ReasonCode::SponsorInactive,
+            format!("sponsor `{}` of agent `{}` was marked inactive{}", sponsor.id, agent.id, why(&l)),
+        ),
+        None if !sponsor.active => push(
+            ReasonCode::SponsorInactive,
+            format!("sponsor `{}` of agent `{}` is inactive in the directory", sponsor.id, agent.id),
+        ),
+        _ => {}
+    }
+    reasons
+}
+
+const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// The Cedar request: cached entity ids, the context of DESIGN §3, no schema check (our
+/// types already guarantee the shape; a unit test checks it against the schema).
+fn cedar_request(
+    snap: &Snapshot,
+    req: &Request,
+    principal: &EntityUid,
+    resource: &EntityUid,
+    agent_risk: RiskLevel,
+) -> Result<CedarRequest, String> {
+    let context = context(snap, req, agent_risk)?;
+    CedarRequest::new(principal.clone(), snap.action_uid(req.action).clone(), resource.clone(), context, None)
+        .map_err(|e| e.to_string())
+}
+
+fn context(snap: &Snapshot, req: &Request, agent_risk: RiskLevel) -> Result<Context, String> {
+    let s = |v: &str| RestrictedExpression::new_string(v.to_string());
+    let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(12);
+    let locations = req.client_ip.into_iter().flat_map(|ip| snap.bundle.locations.containing(ip));
+    pairs.push(("locations".into(), RestrictedExpression::new_set(locations.map(|l| s(l)))));
+    pairs.push(("flow".into(), s(req.flow.as_str())));
+    if let Some(ip) = req.client_ip {
+        pairs.push(("client_ip".into(), RestrictedExpression::new_ip(ip.to_string())));
+    }
+    pairs.push((
+        "time".into(),
+        RestrictedExpression::new_datetime(req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+    ));
+    pairs.push(("hour".into(), RestrictedExpression::new_long(i64::from(req.time.hour()))));
+    pairs.push(("weekday".into(), s(WEEKDAYS[req.time.weekday().num_days_from_monday() as usize])));
+    pairs.push(("agent_risk".into(), s(agent_risk.as_str())));
+    pairs.push(("signin_risk".into(), s(req.signin_risk.as_str())));
+    match req.action {
+        Action::RequestToken => {
+            pairs.push(("scopes".into(), RestrictedExpression::new_set(req.scopes.iter().map(|v| s(v)))));
+            pairs.push(("grant_type".into(), s(req.grant_type.as_deref().unwrap_or_default())));
+            if let Some(user) = &req.user {
+                pairs.push((
+                    "user".into(),
+                    RestrictedExpression::new_entity_uid(EntityTypes::uid(&snap.types.user, user)),
+                ));
+            }
+        }
+        Action::CallApi => {
+            pairs.push(("method".into(), s(req.method.as_deref().unwrap_or_default())));
+            pairs.push(("path".into(), s(req.path.as_deref().unwrap_or_default())));
+        }
+    }
+    Context::from_pairs(pairs).map_err(|e| e.to_string())
+}
+
+/// DESIGN §4: any policy error denies (Cedar skips an erroring policy, which could drop a
+/// forbid); otherwise a satisfied forbid denies, otherwise a satisfied permit allows.
+fn verdict(outcome: &Outcome) -> Verdict {
+    if outcome.errors.is_empty() && outcome.allows() { Verdict::Allow } else { Verdict::Deny }
+}
+
+fn combine(snap: &Snapshot, on: Outcome, report: Outcome, revision: Arc<str>, request_id: Option<String>) -> Decision {
+    let meta = |id: &PolicyId| snap.index.meta(id);
+    let order = |id: &PolicyId| meta(id).map_or(usize::MAX, |m| m.order);
+    let policy_reason = |id: &PolicyId, code: ReasonCode| {
+        let m = meta(id);
+        Reason {
+            code,
+            policy: Some(m.map_or_else(|| Arc::from(id.to_string()), |m| m.id.clone())),
+            effect: m.map(|m| m.effect.into()),
+            reason: m.map_or_else(|| Arc::from(""), |m| m.reason.clone()),
+        }
+    };
+
+    let decision = verdict(&on);
+    let mut determining: Vec<&PolicyId> = on.determining().iter().collect();
+    determining.sort_by_key(|id| order(id));
+    let mut reasons: Vec<Reason> = determining.into_iter().map(|id| policy_reason(id, ReasonCode::Policy)).collect();
+    let mut errored: Vec<&(PolicyId, String)> = on.errors.iter().collect();
+    errored.sort_by_key(|(id, _)| order(id));
+    if !errored.is_empty() {
+        // A permit that was satisfied did not allow: only the errors explain the deny.
+        if on.forbids.is_empty() {
+            reasons.clear();
+        }
+        reasons.extend(errored.iter().map(|(id, message)| Reason {
+            reason: Arc::from(format!("policy `{id}` failed to evaluate, so the request is denied: {message}")),
+            ..policy_reason(id, ReasonCode::PolicyError)
+        }));
+    } else if decision == Verdict::Deny && reasons.is_empty() {
+        reasons.push(Reason {
+            code: ReasonCode::NoPermit,
+            policy: None,
+            effect: None,
+            reason: Arc::from("no policy permits this request"),
+        });
+    }
+
+    let mut matched: Vec<&PolicyId> = report.forbids.iter().chain(&report.permits).collect();
+    matched.sort_by_key(|id| order(id));
+    let report_only = matched
+        .into_iter()
+        .filter_map(|id| {
+            meta(id).map(|m| ReportOnly { policy: m.id.clone(), effect: m.effect.into(), reason: m.reason.clone() })
+        })
+        .collect();
+    let report_only_decision = if report.forbids.is_empty() && report.errors.is_empty() && report.permits.is_empty() {
+        decision
+    } else {
+        let mut all = on.clone();
+        all.forbids.extend(report.forbids.iter().cloned());
+        all.permits.extend(report.permits.iter().cloned());
+        all.errors.extend(report.errors.iter().cloned());
+        verdict(&all)
+    };
+    let errors = on
+        .errors
+        .iter()
+        .map(|e| (e, false))
+        .chain(report.errors.iter().map(|e| (e, true)))
+        .map(|((id, message), report_only)| PolicyError {
+            policy: meta(id).map_or_else(|| Arc::from(id.to_string()), |m| m.id.clone()),
+            message: message.clone(),
+            report_only,
+        })
+        .collect();
+
+    Decision {
+        decision,
+        decision_id: new_decision_id(),
+        request_id,
+        reasons,
+        report_only,
+        report_only_decision,
+        errors,
+        revision,
+        eval_us: 0,
+    }
+}
+
+/// How one policy fared against a request (`eval --explain`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    pub policy: Arc<str>,
+    pub effect: PolicyEffect,
+    pub state: PolicyState,
+    /// `file:line:column` of the policy.
+    pub at: String,
+    pub outcome: ExplainOutcome,
+    /// For `not_applied`: the first part of the policy that did not match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unmet: Option<Unmet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExplainOutcome {
+    /// Scope and condition matched.
+    Applied,
+    NotApplied,
+    /// The condition failed to evaluate.
+    Error,
+    /// The agent or resource is unknown, so no policy could be put to the test.
+    NotEvaluated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmet {
+    Principal,
+    Action,
+    Resource,
+    Condition,
+}
+
+/// Every policy of the bundle (off ones too, as if on) against the request.
+pub fn explain(snap: &Snapshot, live: &Overlay, req: &Request) -> Vec<Explanation> {
+    let request = match (snap.agent(&req.agent), snap.resource(&req.resource)) {
+        (Some((agent, entry)), Some((_, resource_uid))) => {
+            let risk = live.agent_risk(&agent.id).map_or(agent.risk, |l| l.value);
+            cedar_request(snap, req, &entry.uid, resource_uid, risk).ok()
+        }
+        _ => None,
+    };
+    snap.bundle
+        .policies
+        .iter()
+        .map(|p| {
+            let (outcome, unmet, error) = match &request {
+                None => (ExplainOutcome::NotEvaluated, None, None),
+                Some(r) => explain_one(snap, &p.policy, r),
+            };
+            Explanation {
+                policy: p.id.clone(),
+                effect: p.effect.into(),
+                state: p.state,
+                at: format!("{}:{}:{}", p.file, p.line, p.column),
+                outcome,
+                unmet,
+                error,
+            }
+        })
+        .collect()
+}
+
+fn explain_one(
+    snap: &Snapshot,
+    policy: &Policy,
+    req: &CedarRequest,
+) -> (ExplainOutcome, Option<Unmet>, Option<String>) {
+    let mut alone = PolicySet::new();
+    if let Err(e) = alone.add(policy.clone()) {
+        return (ExplainOutcome::Error, None, Some(e.to_string()));
+    }
+    let response = snap.authorizer.is_authorized(req, &alone, &snap.entities);
+    if let Some(e) = response.diagnostics().errors().next() {
+        return (ExplainOutcome::Error, None, Some(e.to_string()));
+    }
+    if response.diagnostics().reason().any(|id| id == policy.id()) {
+        return (ExplainOutcome::Applied, None, None);
+    }
+    let within = |target: &EntityUid, uid: Option<&EntityUid>| {
+        uid.is_some_and(|uid| uid == target || snap.entities.is_ancestor_of(target, uid))
+    };
+    let (principal, action, resource) = (req.principal(), req.action(), req.resource());
+    let principal_ok = match policy.principal_constraint() {
+        PrincipalConstraint::Any => true,
+        PrincipalConstraint::Eq(uid) => principal == Some(&uid),
+        PrincipalConstraint::In(uid) => within(&uid, principal),
+        PrincipalConstraint::Is(ty) => principal.is_some_and(|p| *p.type_name() == ty),
+        PrincipalConstraint::IsIn(ty, uid) => {
+            principal.is_some_and(|p| *p.type_name() == ty) && within(&uid, principal)
+        }
+    };
+    let action_ok = match policy.action_constraint() {
+        ActionConstraint::Any => true,
+        ActionConstraint::Eq(uid) => action == Some(&uid),
+        ActionConstraint::In(uids) => uids.iter().any(|uid| within(uid, action)),
+    };
+    let resource_ok = match policy.resource_constraint() {
+        ResourceConstraint::Any => true,
+        ResourceConstraint::Eq(uid) => resource == Some(&uid),
+        ResourceConstraint::In(uid) => within(&uid, resource),
+        ResourceConstraint::Is(ty) => resource.is_some_and(|r| *r.type_name() == ty),
+        ResourceConstraint::IsIn(ty, uid) => resource.is_some_and(|r| *r.type_name() == ty) && within(&uid, resource),
+    };
+    let unmet = if !principal_ok {
+        Unmet::Principal
+    } else if !action_ok {
+        Unmet::Action
+    } else if !resource_ok {
+        Unmet::Resource
+    } else {
+        Unmet::Condition
+    };
+    (ExplainOutcome::NotApplied, Some(unmet), None)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! Engine tests on the sample bundle and on small bundles that exercise fail-closed paths.
+
+use std::path::Path;
+
+use chrono::Utc;
+
+use super::*;
+use crate::request::RawRequest;
+use crate::signals::Mark;
+
+fn sample() -> Snapshot {
+    Snapshot::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies").as_path()).unwrap()
+}
+
+/// A bundle of the sample schema, directory and locations with the given policies.
+fn with_policies(policies: &str) -> (tempfile::TempDir, Snapshot) {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for f in ["schema.cedarschema", "directory.json", "locations.json"] {
+        std::fs::copy(sample.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("p.cedar"), policies).unwrap();
+    let snap = Snapshot::load(dir.path()).unwrap();
+    (dir, snap)
+}
+
+fn request(json: &str) -> Request {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    RawRequest::from_json(&v).unwrap().validate(Utc::now()).unwrap()
+}
+
+fn mail_read() -> Request {
+    request(r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3", "time": "2026-11-25T10:00:00Z"}"#)
+}
+
+fn codes(d: &Decision) -> Vec<String> {
+    d.reasons.iter().map(|r| r.policy.as_deref().unwrap_or(r.code.as_str()).to_string()).collect()
+}
+
+#[test]
+fn the_context_conforms_to_the_schema() {
+    let snap = sample();
+    let cases = [
+        r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "2001:db8::1"}"#,
+        r#"{"agent": "ag-support-eu", "resource": "tickets", "flow": "on_behalf_of", "user": "u-gina", "signin_risk": "medium"}"#,
+        r#"{"agent": "ag-support-01", "resource": "tickets", "action": "call_api", "method": "GET", "path": "/x", "client_ip": "10.0.0.1"}"#,
+        r#"{"agent": "ag-support-01", "resource": "tickets", "action": "call_api", "method": "GET", "path": "/x"}"#,
+    ];
+    for json in cases {
+        let req = request(json);
+        let (_, entry) = snap.agent(&req.agent).unwrap();
+        let (_, resource) = snap.resource(&req.resource).unwrap();
+        let ctx = context(&snap, &req, RiskLevel::Low).unwrap();
+        let checked = CedarRequest::new(
+            entry.uid.clone(),
+            snap.action_uid(req.action).clone(),
+            resource.clone(),
+            ctx,
+            Some(&snap.bundle.schema),
+        );
+        assert!(checked.is_ok(), "{json}: {:?}", checked.err());
+    }
+}
+
+#[test]
+fn an_erroring_forbid_fails_closed() {
+    // The forbid overflows for any hour after midnight; Cedar alone would skip it and allow.
+    let (_dir, snap) = with_policies(
+        r#"@id("allow-all") permit(principal, action, resource);
+           @id("overflowing-forbid") @reason("never")
+           forbid(principal, action, resource) when { context.hour + 9223372036854775807 > 0 };"#,
+    );
+    let d = evaluate(&snap, &Overlay::new(), &mail_read());
+    assert_eq!(d.decision, Verdict::Deny);
+    assert_eq!(codes(&d), ["overflowing-forbid"]);
+    assert_eq!(d.reasons[0].code, ReasonCode::PolicyError);
+    assert_eq!(d.errors.len(), 1);
+    assert_eq!(&*d.errors[0].policy, "overflowing-forbid");
+    assert!(!d.errors[0].report_only);
+}
+
+#[test]
+fn an_unknown_on_behalf_of_user_fails_closed_where_a_policy_reads_it() {
+    let (_dir, snap) = with_policies(
+        r#"@id("allow-all") permit(principal, action, resource);
+           @id("no-bob") forbid(principal, action == Action::"request_token", resource)
+           when { context has user && context.user.name == "Bob Martin" };"#,
+    );
+    let known = request(r#"{"agent": "ag-mail-01", "resource": "graph", "flow": "on_behalf_of", "user": "u-carol"}"#);
+    assert_eq!(evaluate(&snap, &Overlay::new(), &known).decision, Verdict::Allow);
+    let bob = request(r#"{"agent": "ag-mail-01", "resource": "graph", "flow": "on_behalf_of", "user": "u-bob"}"#);
+    assert_eq!(codes(&evaluate(&snap, &Overlay::new(), &bob)), ["no-bob"]);
+    let unknown = request(r#"{"agent": "ag-mail-01", "resource": "graph", "flow": "on_behalf_of", "user": "u-nobody"}"#);
+    let d = evaluate(&snap, &Overlay::new(), &unknown);
+    assert_eq!((d.decision, d.reasons[0].code), (Verdict::Deny, ReasonCode::PolicyError));
+}
+
+#[test]
+fn a_report_only_error_is_reported_but_does_not_decide() {
+    let (_dir, snap) = with_policies(
+        r#"@id("allow-all") permit(principal, action, resource);
+           @id("pilot") @state("report-only")
+           forbid(principal, action, resource) when { context.hour + 9223372036854775807 > 0 };"#,
+    );
+    let d = evaluate(&snap, &Overlay::new(), &mail_read());
+    assert_eq!(d.decision, Verdict::Allow);
+    assert_eq!(d.report_only_decision, Verdict::Deny);
+    assert!(d.report_only.is_empty());
+    assert_eq!(d.errors.len(), 1);
+    assert!(d.errors[0].report_only);
+}
+
+#[test]
+fn report_only_lists_every_match_with_its_effect() {
+    let (_dir, snap) = with_policies(
+        r#"@id("allow-all") permit(principal, action, resource);
+           @id("ro-permit") @state("report-only") @reason("p") permit(principal in Blueprint::"bp-mail", action, resource);
+           @id("ro-forbid") @state("report-only") @reason("f") forbid(principal == Agent::"ag-mail-01", action, resource);
+           @id("ro-miss") @state("report-only") forbid(principal == Agent::"ag-mail-02", action, resource);
+           @id("off") @state("off") forbid(principal, action, resource);"#,
+    );
+    let d = evaluate(&snap, &Overlay::new(), &mail_read());
+    assert_eq!(d.decision, Verdict::Allow);
+    let ro: Vec<_> = d.report_only.iter().map(|r| (r.policy.to_string(), r.effect)).collect();
+    assert_eq!(ro, [("ro-permit".to_string(), PolicyEffect::Permit), ("ro-forbid".to_string(), PolicyEffect::Forbid)]);
+    assert_eq!(d.report_only_decision, Verdict::Deny);
+}
+
+#[test]
+fn report_only_can_turn_a_deny_into_a_would_be_allow() {
+    let (_dir, snap) = with_policies(
+        r#"@id("pilot-permit") @state("report-only") permit(principal, action, resource);"#,
+    );
+    let d = evaluate(&snap, &Overlay::new(), &mail_read());
+    assert_eq!((d.decision, d.report_only_decision), (Verdict::Deny, Verdict::Allow));
+    assert_eq!(codes(&d), ["no_permit"]);
+}
+
+#[test]
+fn reasons_follow_bundle_order_and_carry_effect_and_reason() {
+    let snap = sample();
+    let req = request(r#"{"agent": "ag-mail-01", "resource": "ledger", "scopes": ["Ledger.Read"], "client_ip": "203.0.113.1", "time": "2026-11-28T10:00:00Z"}"#);
+    let d = evaluate(&snap, &Overlay::new(), &req);
+    assert_eq!(
+        codes(&d),
+        [
+            "blueprint-resource-ceiling",
+            "blueprint-scope-ceiling",
+            "high-sensitivity-from-named-locations",
+            "confidential-data-needs-clearance",
+            "finance-ledger-business-hours"
+        ]
+    );
+    assert_eq!(d.reasons[0].effect, Some(PolicyEffect::Forbid));
+    assert_eq!(&*d.reasons[0].reason, "the resource is not one of the agent's blueprint resources");
+    assert_eq!(d.revision, snap.revision);
+}
+
+#[test]
+fn every_failing_guard_is_listed() {
+    let snap = sample();
+    let d = evaluate(&snap, &Overlay::new(), &request(r#"{"agent": "nobody", "resource": "nothing"}"#));
+    assert_eq!(codes(&d), ["unknown_agent", "unknown_resource"]);
+    assert_eq!(&*d.reasons[0].reason, "agent `nobody` is not in the directory");
+}
+
+fn mark(reason: &str) -> Mark {
+    Mark { by: "admin@contoso".into(), reason: reason.into(), at: "2026-11-27T09:00:00Z".parse().unwrap() }
+}
+
+#[test]
+fn live_signals_override_the_directory() {
+    let snap = sample();
+    let live = Overlay::new();
+    let req = mail_read();
+    assert!(evaluate(&snap, &live, &req).is_allow());
+
+    live.set_agent_enabled("ag-mail-01", Live { value: false, mark: mark("token theft suspected") });
+    let d = evaluate(&snap, &live, &req);
+    assert_eq!(codes(&d), ["agent_disabled"]);
+    assert_eq!(
+        &*d.reasons[0].reason,
+        "agent `ag-mail-01` was disabled by admin@contoso at 2026-11-27T09:00:00Z: token theft suspected"
+    );
+    live.set_agent_enabled("ag-mail-01", Live { value: true, mark: mark("") });
+    assert!(evaluate(&snap, &live, &req).is_allow());
+
+    live.set_agent_risk("ag-mail-01", Live { value: RiskLevel::High, mark: mark("confirmed compromised") });
+    assert_eq!(codes(&evaluate(&snap, &live, &req)), ["block-high-risk-agents"]);
+    live.clear_agent_risk("ag-mail-01");
+
+    live.set_blueprint_enabled("bp-mail", Live { value: false, mark: mark("") });
+    assert_eq!(codes(&evaluate(&snap, &live, &req)), ["blueprint_disabled"]);
+    live.set_blueprint_enabled("bp-mail", Live { value: true, mark: mark("") });
+
+    live.set_sponsor_active("s-alice", Live { value: false, mark: mark("left the company") });
+    assert_eq!(codes(&evaluate(&snap, &live, &req)), ["sponsor_inactive"]);
+
+    // A signal can also lift the directory's value: ag-support-02 is disabled there.
+    let support = request(r#"{"agent": "ag-support-02", "resource": "tickets", "scopes": ["Tickets.Read"]}"#);
+    assert_eq!(codes(&evaluate(&snap, &live, &support)), ["agent_disabled"]);
+    live.set_agent_enabled("ag-support-02", Live { value: true, mark: mark("investigated") });
+    assert!(evaluate(&snap, &live, &support).is_allow());
+}
+
+#[test]
+fn explain_names_the_first_unmet_part() {
+    let (_dir, snap) = with_policies(
+        r#"@id("p-principal") permit(principal == Agent::"ag-mail-02", action, resource);
+           @id("p-action") permit(principal, action == Action::"call_api", resource);
+           @id("p-resource") permit(principal, action, resource == Resource::"ledger");
+           @id("p-condition") permit(principal in Sponsor::"s-alice", action, resource) when { context.hour > 22 };
+           @id("p-applied") permit(principal in Blueprint::"bp-mail", action, resource);
+           @id("p-error") forbid(principal, action, resource) when { context.hour + 9223372036854775807 > 0 };"#,
+    );
+    let got: Vec<_> = explain(&snap, &Overlay::new(), &mail_read())
+        .into_iter()
+        .map(|e| (e.policy.to_string(), e.outcome, e.unmet))
+        .collect();
+    use ExplainOutcome::*;
+    assert_eq!(
+        got,
+        [
+            ("p-principal".into(), NotApplied, Some(Unmet::Principal)),
+            ("p-action".into(), NotApplied, Some(Unmet::Action)),
+            ("p-resource".into(), NotApplied, Some(Unmet::Resource)),
+            ("p-condition".into(), NotApplied, Some(Unmet::Condition)),
+            ("p-applied".into(), Applied, None),
+            ("p-error".into(), Error, None),
+        ]
+    );
+}

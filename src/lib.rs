@@ -1,0 +1,25 @@
+//! agentca: Conditional Access for AI agents. Before a token issuer mints a token for an
+//! agent (or a gateway forwards its call), agentca decides with Cedar policies keyed to the
+//! agent, its blueprint and its sponsor, and says why.
+//!
+//! # Layout
+//!
+//! Modules depend only on those above them in this list.
+//!
+//! - [`directory`]: agents, blueprints, sponsors, users, resources, and their Cedar entities
+//! - [`bundle`]: reads a `policies/` folder: schema, policies, directory, locations, revision
+//! - [`request`]: the raw request, its validation, and the typed request
+//! - [`index`]: policy slices keyed by principal scope, action and resource
+//! - [`signals`]: live state (disabled agents, risk) layered over the directory
+//! - [`snapshot`]: everything one revision needs, and the `arc-swap` store that reloads it
+//! - [`engine`]: `evaluate(&Snapshot, &Overlay, &Request) -> Decision`, and `explain`
+//! - [`cli`]: the `agentca` command line, one file per command
+
+pub mod bundle;
+pub mod cli;
+pub mod directory;
+pub mod engine;
+pub mod index;
+pub mod request;
+pub mod signals;
+pub mod snapshot;

@@ -1,0 +1,208 @@
+//! The offline CLI, run as a user runs it: `agentca validate`, `eval`, `test`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn agentca(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_agentca")).args(args).current_dir(root()).output().unwrap()
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A copy of the sample bundle that a test may break.
+fn sample_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(root().join("policies")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let src = std::fs::read_to_string(path).unwrap();
+    assert!(src.contains(from), "{from} not in {}", path.display());
+    std::fs::write(path, src.replacen(from, to, 1)).unwrap();
+}
+
+/// Compares with a golden file; `AGENTCA_BLESS=1` rewrites it.
+fn golden(name: &str, actual: &str) {
+    let path = root().join("tests/golden").join(name);
+    if std::env::var_os("AGENTCA_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(actual, expected, "golden file {} differs (AGENTCA_BLESS=1 to rewrite)", path.display());
+}
+
+fn write_request(json: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(json.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn validate_accepts_the_sample_bundle() {
+    let out = agentca(&["validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("is valid: 14 policies (12 on, 1 report-only, 1 off), 13 agents"), "{stdout}");
+    assert!(stdout.contains("revision sha256:"), "{stdout}");
+}
+
+#[test]
+fn validate_reports_every_error_with_file_line_and_column() {
+    let dir = sample_copy();
+    let p = dir.path();
+    edit(&p.join("conditions.cedar"), "resource.sensitivity == \"high\"", "resource.sensitivty == \"high\"");
+    edit(&p.join("scoped.cedar"), "@id(\"support-eu-delegated-only\")", "@id(\"finance-ledger-business-hours\")");
+    edit(&p.join("baseline.cedar"), "@id(\"block-agent-users\")\n", "");
+    edit(&p.join("baseline.cedar"), "@state(\"report-only\")", "@state(\"pilot\")");
+    edit(&p.join("directory.json"), "\"sponsor\": \"s-dan\"", "\"sponsor\": \"s-nobody\"");
+    edit(&p.join("directory.json"), "\"allowed_resources\": [\"code\"]", "\"allowed_resources\": [\"code\", \"gitlab\"]");
+    edit(&p.join("locations.json"), "10.42.0.0/16", "10.42.0.0/99");
+    let out = agentca(&["validate", "--policies", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(out.stdout.is_empty());
+    golden("validate-broken.txt", &text(&out.stderr).replace(p.to_str().unwrap(), "BUNDLE"));
+}
+
+#[test]
+fn validate_reports_parse_errors_and_a_missing_schema() {
+    let dir = sample_copy();
+    std::fs::write(dir.path().join("extra.cedar"), "@id(\"x\")\npermit(principal, action, resource)\nwhen { context.hour > };\n")
+        .unwrap();
+    let out = agentca(&["validate", "--policies", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("extra.cedar:3:23: unexpected token"), "{stderr}");
+
+    std::fs::remove_file(dir.path().join("schema.cedarschema")).unwrap();
+    let out = agentca(&["validate", "--policies", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("schema.cedarschema: cannot read"), "{}", text(&out.stderr));
+}
+
+fn decision_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)))
+}
+
+#[test]
+fn eval_exits_0_on_allow_and_2_on_deny() {
+    let allow = write_request(
+        r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3",
+            "time": "2026-11-27T10:00:00Z", "request_id": "caller-correlation-id"}"#,
+    );
+    let out = agentca(&["eval", "--request", allow.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut d = decision_json(&out);
+    assert_eq!(d["decision"], "allow");
+    assert_eq!(d["request_id"], "caller-correlation-id");
+    assert!(d["decision_id"].as_str().is_some_and(|s| s.len() == 36));
+    assert!(d["revision"].as_str().is_some_and(|s| s.starts_with("sha256:")));
+    d["decision_id"] = "ID".into();
+    d["eval_us"] = 0.into();
+    d["revision"] = "REV".into();
+    golden("eval-allow.json", &serde_json::to_string_pretty(&d).unwrap());
+
+    let deny = write_request(r#"{"agent": "ag-mail-02", "resource": "graph", "scopes": ["Mail.Read"]}"#);
+    let out = agentca(&["eval", "--request", deny.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let d = decision_json(&out);
+    assert_eq!(d["decision"], "deny");
+    assert_eq!(d["reasons"][0]["policy"], "block-high-risk-agents");
+    assert_eq!(d["reasons"][0]["effect"], "forbid");
+    assert_eq!(d["reasons"][0]["reason"], "the agent's risk level is high");
+}
+
+#[test]
+fn eval_reads_standard_input() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentca"))
+        .args(["eval", "--request", "-"])
+        .current_dir(root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(br#"{"agent": "ag-ghost", "resource": "graph"}"#).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(decision_json(&out)["reasons"][0]["code"], "unknown_agent");
+}
+
+#[test]
+fn eval_rejects_malformed_input_naming_the_field() {
+    let cases = [
+        (r#"{"agent": "", "resource": "graph"}"#, "field `agent`: must not be empty"),
+        (r#"{"agent": "a", "resource": "graph", "client_ip": "300.1.1.1"}"#, "field `client_ip`"),
+        (r#"{"agent": "a", "resource": "graph", "time": "yesterday"}"#, "field `time`"),
+        (r#"{"agent": "a", "resource": "graph", "flow": "implicit"}"#, "field `flow`: unknown flow `implicit`"),
+        (r#"{"agent": "a", "resource": "graph", "scopes": "Mail.Read"}"#, "field `scopes`"),
+        (r#"{"agent": "a", "resource": "graph",}"#, "is not JSON"),
+    ];
+    for (json, want) in cases {
+        let f = write_request(json);
+        let out = agentca(&["eval", "--request", f.path().to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{json}");
+        assert!(out.stdout.is_empty(), "{json}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(want), "{json}: {stderr}");
+    }
+    let out = agentca(&["eval", "--request", "/nonexistent/request.json"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn eval_explain_lists_every_policy() {
+    let f = write_request(
+        r#"{"agent": "ag-recon-01", "resource": "ledger", "scopes": ["Ledger.Read"], "client_ip": "203.0.113.7",
+            "time": "2026-11-25T10:00:00Z"}"#,
+    );
+    let out = agentca(&["eval", "--explain", "--request", f.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let d = decision_json(&out);
+    let explain = d["explain"].as_array().unwrap();
+    assert_eq!(explain.len(), 14);
+    let find = |id: &str| explain.iter().find(|e| e["policy"] == id).unwrap().clone();
+    assert_eq!(find("high-sensitivity-from-named-locations")["outcome"], "applied");
+    assert_eq!(find("support-eu-delegated-only")["unmet"], "principal");
+    assert_eq!(find("gateway-read-within-blueprint")["unmet"], "action");
+    assert_eq!(find("block-high-risk-agents")["unmet"], "condition");
+    assert_eq!(find("block-agent-users")["state"], "off");
+    assert!(find("allow-within-blueprint")["at"].as_str().unwrap().ends_with("baseline.cedar:4:1"));
+}
+
+#[test]
+fn test_runs_the_sample_suite() {
+    let out = agentca(&["test"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.ends_with("33 passed, 0 failed\n"), "{stdout}");
+}
+
+#[test]
+fn test_prints_each_failure_with_what_it_got() {
+    let cases = write_request(
+        r#"[{"name": "passes", "request": {"agent": "ag-mail-02", "resource": "graph"}, "expect": "deny",
+             "reasons": ["block-high-risk-agents"]},
+            {"name": "wrong decision", "request": {"agent": "ag-mail-02", "resource": "graph"}, "expect": "allow"},
+            {"name": "wrong reason", "request": {"agent": "ag-ghost", "resource": "graph"}, "expect": "deny",
+             "reasons": ["agent_disabled"]},
+            {"name": "bad request", "request": {"agent": "ag-mail-01", "resource": "graph", "flow": "x"}, "expect": "deny"}]"#,
+    );
+    let out = agentca(&["test", cases.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout).replace(cases.path().to_str().unwrap(), "CASES");
+    golden("test-failures.txt", &stdout);
+}
