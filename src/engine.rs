@@ -2,19 +2,23 @@
 //! closed on any policy error), report-only policies beside them; and the per-policy
 //! explanation behind `eval --explain`.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use cedar_policy::{
-    ActionConstraint, Context, Effect, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint,
-    Request as CedarRequest, ResourceConstraint, RestrictedExpression,
+    ActionConstraint, Context, Effect, EntityUid, Policy, PolicySet, PrincipalConstraint, Request as CedarRequest,
+    ResourceConstraint,
 };
+use cedar_policy_core::ast::{Context as CoreContext, EntityUID, ExtensionFunction, Name, PartialValue, Value};
+use cedar_policy_core::extensions::Extensions;
 use chrono::{Datelike, Timelike};
 use serde::Serialize;
+use smol_str::SmolStr;
 
 use crate::bundle::PolicyState;
 use crate::directory::{EntityTypes, RiskLevel};
-use crate::index::{Keys, Outcome};
+use crate::index::{Compiled, Evaluated, Keys};
 use crate::request::{Action, Request};
 use crate::signals::{Live, Overlay};
 use crate::snapshot::{AgentEntry, Snapshot};
@@ -188,14 +192,8 @@ fn decide(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
         action: req.action,
         resource: &resource.id,
     };
-    let mut on = Outcome::default();
-    let mut report = Outcome::default();
-    for slice in snap.index.slices(&keys) {
-        on.add(&snap.authorizer, &cedar_request, &slice.on, &snap.entities);
-        report.add(&snap.authorizer, &cedar_request, &slice.report_forbid, &snap.entities);
-        report.add(&snap.authorizer, &cedar_request, &slice.report_permit, &snap.entities);
-    }
-    combine(snap, on, report, revision, req.request_id.clone())
+    let evaluated = snap.index.evaluate(&keys, &cedar_request, &snap.entities);
+    combine(evaluated, revision, req.request_id.clone())
 }
 
 /// The guards of DESIGN §4, all that apply; empty if the request may go to the policies.
@@ -258,8 +256,26 @@ fn guard_reasons(
 
 const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
-/// The Cedar request: cached entity ids, the context of DESIGN §3, no schema check (our
-/// types already guarantee the shape; a unit test checks it against the schema).
+/// Cedar's `ip` and `datetime` constructors, looked up once. (`RestrictedExpression::new_ip`
+/// parses the function's name with the full Cedar parser on every call.)
+static CONSTRUCTORS: LazyLock<Option<(&'static ExtensionFunction, &'static ExtensionFunction)>> = LazyLock::new(|| {
+    let lookup = |name: &str| {
+        let name = Name::parse_unqualified_name(name).ok()?;
+        Extensions::all_available().func(&name).ok()
+    };
+    Some((lookup("ip")?, lookup("datetime")?))
+});
+
+fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, String> {
+    match f.call(&[Value::from(arg)]) {
+        Ok(PartialValue::Value(v)) => Ok(v),
+        Ok(PartialValue::Residual(_)) => Err(format!("`{arg}` could not be evaluated")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The Cedar request: cached entity ids, the context of DESIGN §3 built as values, no schema
+/// check (our types already guarantee the shape; a unit test checks it against the schema).
 fn cedar_request(
     snap: &Snapshot,
     req: &Request,
@@ -273,76 +289,64 @@ fn cedar_request(
 }
 
 fn context(snap: &Snapshot, req: &Request, agent_risk: RiskLevel) -> Result<Context, String> {
-    let s = |v: &str| RestrictedExpression::new_string(v.to_string());
-    let mut pairs: Vec<(String, RestrictedExpression)> = Vec::with_capacity(12);
+    let (ip, datetime) = CONSTRUCTORS.ok_or("the ip and datetime extensions are unavailable")?;
+    let mut map: BTreeMap<SmolStr, Value> = BTreeMap::new();
+    let mut put = |key: &'static str, value: Value| map.insert(SmolStr::new_static(key), value);
     let locations = req.client_ip.into_iter().flat_map(|ip| snap.bundle.locations.containing(ip));
-    pairs.push(("locations".into(), RestrictedExpression::new_set(locations.map(|l| s(l)))));
-    pairs.push(("flow".into(), s(req.flow.as_str())));
-    if let Some(ip) = req.client_ip {
-        pairs.push(("client_ip".into(), RestrictedExpression::new_ip(ip.to_string())));
+    put("locations", Value::set(locations.map(|l| Value::from(&**l)), None));
+    put("flow", Value::from(req.flow.as_str()));
+    if let Some(client_ip) = req.client_ip {
+        put("client_ip", construct(ip, &client_ip.to_string())?);
     }
-    pairs.push((
-        "time".into(),
-        RestrictedExpression::new_datetime(req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
-    ));
-    pairs.push(("hour".into(), RestrictedExpression::new_long(i64::from(req.time.hour()))));
-    pairs.push(("weekday".into(), s(WEEKDAYS[req.time.weekday().num_days_from_monday() as usize])));
-    pairs.push(("agent_risk".into(), s(agent_risk.as_str())));
-    pairs.push(("signin_risk".into(), s(req.signin_risk.as_str())));
+    put("time", construct(datetime, &req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())?);
+    put("hour", Value::from(i64::from(req.time.hour())));
+    put("weekday", Value::from(WEEKDAYS[req.time.weekday().num_days_from_monday() as usize]));
+    put("agent_risk", Value::from(agent_risk.as_str()));
+    put("signin_risk", Value::from(req.signin_risk.as_str()));
     match req.action {
         Action::RequestToken => {
-            pairs.push(("scopes".into(), RestrictedExpression::new_set(req.scopes.iter().map(|v| s(v)))));
-            pairs.push(("grant_type".into(), s(req.grant_type.as_deref().unwrap_or_default())));
+            put("scopes", Value::set(req.scopes.iter().map(|s| Value::from(s.as_str())), None));
+            put("grant_type", Value::from(req.grant_type.as_deref().unwrap_or_default()));
             if let Some(user) = &req.user {
-                pairs.push((
-                    "user".into(),
-                    RestrictedExpression::new_entity_uid(EntityTypes::uid(&snap.types.user, user)),
-                ));
+                put("user", Value::from(EntityUID::from(EntityTypes::uid(&snap.types.user, user))));
             }
         }
         Action::CallApi => {
-            pairs.push(("method".into(), s(req.method.as_deref().unwrap_or_default())));
-            pairs.push(("path".into(), s(req.path.as_deref().unwrap_or_default())));
+            put("method", Value::from(req.method.as_deref().unwrap_or_default()));
+            put("path", Value::from(req.path.as_deref().unwrap_or_default()));
         }
     }
-    Context::from_pairs(pairs).map_err(|e| e.to_string())
+    Ok(Context::from(CoreContext::Value(Arc::new(map))))
 }
 
 /// DESIGN §4: any policy error denies (Cedar skips an erroring policy, which could drop a
 /// forbid); otherwise a satisfied forbid denies, otherwise a satisfied permit allows.
-fn verdict(outcome: &Outcome) -> Verdict {
-    if outcome.errors.is_empty() && outcome.allows() { Verdict::Allow } else { Verdict::Deny }
+fn verdict(forbids: bool, permits: bool, errors: bool) -> Verdict {
+    if !errors && !forbids && permits { Verdict::Allow } else { Verdict::Deny }
 }
 
-fn combine(snap: &Snapshot, on: Outcome, report: Outcome, revision: Arc<str>, request_id: Option<String>) -> Decision {
-    let meta = |id: &PolicyId| snap.index.meta(id);
-    let order = |id: &PolicyId| meta(id).map_or(usize::MAX, |m| m.order);
-    let policy_reason = |id: &PolicyId, code: ReasonCode| {
-        let m = meta(id);
-        Reason {
-            code,
-            policy: Some(m.map_or_else(|| Arc::from(id.to_string()), |m| m.id.clone())),
-            effect: m.map(|m| m.effect.into()),
-            reason: m.map_or_else(|| Arc::from(""), |m| m.reason.clone()),
-        }
-    };
+fn policy_reason(p: &Compiled, code: ReasonCode) -> Reason {
+    Reason { code, policy: Some(p.id.clone()), effect: Some(p.effect.into()), reason: p.reason.clone() }
+}
 
-    let decision = verdict(&on);
-    let mut determining: Vec<&PolicyId> = on.determining().iter().collect();
-    determining.sort_by_key(|id| order(id));
-    let mut reasons: Vec<Reason> = determining.into_iter().map(|id| policy_reason(id, ReasonCode::Policy)).collect();
-    let mut errored: Vec<&(PolicyId, String)> = on.errors.iter().collect();
-    errored.sort_by_key(|(id, _)| order(id));
+fn combine(evaluated: Evaluated<'_>, revision: Arc<str>, request_id: Option<String>) -> Decision {
+    let Evaluated { on, report_only: report } = evaluated;
+    let decision = verdict(!on.forbids.is_empty(), !on.permits.is_empty(), !on.errors.is_empty());
+    let mut determining = on.determining().to_vec();
+    determining.sort_by_key(|p| p.order);
+    let mut reasons: Vec<Reason> = determining.into_iter().map(|p| policy_reason(p, ReasonCode::Policy)).collect();
+    let mut errored = on.errors.iter().collect::<Vec<_>>();
+    errored.sort_by_key(|(p, _)| p.order);
     if !errored.is_empty() {
         // A permit that was satisfied did not allow: only the errors explain the deny.
         if on.forbids.is_empty() {
             reasons.clear();
         }
-        reasons.extend(errored.iter().map(|(id, message)| Reason {
-            reason: Arc::from(format!("policy `{id}` failed to evaluate, so the request is denied: {message}")),
-            ..policy_reason(id, ReasonCode::PolicyError)
+        reasons.extend(errored.iter().map(|(p, message)| Reason {
+            reason: Arc::from(format!("policy `{}` failed to evaluate, so the request is denied: {message}", p.id)),
+            ..policy_reason(p, ReasonCode::PolicyError)
         }));
-    } else if decision == Verdict::Deny && reasons.is_empty() {
+    } else if decision == Verdict::Deny && on.forbids.is_empty() {
         reasons.push(Reason {
             code: ReasonCode::NoPermit,
             policy: None,
@@ -351,33 +355,19 @@ fn combine(snap: &Snapshot, on: Outcome, report: Outcome, revision: Arc<str>, re
         });
     }
 
-    let mut matched: Vec<&PolicyId> = report.forbids.iter().chain(&report.permits).collect();
-    matched.sort_by_key(|id| order(id));
-    let report_only = matched
-        .into_iter()
-        .filter_map(|id| {
-            meta(id).map(|m| ReportOnly { policy: m.id.clone(), effect: m.effect.into(), reason: m.reason.clone() })
-        })
-        .collect();
-    let report_only_decision = if report.forbids.is_empty() && report.errors.is_empty() && report.permits.is_empty() {
-        decision
-    } else {
-        let mut all = on.clone();
-        all.forbids.extend(report.forbids.iter().cloned());
-        all.permits.extend(report.permits.iter().cloned());
-        all.errors.extend(report.errors.iter().cloned());
-        verdict(&all)
-    };
+    let mut matched: Vec<&Compiled> = report.forbids.iter().chain(&report.permits).copied().collect();
+    matched.sort_by_key(|p| p.order);
+    let report_only_decision = verdict(
+        !on.forbids.is_empty() || !report.forbids.is_empty(),
+        !on.permits.is_empty() || !report.permits.is_empty(),
+        !on.errors.is_empty() || !report.errors.is_empty(),
+    );
     let errors = on
         .errors
         .iter()
         .map(|e| (e, false))
         .chain(report.errors.iter().map(|e| (e, true)))
-        .map(|((id, message), report_only)| PolicyError {
-            policy: meta(id).map_or_else(|| Arc::from(id.to_string()), |m| m.id.clone()),
-            message: message.clone(),
-            report_only,
-        })
+        .map(|((p, message), report_only)| PolicyError { policy: p.id.clone(), message: message.clone(), report_only })
         .collect();
 
     Decision {
@@ -385,7 +375,10 @@ fn combine(snap: &Snapshot, on: Outcome, report: Outcome, revision: Arc<str>, re
         decision_id: new_decision_id(),
         request_id,
         reasons,
-        report_only,
+        report_only: matched
+            .into_iter()
+            .map(|p| ReportOnly { policy: p.id.clone(), effect: p.effect.into(), reason: p.reason.clone() })
+            .collect(),
         report_only_decision,
         errors,
         revision,
@@ -515,3 +508,6 @@ fn explain_one(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod differential;

@@ -1,55 +1,43 @@
 //! The policy index: policies sliced by principal scope (global, agent, blueprint, sponsor),
-//! action and resource, so that a request evaluates only the policies that can apply to it.
+//! action and resource, so that a request evaluates only the policies that can apply to it;
+//! and the evaluation of those slices.
 //!
-//! Cedar decides the same over disjoint slices as over their union: any satisfied forbid
-//! denies, otherwise any satisfied permit allows. A response's `reason()` is its satisfied
-//! forbids if it has any, otherwise its satisfied permits; errors are per policy. So the
-//! engine calls Cedar once per non-empty slice and combines (see `Outcome`).
+//! Each policy's condition (its scope and its `when`/`unless` body, as Cedar builds it) is
+//! compiled once at load; a request builds one Cedar evaluator and runs it over the
+//! conditions of its slices. Cedar's own authorizer rebuilds every condition and walks the
+//! whole set on each call; the decision is the same, and a differential test proves it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Decision as CedarDecision, Effect, Entities, EntityUid, PolicyId, PolicySet,
-    PrincipalConstraint, Request as CedarRequest, ResourceConstraint,
+    ActionConstraint, Effect, Entities, EntityUid, PrincipalConstraint, Request as CedarRequest, ResourceConstraint,
 };
+use cedar_policy_core::ast::{Expr, Literal, SlotEnv, ValueKind};
+use cedar_policy_core::evaluator::Evaluator;
+use cedar_policy_core::extensions::Extensions;
 
 use crate::bundle::{BundlePolicy, PolicyState};
 use crate::directory::EntityTypes;
 use crate::request::Action;
 
-/// What a decision needs to know of a policy, by id.
-#[derive(Debug, Clone)]
-pub struct PolicyMeta {
+/// A policy ready to evaluate: what a decision reports of it, and its compiled condition.
+#[derive(Debug)]
+pub struct Compiled {
     pub id: Arc<str>,
     pub effect: Effect,
     pub state: PolicyState,
     pub reason: Arc<str>,
     /// Position in the bundle, so that reasons come out in a stable order.
     pub order: usize,
+    condition: Expr,
 }
 
-/// The policies of one (principal scope, action, resource) key, by state and effect.
+/// The policies of one (principal scope, action, resource) key.
 #[derive(Debug, Default)]
 pub struct Slice {
-    /// Enforced policies, both effects (one Cedar call gives the decision of the slice).
-    pub on: PolicySet,
-    /// Report-only forbids and permits apart: every matching one is reported, and Cedar
-    /// hides satisfied permits when a forbid is satisfied in the same call.
-    pub report_forbid: PolicySet,
-    pub report_permit: PolicySet,
-}
-
-impl Slice {
-    fn add(&mut self, p: &BundlePolicy) -> Result<(), Box<cedar_policy::PolicySetError>> {
-        let set = match (p.state, p.effect) {
-            (PolicyState::On, _) => &mut self.on,
-            (PolicyState::ReportOnly, Effect::Forbid) => &mut self.report_forbid,
-            (PolicyState::ReportOnly, Effect::Permit) => &mut self.report_permit,
-            (PolicyState::Off, _) => return Ok(()),
-        };
-        set.add(p.policy.clone()).map_err(Box::new)
-    }
+    pub on: Vec<Arc<Compiled>>,
+    pub report_only: Vec<Arc<Compiled>>,
 }
 
 /// The slices of one action within one principal scope.
@@ -82,12 +70,13 @@ pub struct Index {
     agents: HashMap<Box<str>, Scope>,
     blueprints: HashMap<Box<str>, Scope>,
     sponsors: HashMap<Box<str>, Scope>,
-    meta: HashMap<PolicyId, PolicyMeta>,
     /// Policies that can never apply to an agent (their scope names another type).
     pub unreachable: Vec<Arc<str>>,
+    /// Enforced and report-only policies held (off ones are not).
+    pub policies: usize,
 }
 
-/// The principal-side keys of one request.
+/// The keys of one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Keys<'a> {
     pub agent: &'a str,
@@ -98,13 +87,9 @@ pub struct Keys<'a> {
 }
 
 impl Index {
-    pub fn build(policies: &[BundlePolicy], types: &EntityTypes) -> Result<Index, String> {
+    pub fn build(policies: &[BundlePolicy], types: &EntityTypes) -> Index {
         let mut index = Index::default();
         for (order, p) in policies.iter().enumerate() {
-            index.meta.insert(
-                p.policy.id().clone(),
-                PolicyMeta { id: p.id.clone(), effect: p.effect, state: p.state, reason: p.reason.clone(), order },
-            );
             if p.state == PolicyState::Off {
                 continue;
             }
@@ -118,30 +103,35 @@ impl Index {
                     continue;
                 }
             };
-            let resource = match resource_key(&p.policy.resource_constraint(), types) {
-                Some(key) => key,
-                None => {
-                    index.unreachable.push(p.id.clone());
-                    continue;
-                }
+            let Some(resource) = resource_key(&p.policy.resource_constraint(), types) else {
+                index.unreachable.push(p.id.clone());
+                continue;
             };
+            let compiled = Arc::new(Compiled {
+                id: p.id.clone(),
+                effect: p.effect,
+                state: p.state,
+                reason: p.reason.clone(),
+                order,
+                condition: AsRef::<cedar_policy_core::ast::Policy>::as_ref(&p.policy).condition(),
+            });
+            index.policies += 1;
             for action in actions_of(&p.policy.action_constraint()) {
                 let target = &mut scope.actions[action.index()];
                 let slice = match &resource {
                     None => &mut target.any_resource,
                     Some(id) => target.by_resource.entry(id.as_str().into()).or_default(),
                 };
-                slice.add(p).map_err(|e| format!("policy `{}`: {e}", p.id))?;
+                match p.state {
+                    PolicyState::ReportOnly => slice.report_only.push(compiled.clone()),
+                    _ => slice.on.push(compiled.clone()),
+                }
             }
         }
-        Ok(index)
+        index
     }
 
-    pub fn meta(&self, id: &PolicyId) -> Option<&PolicyMeta> {
-        self.meta.get(id)
-    }
-
-    /// The slices that can apply to a request, at most eight.
+    /// The slices that can apply to a request: at most two per principal scope.
     pub fn slices<'a>(&'a self, keys: &Keys<'a>) -> impl Iterator<Item = &'a Slice> + 'a {
         let scopes = [
             Some(&self.global),
@@ -149,21 +139,38 @@ impl Index {
             self.blueprints.get(keys.blueprint),
             self.sponsors.get(keys.sponsor),
         ];
-        let action = keys.action.index();
-        let resource = keys.resource;
+        let (action, resource) = (keys.action.index(), keys.resource);
         scopes.into_iter().flatten().flat_map(move |scope| {
             let target = &scope.actions[action];
             [Some(&target.any_resource), target.by_resource.get(resource)].into_iter().flatten()
         })
     }
 
-    /// How many policies the index holds in its slices (a policy on several actions counts once per action).
-    pub fn slice_count(&self) -> usize {
-        let count = |s: &Scope| s.actions.iter().map(|t| 1 + t.by_resource.len()).sum::<usize>();
-        count(&self.global)
-            + self.agents.values().map(count).sum::<usize>()
-            + self.blueprints.values().map(count).sum::<usize>()
-            + self.sponsors.values().map(count).sum::<usize>()
+    /// Evaluates every policy of the request's slices with one evaluator.
+    pub fn evaluate<'a>(&'a self, keys: &Keys<'a>, request: &CedarRequest, entities: &Entities) -> Evaluated<'a> {
+        let evaluator = Evaluator::new(request.as_ref().clone(), entities.as_ref(), Extensions::all_available());
+        let env = SlotEnv::new();
+        let mut out = Evaluated::default();
+        for slice in self.slices(keys) {
+            for p in &slice.on {
+                out.on.add(p, &evaluator, &env);
+            }
+            for p in &slice.report_only {
+                out.report_only.add(p, &evaluator, &env);
+            }
+        }
+        out
+    }
+
+    /// How many distinct scopes hold policies, and how many slices in all.
+    pub fn shape(&self) -> (usize, usize) {
+        let slices = |s: &Scope| s.actions.iter().map(|t| 1 + t.by_resource.len()).sum::<usize>();
+        let scopes = 1 + self.agents.len() + self.blueprints.len() + self.sponsors.len();
+        let total = slices(&self.global)
+            + self.agents.values().map(slices).sum::<usize>()
+            + self.blueprints.values().map(slices).sum::<usize>()
+            + self.sponsors.values().map(slices).sum::<usize>();
+        (scopes, total)
     }
 }
 
@@ -224,6 +231,7 @@ fn actions_of(c: &ActionConstraint) -> Vec<Action> {
                 Action::ALL.to_vec()
             } else {
                 let mut out: Vec<Action> = uids.iter().filter_map(named).collect();
+                out.sort_by_key(|a| a.index());
                 out.dedup();
                 out
             }
@@ -231,41 +239,44 @@ fn actions_of(c: &ActionConstraint) -> Vec<Action> {
     }
 }
 
-/// The combined result of Cedar over several slices of enforced (or report-only) policies.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    pub forbids: Vec<PolicyId>,
-    pub permits: Vec<PolicyId>,
-    /// Erroring policies and the message of each.
-    pub errors: Vec<(PolicyId, String)>,
+/// The satisfied and erroring policies among a group (enforced, or report-only).
+#[derive(Debug, Default)]
+pub struct Outcome<'a> {
+    pub forbids: Vec<&'a Compiled>,
+    pub permits: Vec<&'a Compiled>,
+    pub errors: Vec<(&'a Compiled, String)>,
 }
 
-impl Outcome {
-    /// Adds one Cedar call's response. A Deny with reasons lists satisfied forbids; an Allow
-    /// lists satisfied permits.
-    pub fn add(&mut self, authorizer: &Authorizer, request: &CedarRequest, set: &PolicySet, entities: &Entities) {
-        if set.is_empty() {
-            return;
-        }
-        let response = authorizer.is_authorized(request, set, entities);
-        let reasons = response.diagnostics().reason().cloned();
-        match response.decision() {
-            CedarDecision::Deny => self.forbids.extend(reasons),
-            CedarDecision::Allow => self.permits.extend(reasons),
-        }
-        for e in response.diagnostics().errors() {
-            let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = e;
-            self.errors.push((e.policy_id().clone(), e.inner().to_string()));
+impl<'a> Outcome<'a> {
+    fn add(&mut self, p: &'a Compiled, evaluator: &Evaluator<'_>, env: &SlotEnv) {
+        match evaluator.interpret(&p.condition, env) {
+            Ok(v) => match v.value_kind() {
+                ValueKind::Lit(Literal::Bool(true)) => match p.effect {
+                    Effect::Forbid => self.forbids.push(p),
+                    Effect::Permit => self.permits.push(p),
+                },
+                ValueKind::Lit(Literal::Bool(false)) => {}
+                // Strict validation makes every condition boolean; fail closed if one is not.
+                _ => self.errors.push((p, format!("the condition evaluated to {v}, not a boolean"))),
+            },
+            Err(e) => self.errors.push((p, e.to_string())),
         }
     }
 
-    /// Cedar's decision over the union of the slices added, ignoring errors.
+    /// Cedar's decision, errors aside: no satisfied forbid and at least one satisfied permit.
     pub fn allows(&self) -> bool {
         self.forbids.is_empty() && !self.permits.is_empty()
     }
 
-    /// The determining policies: the satisfied forbids if any, otherwise the satisfied permits.
-    pub fn determining(&self) -> &[PolicyId] {
+    /// Cedar's determining policies: the satisfied forbids if any, otherwise the satisfied permits.
+    pub fn determining(&self) -> &[&'a Compiled] {
         if self.forbids.is_empty() { &self.permits } else { &self.forbids }
     }
+}
+
+/// The outcomes of one request's slices.
+#[derive(Debug, Default)]
+pub struct Evaluated<'a> {
+    pub on: Outcome<'a>,
+    pub report_only: Outcome<'a>,
 }

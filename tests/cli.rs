@@ -70,7 +70,11 @@ fn validate_reports_every_error_with_file_line_and_column() {
     edit(&p.join("baseline.cedar"), "@id(\"block-agent-users\")\n", "");
     edit(&p.join("baseline.cedar"), "@state(\"report-only\")", "@state(\"pilot\")");
     edit(&p.join("directory.json"), "\"sponsor\": \"s-dan\"", "\"sponsor\": \"s-nobody\"");
-    edit(&p.join("directory.json"), "\"allowed_resources\": [\"code\"]", "\"allowed_resources\": [\"code\", \"gitlab\"]");
+    edit(
+        &p.join("directory.json"),
+        "\"allowed_resources\": [\"code\"]",
+        "\"allowed_resources\": [\"code\", \"gitlab\"]",
+    );
     edit(&p.join("locations.json"), "10.42.0.0/16", "10.42.0.0/99");
     let out = agentca(&["validate", "--policies", p.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
@@ -81,8 +85,11 @@ fn validate_reports_every_error_with_file_line_and_column() {
 #[test]
 fn validate_reports_parse_errors_and_a_missing_schema() {
     let dir = sample_copy();
-    std::fs::write(dir.path().join("extra.cedar"), "@id(\"x\")\npermit(principal, action, resource)\nwhen { context.hour > };\n")
-        .unwrap();
+    std::fs::write(
+        dir.path().join("extra.cedar"),
+        "@id(\"x\")\npermit(principal, action, resource)\nwhen { context.hour > };\n",
+    )
+    .unwrap();
     let out = agentca(&["validate", "--policies", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
     let stderr = text(&out.stderr);

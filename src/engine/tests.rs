@@ -30,7 +30,9 @@ fn request(json: &str) -> Request {
 }
 
 fn mail_read() -> Request {
-    request(r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3", "time": "2026-11-25T10:00:00Z"}"#)
+    request(
+        r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3", "time": "2026-11-25T10:00:00Z"}"#,
+    )
 }
 
 fn codes(d: &Decision) -> Vec<String> {
@@ -90,7 +92,8 @@ fn an_unknown_on_behalf_of_user_fails_closed_where_a_policy_reads_it() {
     assert_eq!(evaluate(&snap, &Overlay::new(), &known).decision, Verdict::Allow);
     let bob = request(r#"{"agent": "ag-mail-01", "resource": "graph", "flow": "on_behalf_of", "user": "u-bob"}"#);
     assert_eq!(codes(&evaluate(&snap, &Overlay::new(), &bob)), ["no-bob"]);
-    let unknown = request(r#"{"agent": "ag-mail-01", "resource": "graph", "flow": "on_behalf_of", "user": "u-nobody"}"#);
+    let unknown =
+        request(r#"{"agent": "ag-mail-01", "resource": "graph", "flow": "on_behalf_of", "user": "u-nobody"}"#);
     let d = evaluate(&snap, &Overlay::new(), &unknown);
     assert_eq!((d.decision, d.reasons[0].code), (Verdict::Deny, ReasonCode::PolicyError));
 }
@@ -128,9 +131,8 @@ fn report_only_lists_every_match_with_its_effect() {
 
 #[test]
 fn report_only_can_turn_a_deny_into_a_would_be_allow() {
-    let (_dir, snap) = with_policies(
-        r#"@id("pilot-permit") @state("report-only") permit(principal, action, resource);"#,
-    );
+    let (_dir, snap) =
+        with_policies(r#"@id("pilot-permit") @state("report-only") permit(principal, action, resource);"#);
     let d = evaluate(&snap, &Overlay::new(), &mail_read());
     assert_eq!((d.decision, d.report_only_decision), (Verdict::Deny, Verdict::Allow));
     assert_eq!(codes(&d), ["no_permit"]);
@@ -139,7 +141,9 @@ fn report_only_can_turn_a_deny_into_a_would_be_allow() {
 #[test]
 fn reasons_follow_bundle_order_and_carry_effect_and_reason() {
     let snap = sample();
-    let req = request(r#"{"agent": "ag-mail-01", "resource": "ledger", "scopes": ["Ledger.Read"], "client_ip": "203.0.113.1", "time": "2026-11-28T10:00:00Z"}"#);
+    let req = request(
+        r#"{"agent": "ag-mail-01", "resource": "ledger", "scopes": ["Ledger.Read"], "client_ip": "203.0.113.1", "time": "2026-11-28T10:00:00Z"}"#,
+    );
     let d = evaluate(&snap, &Overlay::new(), &req);
     assert_eq!(
         codes(&d),
