@@ -12,14 +12,22 @@
 //! - [`index`]: policy slices keyed by principal scope, action and resource
 //! - [`signals`]: live state (disabled agents, risk) layered over the directory
 //! - [`snapshot`]: everything one revision needs, and the `arc-swap` store that reloads it
+//! - [`watch`]: reloads the bundle when its folder changes (notify, debounced)
 //! - [`engine`]: `evaluate(&Snapshot, &Overlay, &Request) -> Decision`, and `explain`
+//! - [`audit`]: hash-chained audit records, the writer (group commit, rotation), `verify`
+//! - [`service`]: the running service: decide + audit, signals, reloads (no transport)
+//! - [`grpc`]: tonic services (decision, admin, Envoy ext_authz); proto conversion lives here
 //! - [`cli`]: the `agentca` command line, one file per command
 
+pub mod audit;
 pub mod bundle;
 pub mod cli;
 pub mod directory;
 pub mod engine;
+pub mod grpc;
 pub mod index;
 pub mod request;
+pub mod service;
 pub mod signals;
 pub mod snapshot;
+pub mod watch;

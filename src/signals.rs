@@ -1,5 +1,15 @@
 //! Live signals: an overlay of agent, blueprint and sponsor state and agent risk, set without
-//! reloading the bundle and consulted on every decision. The directory's values are the defaults.
+//! reloading the bundle and consulted on every decision (the directory's values are the
+//! defaults); the durable journal that makes them outlive restarts; and the barrier that lets
+//! a signal be acknowledged only once no decision taken before it is still on its way.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
@@ -23,6 +33,170 @@ pub struct Live<T> {
     pub mark: Mark,
 }
 
+/// What a signal asks for (DESIGN §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalKind {
+    DisableAgent,
+    EnableAgent,
+    DisableBlueprint,
+    EnableBlueprint,
+    SponsorInactive,
+    SponsorActive,
+    SetRisk,
+    ConfirmCompromised,
+    ConfirmSafe,
+    DismissRisk,
+}
+
+impl SignalKind {
+    pub const ALL: [SignalKind; 10] = [
+        SignalKind::DisableAgent,
+        SignalKind::EnableAgent,
+        SignalKind::DisableBlueprint,
+        SignalKind::EnableBlueprint,
+        SignalKind::SponsorInactive,
+        SignalKind::SponsorActive,
+        SignalKind::SetRisk,
+        SignalKind::ConfirmCompromised,
+        SignalKind::ConfirmSafe,
+        SignalKind::DismissRisk,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignalKind::DisableAgent => "disable_agent",
+            SignalKind::EnableAgent => "enable_agent",
+            SignalKind::DisableBlueprint => "disable_blueprint",
+            SignalKind::EnableBlueprint => "enable_blueprint",
+            SignalKind::SponsorInactive => "sponsor_inactive",
+            SignalKind::SponsorActive => "sponsor_active",
+            SignalKind::SetRisk => "set_risk",
+            SignalKind::ConfirmCompromised => "confirm_compromised",
+            SignalKind::ConfirmSafe => "confirm_safe",
+            SignalKind::DismissRisk => "dismiss_risk",
+        }
+    }
+}
+
+impl FromStr for SignalKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        SignalKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            let all: Vec<&str> = SignalKind::ALL.iter().map(|k| k.as_str()).collect();
+            format!("unknown signal `{s}`: expected one of {}", all.join(", "))
+        })
+    }
+}
+
+/// The live field a signal sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    AgentEnabled,
+    AgentRisk,
+    BlueprintEnabled,
+    SponsorActive,
+}
+
+impl Field {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Field::AgentEnabled => "agent_enabled",
+            Field::AgentRisk => "agent_risk",
+            Field::BlueprintEnabled => "blueprint_enabled",
+            Field::SponsorActive => "sponsor_active",
+        }
+    }
+}
+
+/// A value a signal sets: a flag or a risk level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Value {
+    Flag(bool),
+    Risk(RiskLevel),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Flag(b) => write!(f, "{b}"),
+            Value::Risk(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+/// A signal as received, checked: the field it sets and the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signal {
+    pub kind: SignalKind,
+    pub field: Field,
+    pub target: String,
+    pub value: Value,
+    pub reason: String,
+    pub actor: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A signal that cannot be taken: names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {message}")]
+pub struct SignalError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Signal {
+    /// Checks a signal's fields: `risk` only for `set_risk`, a target always.
+    pub fn new(kind: &str, target: &str, risk: &str, reason: &str, actor: &str) -> Result<Signal, SignalError> {
+        let err = |field, message: String| SignalError { field, message };
+        let kind = SignalKind::from_str(kind).map_err(|m| err("kind", m))?;
+        let target = target.trim();
+        if target.is_empty() {
+            return Err(err("target", "is required: the agent, blueprint or sponsor id".into()));
+        }
+        if target.len() > crate::request::MAX_ID_LEN || target.chars().any(char::is_control) {
+            return Err(err("target", "is not an id".into()));
+        }
+        if reason.len() > 4096 || actor.len() > crate::request::MAX_ID_LEN {
+            return Err(err(if reason.len() > 4096 { "reason" } else { "actor" }, "is too long".into()));
+        }
+        let (field, value) = match kind {
+            SignalKind::DisableAgent => (Field::AgentEnabled, Value::Flag(false)),
+            SignalKind::EnableAgent => (Field::AgentEnabled, Value::Flag(true)),
+            SignalKind::DisableBlueprint => (Field::BlueprintEnabled, Value::Flag(false)),
+            SignalKind::EnableBlueprint => (Field::BlueprintEnabled, Value::Flag(true)),
+            SignalKind::SponsorInactive => (Field::SponsorActive, Value::Flag(false)),
+            SignalKind::SponsorActive => (Field::SponsorActive, Value::Flag(true)),
+            SignalKind::ConfirmCompromised => (Field::AgentRisk, Value::Risk(RiskLevel::High)),
+            SignalKind::ConfirmSafe | SignalKind::DismissRisk => (Field::AgentRisk, Value::Risk(RiskLevel::None)),
+            SignalKind::SetRisk => {
+                let level = RiskLevel::from_str(risk).map_err(|()| {
+                    err("risk", format!("unknown risk level `{risk}`: expected one of none, low, medium, high"))
+                })?;
+                (Field::AgentRisk, Value::Risk(level))
+            }
+        };
+        if kind != SignalKind::SetRisk && !risk.is_empty() {
+            return Err(err("risk", format!("applies only to set_risk, not {}", kind.as_str())));
+        }
+        Ok(Signal {
+            kind,
+            field,
+            target: target.to_string(),
+            value,
+            reason: reason.to_string(),
+            actor: if actor.is_empty() { "unknown".into() } else { actor.to_string() },
+            at: Utc::now(),
+        })
+    }
+
+    fn mark(&self) -> Mark {
+        Mark { by: self.actor.clone(), reason: self.reason.clone(), at: self.at }
+    }
+}
+
 /// The overlay of live state. Lookups are lock-free on distinct keys (dashmap shards).
 #[derive(Debug, Default)]
 pub struct Overlay {
@@ -30,6 +204,10 @@ pub struct Overlay {
     agent_risk: DashMap<String, Live<RiskLevel>>,
     blueprint_enabled: DashMap<String, Live<bool>>,
     sponsor_active: DashMap<String, Live<bool>>,
+    /// How many live values there are: when zero, a decision skips the lookups.
+    count: AtomicU64,
+    epoch: AtomicU64,
+    in_flight: [AtomicU64; 2],
 }
 
 impl Overlay {
@@ -37,40 +215,392 @@ impl Overlay {
         Self::default()
     }
 
+    fn any(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+
     pub fn agent_enabled(&self, id: &str) -> Option<Live<bool>> {
+        if !self.any() {
+            return None;
+        }
         self.agent_enabled.get(id).map(|l| l.clone())
     }
 
     pub fn agent_risk(&self, id: &str) -> Option<Live<RiskLevel>> {
+        if !self.any() {
+            return None;
+        }
         self.agent_risk.get(id).map(|l| l.clone())
     }
 
     pub fn blueprint_enabled(&self, id: &str) -> Option<Live<bool>> {
+        if !self.any() {
+            return None;
+        }
         self.blueprint_enabled.get(id).map(|l| l.clone())
     }
 
     pub fn sponsor_active(&self, id: &str) -> Option<Live<bool>> {
+        if !self.any() {
+            return None;
+        }
         self.sponsor_active.get(id).map(|l| l.clone())
     }
 
+    fn put<T>(&self, map: &DashMap<String, Live<T>>, id: &str, live: Live<T>) {
+        if map.insert(id.to_string(), live).is_none() {
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     pub fn set_agent_enabled(&self, id: &str, live: Live<bool>) {
-        self.agent_enabled.insert(id.to_string(), live);
+        self.put(&self.agent_enabled, id, live);
     }
 
     pub fn set_agent_risk(&self, id: &str, live: Live<RiskLevel>) {
-        self.agent_risk.insert(id.to_string(), live);
+        self.put(&self.agent_risk, id, live);
     }
 
     pub fn set_blueprint_enabled(&self, id: &str, live: Live<bool>) {
-        self.blueprint_enabled.insert(id.to_string(), live);
+        self.put(&self.blueprint_enabled, id, live);
     }
 
     pub fn set_sponsor_active(&self, id: &str, live: Live<bool>) {
-        self.sponsor_active.insert(id.to_string(), live);
+        self.put(&self.sponsor_active, id, live);
     }
 
     /// Forgets a risk set by a signal: the directory's level applies again.
     pub fn clear_agent_risk(&self, id: &str) {
-        self.agent_risk.remove(id);
+        if self.agent_risk.remove(id).is_some() {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Applies a signal to the overlay.
+    pub fn apply(&self, s: &Signal) {
+        let flag = |v: Value| matches!(v, Value::Flag(true));
+        match (s.field, s.value) {
+            (Field::AgentRisk, Value::Risk(level)) => {
+                self.set_agent_risk(&s.target, Live { value: level, mark: s.mark() })
+            }
+            (Field::AgentEnabled, v) => self.set_agent_enabled(&s.target, Live { value: flag(v), mark: s.mark() }),
+            (Field::BlueprintEnabled, v) => {
+                self.set_blueprint_enabled(&s.target, Live { value: flag(v), mark: s.mark() })
+            }
+            (Field::SponsorActive, v) => self.set_sponsor_active(&s.target, Live { value: flag(v), mark: s.mark() }),
+            // INVARIANT: Signal::new pairs AgentRisk with a risk value only.
+            (Field::AgentRisk, Value::Flag(_)) => {}
+        }
+    }
+
+    /// Every live value, as the signals that set it (sorted by field, then target).
+    pub fn entries(&self) -> Vec<(Field, String, Value, Mark)> {
+        let mut out = Vec::new();
+        for e in &self.agent_enabled {
+            out.push((Field::AgentEnabled, e.key().clone(), Value::Flag(e.value), e.mark.clone()));
+        }
+        for e in &self.agent_risk {
+            out.push((Field::AgentRisk, e.key().clone(), Value::Risk(e.value), e.mark.clone()));
+        }
+        for e in &self.blueprint_enabled {
+            out.push((Field::BlueprintEnabled, e.key().clone(), Value::Flag(e.value), e.mark.clone()));
+        }
+        for e in &self.sponsor_active {
+            out.push((Field::SponsorActive, e.key().clone(), Value::Flag(e.value), e.mark.clone()));
+        }
+        out.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Marks a decision in flight until the guard drops (after its answer is sent).
+    pub fn enter(&self) -> InFlight<'_> {
+        let slot = (self.epoch.load(Ordering::SeqCst) & 1) as usize;
+        self.in_flight[slot].fetch_add(1, Ordering::SeqCst);
+        InFlight { overlay: self, slot }
+    }
+
+    /// Waits until every decision that may have read the overlay before now has been answered.
+    /// A request entering after this call reads the overlay as it is now.
+    pub async fn quiesce(&self) {
+        let old = (self.epoch.fetch_add(1, Ordering::SeqCst) & 1) as usize;
+        while self.in_flight[old].load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+}
+
+/// A decision in flight (see `Overlay::enter`).
+pub struct InFlight<'a> {
+    overlay: &'a Overlay,
+    slot: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.overlay.in_flight[self.slot].fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A journal line: a signal and its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    seq: u64,
+    #[serde(flatten)]
+    signal: Signal,
+}
+
+/// What replaying the journal found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    pub applied: u64,
+    /// Lines that could not be read (a torn last line after a crash), with their line number.
+    pub skipped: Vec<(u64, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("signal journal `{path}`: {source}")]
+pub struct JournalError {
+    pub path: String,
+    pub source: io::Error,
+}
+
+/// The durable journal: a signal is appended and fsynced before it is acknowledged.
+pub struct Journal {
+    path: PathBuf,
+    file: Mutex<(File, u64)>,
+    /// Compact when the journal holds this many more lines than live values.
+    compact_after: u64,
+    lines: AtomicU64,
+}
+
+pub const JOURNAL_FILE: &str = "signals.jsonl";
+
+impl Journal {
+    /// Opens `DIR/signals.jsonl` and replays it into `overlay`. A torn or unreadable line is
+    /// reported and skipped, never fatal.
+    pub fn open(dir: &Path, overlay: &Overlay) -> Result<(Journal, Replayed), JournalError> {
+        let path = dir.join(JOURNAL_FILE);
+        let err = |source| JournalError { path: path.display().to_string(), source };
+        fs::create_dir_all(dir).map_err(err)?;
+        let mut replayed = Replayed::default();
+        let mut last_seq = 0;
+        let mut lines = 0;
+        let mut torn_tail = None;
+        if let Ok(f) = File::open(&path) {
+            let mut offset = 0u64;
+            for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
+                let line = line.map_err(err)?;
+                let start = offset;
+                offset += line.len() as u64 + 1;
+                lines += 1;
+                match serde_json::from_slice::<Entry>(&line) {
+                    Ok(entry) => {
+                        overlay.apply(&entry.signal);
+                        last_seq = last_seq.max(entry.seq);
+                        replayed.applied += 1;
+                        torn_tail = None;
+                    }
+                    Err(e) => {
+                        replayed.skipped.push((i as u64 + 1, e.to_string()));
+                        torn_tail = Some(start);
+                    }
+                }
+            }
+            // A torn last line is cut so that the next signal starts on a line of its own.
+            if let Some(at) = torn_tail {
+                let f = OpenOptions::new().write(true).open(&path).map_err(err)?;
+                f.set_len(at).map_err(err)?;
+                f.sync_all().map_err(err)?;
+            }
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(err)?;
+        let journal =
+            Journal { path, file: Mutex::new((file, last_seq)), compact_after: 10_000, lines: AtomicU64::new(lines) };
+        Ok((journal, replayed))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a signal and fsyncs it; returns its sequence number.
+    pub fn append(&self, signal: &Signal) -> Result<u64, JournalError> {
+        let err = |source| JournalError { path: self.path.display().to_string(), source };
+        let mut guard = self.file.lock().map_err(|_| err(io::Error::other("journal lock poisoned")))?;
+        let (file, seq) = &mut *guard;
+        let entry = Entry { seq: *seq + 1, signal: signal.clone() };
+        let mut line = serde_json::to_vec(&entry).map_err(|e| err(io::Error::other(e)))?;
+        line.push(b'\n');
+        file.write_all(&line).and_then(|()| file.sync_data()).map_err(err)?;
+        *seq += 1;
+        self.lines.fetch_add(1, Ordering::Relaxed);
+        Ok(*seq)
+    }
+
+    /// Rewrites the journal as one signal per live value, if it has grown well past that.
+    pub fn compact_if_needed(&self, overlay: &Overlay) -> Result<bool, JournalError> {
+        let live = overlay.len() as u64;
+        if self.lines.load(Ordering::Relaxed) < self.compact_after + live {
+            return Ok(false);
+        }
+        self.compact(overlay)?;
+        Ok(true)
+    }
+
+    /// Rewrites the journal from the overlay: written aside, fsynced, renamed over.
+    pub fn compact(&self, overlay: &Overlay) -> Result<(), JournalError> {
+        let err = |source| JournalError { path: self.path.display().to_string(), source };
+        let mut guard = self.file.lock().map_err(|_| err(io::Error::other("journal lock poisoned")))?;
+        let (file, seq) = &mut *guard;
+        let tmp = self.path.with_extension("jsonl.compact");
+        let mut out = File::create(&tmp).map_err(err)?;
+        let entries = overlay.entries();
+        for (field, target, value, mark) in &entries {
+            let signal = Signal {
+                kind: kind_for(*field, *value),
+                field: *field,
+                target: target.clone(),
+                value: *value,
+                reason: mark.reason.clone(),
+                actor: mark.by.clone(),
+                at: mark.at,
+            };
+            *seq += 1;
+            let mut line = serde_json::to_vec(&Entry { seq: *seq, signal }).map_err(|e| err(io::Error::other(e)))?;
+            line.push(b'\n');
+            out.write_all(&line).map_err(err)?;
+        }
+        out.sync_all().map_err(err)?;
+        fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent()
+            && let Ok(d) = File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        *file = OpenOptions::new().append(true).open(&self.path).map_err(err)?;
+        self.lines.store(entries.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The signal kind that sets `field` to `value` (used when compacting).
+fn kind_for(field: Field, value: Value) -> SignalKind {
+    match (field, value) {
+        (Field::AgentEnabled, Value::Flag(true)) => SignalKind::EnableAgent,
+        (Field::AgentEnabled, _) => SignalKind::DisableAgent,
+        (Field::BlueprintEnabled, Value::Flag(true)) => SignalKind::EnableBlueprint,
+        (Field::BlueprintEnabled, _) => SignalKind::DisableBlueprint,
+        (Field::SponsorActive, Value::Flag(true)) => SignalKind::SponsorActive,
+        (Field::SponsorActive, _) => SignalKind::SponsorInactive,
+        (Field::AgentRisk, _) => SignalKind::SetRisk,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(kind: &str, target: &str, risk: &str) -> Signal {
+        Signal::new(kind, target, risk, "test", "admin").unwrap()
+    }
+
+    #[test]
+    fn signals_check_their_fields() {
+        let e = |k: &str, t: &str, r: &str| Signal::new(k, t, r, "", "").unwrap_err().to_string();
+        assert!(e("disable", "a", "").starts_with("field `kind`: unknown signal `disable`: expected one of"));
+        assert_eq!(e("disable_agent", " ", ""), "field `target`: is required: the agent, blueprint or sponsor id");
+        assert_eq!(
+            e("set_risk", "a", "severe"),
+            "field `risk`: unknown risk level `severe`: expected one of none, low, medium, high"
+        );
+        assert_eq!(e("disable_agent", "a", "high"), "field `risk`: applies only to set_risk, not disable_agent");
+        let s = signal("confirm_compromised", "a", "");
+        assert_eq!((s.field, s.value), (Field::AgentRisk, Value::Risk(RiskLevel::High)));
+    }
+
+    #[test]
+    fn the_journal_replays_and_skips_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let overlay = Overlay::new();
+        let (journal, replayed) = Journal::open(dir.path(), &overlay).unwrap();
+        assert_eq!(replayed, Replayed::default());
+        assert_eq!(journal.append(&signal("disable_agent", "ag-1", "")).unwrap(), 1);
+        assert_eq!(journal.append(&signal("set_risk", "ag-2", "medium")).unwrap(), 2);
+        assert_eq!(journal.append(&signal("disable_blueprint", "bp-x", "")).unwrap(), 3);
+        drop(journal);
+        // A crash cut the last write.
+        let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
+        f.write_all(b"{\"seq\":4,\"kind\":\"enable_ag").unwrap();
+        drop(f);
+
+        let overlay = Overlay::new();
+        let (journal, replayed) = Journal::open(dir.path(), &overlay).unwrap();
+        assert_eq!(replayed.applied, 3);
+        assert_eq!(replayed.skipped.len(), 1);
+        assert_eq!(replayed.skipped[0].0, 4);
+        assert_eq!(overlay.agent_enabled("ag-1").map(|l| l.value), Some(false));
+        assert_eq!(overlay.agent_risk("ag-2").map(|l| l.value), Some(RiskLevel::Medium));
+        assert_eq!(overlay.blueprint_enabled("bp-x").map(|l| l.value), Some(false));
+        // The next signal goes on a line of its own and replays.
+        assert_eq!(journal.append(&signal("enable_agent", "ag-1", "")).unwrap(), 4);
+        drop(journal);
+        let overlay = Overlay::new();
+        let (_, replayed) = Journal::open(dir.path(), &overlay).unwrap();
+        assert_eq!((replayed.applied, replayed.skipped.len()), (4, 0));
+        assert_eq!(overlay.agent_enabled("ag-1").map(|l| l.value), Some(true));
+    }
+
+    #[test]
+    fn compaction_keeps_the_live_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let overlay = Overlay::new();
+        let (mut journal, _) = Journal::open(dir.path(), &overlay).unwrap();
+        journal.compact_after = 10;
+        for i in 0..30 {
+            let s = signal(if i % 2 == 0 { "disable_agent" } else { "enable_agent" }, &format!("ag-{}", i % 3), "");
+            journal.append(&s).unwrap();
+            overlay.apply(&s);
+            journal.compact_if_needed(&overlay).unwrap();
+        }
+        let lines = fs::read_to_string(journal.path()).unwrap().lines().count();
+        assert!(lines < 15, "{lines} lines");
+        let replayed = Overlay::new();
+        Journal::open(dir.path(), &replayed).unwrap();
+        assert_eq!(replayed.entries(), overlay.entries());
+    }
+
+    #[tokio::test]
+    async fn quiesce_waits_for_decisions_in_flight() {
+        let overlay = std::sync::Arc::new(Overlay::new());
+        let guard_holder = overlay.clone();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (entered, is_entered) = tokio::sync::oneshot::channel::<()>();
+        let decision = tokio::spawn(async move {
+            let _in_flight = guard_holder.enter();
+            let _ = entered.send(());
+            let _ = released.await;
+        });
+        is_entered.await.unwrap();
+        let quiesced = tokio::spawn({
+            let overlay = overlay.clone();
+            async move { overlay.quiesce().await }
+        });
+        while overlay.epoch.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!quiesced.is_finished());
+        // A decision entering now does not hold the barrier back.
+        let _later = overlay.enter();
+        release.send(()).unwrap();
+        decision.await.unwrap();
+        quiesced.await.unwrap();
     }
 }

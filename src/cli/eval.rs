@@ -10,9 +10,9 @@ use crate::engine::{evaluate, explain};
 use crate::request::{RawRequest, Request};
 use crate::signals::Overlay;
 
-use super::{exit, load};
+use super::{audit_decision, exit, load, offline_audit};
 
-pub fn run(dir: &Path, request_path: &str, with_explain: bool) -> u8 {
+pub fn run(dir: &Path, request_path: &str, with_explain: bool, audit: Option<&str>) -> u8 {
     let request = match read_request(request_path) {
         Ok(r) => r,
         Err(message) => {
@@ -24,8 +24,15 @@ pub fn run(dir: &Path, request_path: &str, with_explain: bool) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let audit = match offline_audit(audit) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     let live = Overlay::new();
     let decision = evaluate(&snap, &live, &request);
+    if let Err(code) = audit_decision(audit.as_ref(), &snap, &request, &decision) {
+        return code;
+    }
     let mut out = match serde_json::to_value(&decision) {
         Ok(v) => v,
         Err(e) => {

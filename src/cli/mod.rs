@@ -1,6 +1,10 @@
 //! The `agentca` command line: flags become checked values here, then each command runs.
 
+mod admin;
+mod audit;
 mod eval;
+mod loadgen;
+mod serve;
 mod test;
 mod validate;
 
@@ -36,6 +40,8 @@ struct BundleArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gRPC decision service (exit 0 on clean shutdown, 3 if the bundle is invalid).
+    Serve(serve::ServeArgs),
     /// Parse and validate the bundle (exit 0 valid, 3 invalid).
     Validate {
         #[command(flatten)]
@@ -51,6 +57,9 @@ enum Command {
         /// Add, per policy, whether it applied or the first part that did not match.
         #[arg(long)]
         explain: bool,
+        /// Also append the decision to this audit log (hash-chained, fsynced).
+        #[arg(long, value_name = "PATH|-")]
+        audit: Option<String>,
     },
     /// Run test cases (default: the bundle's tests/*.json); exit 0 if all pass.
     Test {
@@ -61,17 +70,91 @@ enum Command {
         /// Print every case, not only failures.
         #[arg(long, short)]
         verbose: bool,
+        /// Also append each decision to this audit log (hash-chained, fsynced).
+        #[arg(long, value_name = "PATH|-")]
+        audit: Option<String>,
+    },
+    /// Send a live signal, or ask for status or a reload, to a running server.
+    Admin(admin::AdminArgs),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Drive Evaluate on a running server and print throughput and latency.
+    Loadgen(loadgen::LoadArgs),
+    /// A no-op DecisionService (same proto and stack, constant answer): the load baseline.
+    #[command(hide = true)]
+    NoopServe(loadgen::NoopArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain (exit 0 intact, 1 broken, saying where).
+    Verify {
+        /// Audit files; rotated files may be given in any order.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
     let code = match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Validate { bundle } => validate::run(&bundle.policies),
-        Command::Eval { bundle, request, explain } => eval::run(&bundle.policies, &request, explain),
-        Command::Test { bundle, files, verbose } => test::run(&bundle.policies, &files, verbose),
+        Command::Eval { bundle, request, explain, audit } => {
+            eval::run(&bundle.policies, &request, explain, audit.as_deref())
+        }
+        Command::Test { bundle, files, verbose, audit } => {
+            test::run(&bundle.policies, &files, verbose, audit.as_deref())
+        }
+        Command::Admin(args) => admin::run(args),
+        Command::Audit(AuditCommand::Verify { paths }) => audit::verify_files(&paths),
+        Command::Loadgen(args) => loadgen::run_load(args),
+        Command::NoopServe(args) => loadgen::run_noop(args),
     };
     ExitCode::from(code)
+}
+
+/// An audit log for the offline commands: every record fsynced before the command goes on.
+fn offline_audit(target: Option<&str>) -> Result<Option<crate::audit::Audit>, u8> {
+    let Some(target) = target else { return Ok(None) };
+    let config = crate::audit::Config::new(crate::audit::Target::parse(target));
+    crate::audit::Audit::start(config).map(Some).map_err(|e| {
+        eprintln!("agentca: {e}");
+        exit::FAILURE
+    })
+}
+
+/// Writes one offline decision's record; an error is reported and fails the command.
+fn audit_decision(
+    audit: Option<&crate::audit::Audit>,
+    snap: &Snapshot,
+    request: &crate::request::Request,
+    decision: &crate::engine::Decision,
+) -> Result<(), u8> {
+    let Some(audit) = audit else { return Ok(()) };
+    let caller = crate::audit::Caller { peer: None, identity: std::env::var("USER").ok(), via: "cli" };
+    let agent = snap.agent(&request.agent).map(|(a, _)| a);
+    let record = crate::audit::DecisionRecord::new(
+        request,
+        decision,
+        agent.map(|a| a.blueprint.as_str()),
+        agent.map(|a| a.sponsor.as_str()),
+        &caller,
+    );
+    audit.submit_blocking(crate::audit::body(&record)).map_err(|e| {
+        eprintln!("agentca: audit: {e}");
+        exit::FAILURE
+    })
 }
 
 /// Loads the bundle, or prints its errors and says so.

@@ -8,16 +8,21 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::audit::Audit;
 use crate::engine::{Decision, Verdict, evaluate};
 use crate::signals::Overlay;
 use crate::snapshot::Snapshot;
 
 use super::eval::parse_request;
-use super::{exit, load};
+use super::{audit_decision, exit, load, offline_audit};
 
-pub fn run(dir: &Path, files: &[PathBuf], verbose: bool) -> u8 {
+pub fn run(dir: &Path, files: &[PathBuf], verbose: bool, audit: Option<&str>) -> u8 {
     let snap = match load(dir) {
         Ok(s) => s,
+        Err(code) => return code,
+    };
+    let audit = match offline_audit(audit) {
+        Ok(a) => a,
         Err(code) => return code,
     };
     let files = if files.is_empty() { default_files(dir) } else { files.to_vec() };
@@ -35,7 +40,7 @@ pub fn run(dir: &Path, files: &[PathBuf], verbose: bool) -> u8 {
         for (i, case) in cases.iter().enumerate() {
             let name =
                 case.get("name").and_then(Value::as_str).map_or_else(|| format!("case {}", i + 1), str::to_string);
-            match run_case(&snap, &live, case) {
+            match run_case(&snap, &live, case, audit.as_ref()) {
                 Ok(summary) => {
                     passed += 1;
                     if verbose {
@@ -85,7 +90,7 @@ fn read_cases(file: &Path) -> Result<Vec<Value>, String> {
 }
 
 /// Runs one case; Ok with a one-line summary, or Err saying what differed.
-fn run_case(snap: &Snapshot, live: &Overlay, case: &Value) -> Result<String, String> {
+fn run_case(snap: &Snapshot, live: &Overlay, case: &Value, audit: Option<&Audit>) -> Result<String, String> {
     let field = |name: &str| case.get(name).filter(|v| !v.is_null());
     let expect = match field("expect").and_then(Value::as_str) {
         Some(e @ ("allow" | "deny" | "error")) => e,
@@ -118,6 +123,7 @@ fn run_case(snap: &Snapshot, live: &Overlay, case: &Value) -> Result<String, Str
         (Ok(r), _) => r,
     };
     let d = evaluate(snap, live, &request);
+    audit_decision(audit, snap, &request, &d).map_err(|_| "the audit record could not be written".to_string())?;
     let got = verdict(d.decision);
     let mut problems = Vec::new();
     if got != expect {

@@ -1,0 +1,795 @@
+//! The audit log: one JSON record per decision, signal and reload, hash-chained, appended by
+//! one writer thread (group commit), rotated by size, and verified by `agentca audit verify`.
+//!
+//! A record is one line: `{"v":1,"seq":N,` + body + `,"prev_hash":"P","hash":"H"}` where
+//! H = SHA-256(P ‖ the line up to and including `"prev_hash":"P"`, closed with `}`), hex.
+//! Editing, removing, reordering or cutting a record breaks the chain at that record.
+//! Nothing is dropped: a full queue waits or refuses (the caller then denies), as configured.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::Decision;
+use crate::request::Request;
+
+/// The version of the record layout.
+pub const RECORD_VERSION: u32 = 1;
+/// The `prev_hash` of the very first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Where records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Target {
+        match s {
+            "off" | "none" => Target::Off,
+            "-" => Target::Stdout,
+            path => Target::File(PathBuf::from(path)),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Off => "off".into(),
+            Target::Stdout => "-".into(),
+            Target::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// When an answer may go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// Only once its record is on disk (fsync, many records per fsync).
+    Fsync,
+    /// Once its record is queued; written and fsynced within the flush interval.
+    Buffered,
+}
+
+/// What a request does when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnFull {
+    /// Wait for room (backpressure).
+    Wait,
+    /// Answer deny with `audit_unavailable`.
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub target: Target,
+    pub durability: Durability,
+    pub on_full: OnFull,
+    /// Records the queue holds before `on_full` applies.
+    pub queue: usize,
+    /// Rotate the file when it would grow past this many bytes (0: never).
+    pub max_bytes: u64,
+    /// Buffered mode: the longest a queued record waits to be fsynced.
+    pub flush_interval: Duration,
+}
+
+impl Config {
+    pub fn new(target: Target) -> Config {
+        Config {
+            target,
+            durability: Durability::Fsync,
+            on_full: OnFull::Wait,
+            queue: 65_536,
+            max_bytes: 256 * 1024 * 1024,
+            flush_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log `{path}`: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("audit log `{path}`: the last record cannot be read: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+/// Why a record was not accepted: the caller must not answer allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the audit queue is full")]
+    QueueFull,
+    #[error("the audit log is closed")]
+    Closed,
+}
+
+/// Counters of the sink.
+#[derive(Debug, Default)]
+struct Stats {
+    written: AtomicU64,
+    waited: AtomicU64,
+    refused: AtomicU64,
+    seq: AtomicU64,
+    failing: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+/// A snapshot of the counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AuditStats {
+    pub written: u64,
+    pub waited: u64,
+    pub refused: u64,
+    pub seq: u64,
+    pub error: Option<String>,
+}
+
+enum Job {
+    Record {
+        body: String,
+        ack: Option<oneshot::Sender<u64>>,
+    },
+    /// Buffered mode: fsync what is written if the interval has passed.
+    Tick,
+    /// Write and fsync everything queued before, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The handle requests hold: cheap to clone, knows nothing of gRPC.
+#[derive(Clone)]
+pub struct Audit {
+    tx: Option<mpsc::Sender<Job>>,
+    stats: Arc<Stats>,
+    config: Arc<Config>,
+}
+
+impl Audit {
+    /// Opens the log (continuing its chain) and starts the writer thread.
+    pub fn start(config: Config) -> Result<Audit, AuditError> {
+        let stats = Arc::new(Stats::default());
+        let config = Arc::new(config);
+        let sink = match &config.target {
+            Target::Off => return Ok(Audit { tx: None, stats, config }),
+            Target::Stdout => Sink::Stdout { last: Tail { seq: 0, hash: GENESIS.into() } },
+            Target::File(path) => Sink::open(path, config.max_bytes)?,
+        };
+        let recovered = sink.recovered();
+        stats.seq.store(sink.last().seq, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let writer = Writer { sink, rx, stats: stats.clone(), config: config.clone() };
+        std::thread::Builder::new()
+            .name("agentca-audit".into())
+            .spawn(move || writer.run())
+            .map_err(|e| AuditError::Io { path: config.target.describe(), source: e })?;
+        if config.durability == Durability::Buffered {
+            let ticks = tx.clone();
+            let every = config.flush_interval;
+            std::thread::Builder::new()
+                .name("agentca-audit-tick".into())
+                .spawn(move || {
+                    while !ticks.is_closed() {
+                        std::thread::sleep(every);
+                        let _ = ticks.try_send(Job::Tick);
+                    }
+                })
+                .map_err(|e| AuditError::Io { path: config.target.describe(), source: e })?;
+        }
+        let audit = Audit { tx: Some(tx), stats, config };
+        if let Some(note) = recovered {
+            let body = body(&RecoveryRecord { kind: "recovery", time: Utc::now(), note });
+            let _ = audit.submit_blocking(body);
+        }
+        Ok(audit)
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Accepts a record body (a JSON object); returns once the configured durability is met.
+    pub async fn submit(&self, body: String) -> Result<(), Refused> {
+        let Some(tx) = &self.tx else { return Ok(()) };
+        let (ack, done) = self.ack();
+        let job = Job::Record { body, ack };
+        match tx.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Refused::Closed),
+            Err(mpsc::error::TrySendError::Full(job)) => match self.config.on_full {
+                OnFull::Deny => {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(Refused::QueueFull);
+                }
+                OnFull::Wait => {
+                    self.stats.waited.fetch_add(1, Ordering::Relaxed);
+                    tx.send(job).await.map_err(|_| Refused::Closed)?;
+                }
+            },
+        }
+        match done {
+            Some(done) => done.await.map(|_| ()).map_err(|_| Refused::Closed),
+            None => Ok(()),
+        }
+    }
+
+    /// As `submit`, but waits for room whatever the overflow policy (signals, reloads).
+    pub async fn submit_waiting(&self, body: String) -> Result<(), Refused> {
+        let Some(tx) = &self.tx else { return Ok(()) };
+        let (ack, done) = self.ack();
+        tx.send(Job::Record { body, ack }).await.map_err(|_| Refused::Closed)?;
+        match done {
+            Some(done) => done.await.map(|_| ()).map_err(|_| Refused::Closed),
+            None => Ok(()),
+        }
+    }
+
+    /// As `submit`, for code outside an async runtime (the CLI).
+    pub fn submit_blocking(&self, body: String) -> Result<(), Refused> {
+        let Some(tx) = &self.tx else { return Ok(()) };
+        let (ack, done) = self.ack();
+        tx.blocking_send(Job::Record { body, ack }).map_err(|_| Refused::Closed)?;
+        match done {
+            Some(done) => done.blocking_recv().map(|_| ()).map_err(|_| Refused::Closed),
+            None => Ok(()),
+        }
+    }
+
+    fn ack(&self) -> (Option<oneshot::Sender<u64>>, Option<oneshot::Receiver<u64>>) {
+        match self.config.durability {
+            Durability::Fsync => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            Durability::Buffered => (None, None),
+        }
+    }
+
+    /// Writes and fsyncs everything queued so far.
+    pub async fn flush(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (done, wait) = oneshot::channel();
+        if tx.send(Job::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    pub fn flush_blocking(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (done, wait) = oneshot::channel();
+        if tx.blocking_send(Job::Flush(done)).is_ok() {
+            let _ = wait.blocking_recv();
+        }
+    }
+
+    pub fn stats(&self) -> AuditStats {
+        AuditStats {
+            written: self.stats.written.load(Ordering::Relaxed),
+            waited: self.stats.waited.load(Ordering::Relaxed),
+            refused: self.stats.refused.load(Ordering::Relaxed),
+            seq: self.stats.seq.load(Ordering::Relaxed),
+            error: self.stats.error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+
+    /// False while writes fail: with `on_full = deny`, the service reports NOT_SERVING.
+    pub fn healthy(&self) -> bool {
+        !self.stats.failing.load(Ordering::Relaxed)
+    }
+}
+
+/// The last record of the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tail {
+    seq: u64,
+    hash: String,
+}
+
+enum Sink {
+    Stdout { last: Tail },
+    File { path: PathBuf, file: File, len: u64, max_bytes: u64, last: Tail, recovered: Option<String> },
+}
+
+impl Sink {
+    fn open(path: &Path, max_bytes: u64) -> Result<Sink, AuditError> {
+        let err = |source: io::Error| AuditError::Io { path: path.display().to_string(), source };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(err)?;
+        }
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(path).map_err(err)?;
+        let (mut last, recovered) = recover_tail(&mut file, path)?;
+        if last.is_none() {
+            // The current file is new or empty: the chain goes on from the newest rotated file.
+            if let Some(rotated) = rotated_files(path).last() {
+                let mut f = File::open(rotated).map_err(err)?;
+                last = read_tail(&mut f, rotated)?.0;
+            }
+        }
+        let len = file.metadata().map_err(err)?.len();
+        let last = last.unwrap_or(Tail { seq: 0, hash: GENESIS.into() });
+        Ok(Sink::File { path: path.to_path_buf(), file, len, max_bytes, last, recovered })
+    }
+
+    fn last(&self) -> &Tail {
+        match self {
+            Sink::Stdout { last } | Sink::File { last, .. } => last,
+        }
+    }
+
+    fn recovered(&self) -> Option<String> {
+        match self {
+            Sink::File { recovered, .. } => recovered.clone(),
+            Sink::Stdout { .. } => None,
+        }
+    }
+
+    /// Appends `lines` (whole records); on error the file is cut back to where it was.
+    fn write(&mut self, lines: &[u8], sync: bool) -> io::Result<()> {
+        match self {
+            Sink::Stdout { .. } => {
+                let mut out = io::stdout().lock();
+                out.write_all(lines)?;
+                out.flush()
+            }
+            Sink::File { path, file, len, max_bytes, .. } => {
+                let rotate = *max_bytes > 0 && *len > 0 && *len + lines.len() as u64 > *max_bytes;
+                if rotate && file.metadata()?.is_file() {
+                    sync_file(file)?;
+                    let next = rotated_files(path).last().and_then(|p| rotation_number(path, p)).unwrap_or(0) + 1;
+                    fs::rename(&*path, rotated_name(path, next))?;
+                    *file = OpenOptions::new().create(true).read(true).append(true).open(&*path)?;
+                    sync_dir(path);
+                    *len = 0;
+                }
+                let before = *len;
+                let result = file.write_all(lines).and_then(|()| if sync { sync_file(file) } else { Ok(()) });
+                match result {
+                    Ok(()) => {
+                        *len += lines.len() as u64;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Never leave a torn record behind: the batch is retried whole.
+                        let _ = file.set_len(before);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Stdout { .. } => io::stdout().lock().flush(),
+            Sink::File { file, .. } => sync_file(file),
+        }
+    }
+
+    fn set_last(&mut self, tail: Tail) {
+        match self {
+            Sink::Stdout { last } | Sink::File { last, .. } => *last = tail,
+        }
+    }
+}
+
+/// fsync; a pipe or device that cannot be synced (EINVAL) has nothing to sync.
+fn sync_file(file: &File) -> io::Result<()> {
+    match file.sync_data() {
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
+        other => other,
+    }
+}
+
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+}
+
+fn rotated_name(path: &Path, n: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+fn rotation_number(path: &Path, rotated: &Path) -> Option<u64> {
+    let base = path.file_name()?.to_str()?;
+    rotated.file_name()?.to_str()?.strip_prefix(base)?.strip_prefix('.')?.parse().ok()
+}
+
+/// The rotated files of `path` (`PATH.1`, `PATH.2`, …), oldest first.
+pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut found: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| dir.join(e.file_name()))
+                .filter_map(|p| rotation_number(path, &p).map(|n| (n, p)))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Reads the last record; cuts a torn last line (a write the crash interrupted, never acknowledged).
+fn recover_tail(file: &mut File, path: &Path) -> Result<(Option<Tail>, Option<String>), AuditError> {
+    let (tail, torn) = read_tail(file, path)?;
+    let Some(keep) = torn else { return Ok((tail, None)) };
+    let err = |source: io::Error| AuditError::Io { path: path.display().to_string(), source };
+    let len = file.metadata().map_err(err)?.len();
+    file.set_len(keep).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    let note = format!(
+        "cut {} bytes of a torn last line from `{}` (a record whose write was interrupted; it was never acknowledged)",
+        len - keep,
+        path.display()
+    );
+    Ok((tail, Some(note)))
+}
+
+/// The last complete record, and where the file should end if its last line is torn.
+fn read_tail(file: &mut File, path: &Path) -> Result<(Option<Tail>, Option<u64>), AuditError> {
+    let err = |source: io::Error| AuditError::Io { path: path.display().to_string(), source };
+    let meta = file.metadata().map_err(err)?;
+    // A pipe or device (e.g. /dev/stdout given as a path) has no tail to read.
+    if !meta.is_file() || meta.len() == 0 {
+        return Ok((None, None));
+    }
+    let len = meta.len();
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start)).map_err(err)?;
+        let mut buf = Vec::with_capacity((len - start) as usize);
+        Read::take(&mut *file, len - start).read_to_end(&mut buf).map_err(err)?;
+        let whole_window = start == 0;
+        // Bytes after the last newline are a torn line: the write of a record that a crash cut.
+        let (complete, torn_at) = match buf.iter().rposition(|b| *b == b'\n') {
+            Some(i) if i + 1 == buf.len() => (&buf[..i], None),
+            Some(i) => (&buf[..i], Some(start + i as u64 + 1)),
+            None if whole_window => return Ok((None, (len > 0).then_some(0))),
+            None => {
+                window *= 4;
+                continue;
+            }
+        };
+        let line = match complete.iter().rposition(|b| *b == b'\n') {
+            Some(j) => &complete[j + 1..],
+            None if whole_window => complete,
+            None => {
+                window *= 4;
+                continue;
+            }
+        };
+        if line.is_empty() {
+            return Ok((None, torn_at));
+        }
+        let tail =
+            parse_tail(line).map_err(|message| AuditError::Corrupt { path: path.display().to_string(), message })?;
+        return Ok((Some(tail), torn_at));
+    }
+}
+
+fn parse_tail(line: &[u8]) -> Result<Tail, String> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let seq = v.get("seq").and_then(Value::as_u64).ok_or("no `seq`")?;
+    let hash = v.get("hash").and_then(Value::as_str).ok_or("no `hash`")?.to_string();
+    Ok(Tail { seq, hash })
+}
+
+struct Writer {
+    sink: Sink,
+    rx: mpsc::Receiver<Job>,
+    stats: Arc<Stats>,
+    config: Arc<Config>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut lines = Vec::with_capacity(1 << 16);
+        let mut acks = Vec::new();
+        let mut flushes = Vec::new();
+        let mut unsynced = false;
+        let mut last_sync = Instant::now();
+        while let Some(job) = self.rx.blocking_recv() {
+            let mut next = Some(job);
+            let mut tail = self.sink.last().clone();
+            let mut count = 0u64;
+            // Group commit: everything already queued goes out in this write.
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Record { body, ack } => {
+                        tail = append_record(&mut lines, &tail, &body);
+                        count += 1;
+                        acks.extend(ack.map(|a| (a, tail.seq)));
+                    }
+                    Job::Tick => {}
+                    Job::Flush(done) => flushes.push(done),
+                }
+                if lines.len() < (4 << 20) {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+            let sync_now = match self.config.durability {
+                Durability::Fsync => count > 0 || (!flushes.is_empty() && unsynced),
+                Durability::Buffered => {
+                    !flushes.is_empty()
+                        || ((unsynced || count > 0) && last_sync.elapsed() >= self.config.flush_interval)
+                }
+            };
+            // A failed write is retried until it succeeds: an accepted record is never dropped.
+            loop {
+                let result = if lines.is_empty() {
+                    if sync_now { self.sink.sync() } else { Ok(()) }
+                } else {
+                    self.sink.write(&lines, sync_now)
+                };
+                match result {
+                    Ok(()) => {
+                        if self.stats.failing.swap(false, Ordering::Relaxed)
+                            && let Ok(mut e) = self.stats.error.lock()
+                        {
+                            *e = None;
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "audit write failed; retrying");
+                        self.stats.failing.store(true, Ordering::Relaxed);
+                        if let Ok(mut slot) = self.stats.error.lock() {
+                            *slot = Some(e.to_string());
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                }
+            }
+            if count > 0 {
+                self.sink.set_last(tail.clone());
+                self.stats.written.fetch_add(count, Ordering::Relaxed);
+                self.stats.seq.store(tail.seq, Ordering::Relaxed);
+                unsynced = !sync_now;
+            }
+            if sync_now {
+                unsynced = false;
+                last_sync = Instant::now();
+            }
+            lines.clear();
+            for (ack, seq) in acks.drain(..) {
+                let _ = ack.send(seq);
+            }
+            for done in flushes.drain(..) {
+                let _ = done.send(());
+            }
+        }
+        // Every sender is gone: make what was written durable.
+        let _ = self.sink.sync();
+    }
+}
+
+/// Appends one record line for `body` (a JSON object) after `prev`; returns the new tail.
+fn append_record(out: &mut Vec<u8>, prev: &Tail, body: &str) -> Tail {
+    let seq = prev.seq + 1;
+    let start = out.len();
+    let inner = body.trim().strip_prefix('{').and_then(|b| b.strip_suffix('}')).unwrap_or("").trim();
+    let _ = write!(out, "{{\"v\":{RECORD_VERSION},\"seq\":{seq},");
+    if !inner.is_empty() {
+        out.extend_from_slice(inner.as_bytes());
+        out.push(b',');
+    }
+    let _ = write!(out, "\"prev_hash\":\"{}\"", prev.hash);
+    let hash = chain_hash(&prev.hash, &out[start..]);
+    let _ = writeln!(out, ",\"hash\":\"{hash}\"}}");
+    Tail { seq, hash }
+}
+
+/// SHA-256 over `prev_hash` and the record up to its `prev_hash` field, closed with `}`.
+fn chain_hash(prev: &str, unclosed: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(unclosed);
+    h.update(b"}");
+    hex::encode(h.finalize())
+}
+
+/// A record body as compact JSON.
+pub fn body<T: Serialize>(record: &T) -> String {
+    serde_json::to_string(record)
+        .unwrap_or_else(|e| format!("{{\"kind\":\"unserializable\",\"error\":{:?}}}", e.to_string()))
+}
+
+/// Who asked.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Caller {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// `grpc`, `envoy`, `cli`.
+    pub via: &'static str,
+}
+
+/// The record of one decision.
+#[derive(Serialize)]
+pub struct DecisionRecord<'a> {
+    pub kind: &'static str,
+    pub time: DateTime<Utc>,
+    pub decision_id: &'a str,
+    pub request_id: Option<&'a str>,
+    pub request: &'a Request,
+    pub blueprint: Option<&'a str>,
+    pub sponsor: Option<&'a str>,
+    pub decision: crate::engine::Verdict,
+    pub reasons: &'a [crate::engine::Reason],
+    pub report_only: &'a [crate::engine::ReportOnly],
+    pub report_only_decision: crate::engine::Verdict,
+    pub errors: &'a [crate::engine::PolicyError],
+    pub revision: &'a str,
+    pub eval_us: u64,
+    pub caller: &'a Caller,
+}
+
+impl<'a> DecisionRecord<'a> {
+    pub fn new(
+        request: &'a Request,
+        decision: &'a Decision,
+        blueprint: Option<&'a str>,
+        sponsor: Option<&'a str>,
+        caller: &'a Caller,
+    ) -> Self {
+        DecisionRecord {
+            kind: "decision",
+            time: Utc::now(),
+            decision_id: &decision.decision_id,
+            request_id: decision.request_id.as_deref(),
+            request,
+            blueprint,
+            sponsor,
+            decision: decision.decision,
+            reasons: &decision.reasons,
+            report_only: &decision.report_only,
+            report_only_decision: decision.report_only_decision,
+            errors: &decision.errors,
+            revision: &decision.revision,
+            eval_us: decision.eval_us,
+            caller,
+        }
+    }
+}
+
+/// The record of a reload (or the first load).
+#[derive(Serialize)]
+pub struct ReloadRecord<'a> {
+    pub kind: &'static str,
+    pub time: DateTime<Utc>,
+    /// `loaded`, `swapped`, `unchanged`, `failed`.
+    pub outcome: &'a str,
+    pub from: Option<&'a str>,
+    pub revision: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    pub trigger: &'a str,
+}
+
+#[derive(Serialize)]
+struct RecoveryRecord {
+    kind: &'static str,
+    time: DateTime<Utc>,
+    note: String,
+}
+
+/// What `verify` found in an intact chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub last_hash: String,
+    /// True if the first record is the start of the chain (its prev_hash is the genesis).
+    pub from_genesis: bool,
+}
+
+/// Where the chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct Broken {
+    pub file: String,
+    pub line: u64,
+    pub message: String,
+}
+
+/// Checks the chain across `paths` (ordered by their first record's seq, so rotated files may
+/// come in any order).
+pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
+    let mut files: Vec<(u64, &PathBuf)> = Vec::with_capacity(paths.len());
+    for p in paths {
+        let broken = |message: String| Broken { file: p.display().to_string(), line: 0, message };
+        let f = File::open(p).map_err(|e| broken(format!("cannot read: {e}")))?;
+        let mut first = String::new();
+        BufReader::new(f).read_line(&mut first).map_err(|e| broken(format!("cannot read: {e}")))?;
+        let seq = serde_json::from_str::<Value>(&first).ok().and_then(|v| v.get("seq").and_then(Value::as_u64));
+        files.push((seq.unwrap_or(u64::MAX), p));
+    }
+    files.sort();
+
+    let mut prev: Option<Tail> = None;
+    let mut verified =
+        Verified { records: 0, first_seq: 0, last_seq: 0, last_hash: String::new(), from_genesis: false };
+    for (_, path) in files {
+        let file = path.display().to_string();
+        let reader = BufReader::new(File::open(path).map_err(|e| Broken {
+            file: file.clone(),
+            line: 0,
+            message: e.to_string(),
+        })?);
+        for (index, line) in reader.split(b'\n').enumerate() {
+            let line_no = index as u64 + 1;
+            let broken = |message: String| Broken { file: file.clone(), line: line_no, message };
+            let line = line.map_err(|e| broken(format!("cannot read: {e}")))?;
+            let tail = check_line(&line, prev.as_ref()).map_err(&broken)?;
+            if prev.is_none() {
+                verified.first_seq = tail.seq;
+                verified.from_genesis = line_prev_hash(&line).as_deref() == Some(GENESIS);
+            }
+            verified.records += 1;
+            verified.last_seq = tail.seq;
+            verified.last_hash = tail.hash.clone();
+            prev = Some(tail);
+        }
+    }
+    Ok(verified)
+}
+
+fn line_prev_hash(line: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(line).ok()?.get("prev_hash")?.as_str().map(str::to_string)
+}
+
+const HASH_SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
+
+fn check_line(line: &[u8], prev: Option<&Tail>) -> Result<Tail, String> {
+    let v: Value =
+        serde_json::from_slice(line).map_err(|e| format!("not a whole JSON record (torn or edited): {e}"))?;
+    let seq = v.get("seq").and_then(Value::as_u64).ok_or("the record has no `seq`")?;
+    let hash = v.get("hash").and_then(Value::as_str).ok_or(format!("record seq {seq} has no `hash`"))?;
+    let prev_hash = v.get("prev_hash").and_then(Value::as_str).ok_or(format!("record seq {seq} has no `prev_hash`"))?;
+    if let Some(p) = prev {
+        if seq != p.seq + 1 {
+            return Err(format!(
+                "record seq {seq} follows seq {}: records were removed or reordered (expected seq {})",
+                p.seq,
+                p.seq + 1
+            ));
+        }
+        if prev_hash != p.hash {
+            return Err(format!("record seq {seq}: its prev_hash is not the hash of record seq {}", p.seq));
+        }
+    }
+    let suffix_ok = line.len() > HASH_SUFFIX_LEN && line.ends_with(format!(",\"hash\":\"{hash}\"}}").as_bytes());
+    if !suffix_ok {
+        return Err(format!("record seq {seq}: `hash` is not the last field: the record was rewritten"));
+    }
+    let unclosed = &line[..line.len() - HASH_SUFFIX_LEN];
+    if chain_hash(prev_hash, unclosed) != hash {
+        return Err(format!("record seq {seq} was edited: its hash does not match its content"));
+    }
+    Ok(Tail { seq, hash: hash.to_string() })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+//! The audit chain: written, continued across restarts and rotation, tampered with, and a
+//! writer that stalls (a FIFO nobody reads) to fill the queue.
+
+use std::time::Duration;
+
+use super::*;
+
+fn file_config(path: &Path) -> Config {
+    Config::new(Target::File(path.to_path_buf()))
+}
+
+fn note(i: usize) -> String {
+    format!("{{\"kind\":\"test\",\"n\":{i},\"text\":\"record {i}\"}}")
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path).unwrap().lines().map(str::to_string).collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    fs::write(path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+}
+
+fn verify_one(path: &Path) -> Result<Verified, Broken> {
+    verify(&[path.to_path_buf()])
+}
+
+#[test]
+fn a_chain_verifies_and_continues_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit/decisions.jsonl");
+    let audit = Audit::start(file_config(&path)).unwrap();
+    for i in 0..5 {
+        audit.submit_blocking(note(i)).unwrap();
+    }
+    drop(audit);
+    let audit = Audit::start(file_config(&path)).unwrap();
+    assert_eq!(audit.stats().seq, 5);
+    audit.submit_blocking(note(5)).unwrap();
+    drop(audit);
+
+    let v = verify_one(&path).unwrap();
+    assert_eq!((v.records, v.first_seq, v.last_seq, v.from_genesis), (6, 1, 6, true));
+    let first: Value = serde_json::from_str(&lines(&path)[0]).unwrap();
+    assert_eq!(first["v"], 1);
+    assert_eq!(first["kind"], "test");
+    assert_eq!(first["prev_hash"], GENESIS);
+}
+
+fn chain_of(n: usize) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decisions.jsonl");
+    let audit = Audit::start(file_config(&path)).unwrap();
+    for i in 0..n {
+        audit.submit_blocking(note(i)).unwrap();
+    }
+    (dir, path)
+}
+
+#[test]
+fn an_edited_record_is_found() {
+    let (_dir, path) = chain_of(5);
+    let mut l = lines(&path);
+    l[2] = l[2].replace("record 2", "record 9");
+    write_lines(&path, &l);
+    let e = verify_one(&path).unwrap_err();
+    assert_eq!((e.line, e.message.as_str()), (3, "record seq 3 was edited: its hash does not match its content"));
+}
+
+#[test]
+fn a_rehashed_edit_is_found_at_the_next_record() {
+    // An editor who recomputes the edited record's own hash still breaks the next link.
+    let (_dir, path) = chain_of(4);
+    let mut l = lines(&path);
+    let edited = l[1].replace("record 1", "record X");
+    let cut = edited.len() - HASH_SUFFIX_LEN;
+    let prev: Value = serde_json::from_str(&l[0]).unwrap();
+    let hash = chain_hash(prev["hash"].as_str().unwrap(), &edited.as_bytes()[..cut]);
+    l[1] = format!("{},\"hash\":\"{hash}\"}}", &edited[..cut]);
+    write_lines(&path, &l);
+    let e = verify_one(&path).unwrap_err();
+    assert_eq!(e.line, 3);
+    assert!(e.message.contains("prev_hash is not the hash of record seq 2"), "{}", e.message);
+}
+
+#[test]
+fn a_removed_record_is_found() {
+    let (_dir, path) = chain_of(5);
+    let mut l = lines(&path);
+    l.remove(1);
+    write_lines(&path, &l);
+    let e = verify_one(&path).unwrap_err();
+    assert_eq!(e.line, 2);
+    assert!(e.message.contains("record seq 3 follows seq 1"), "{}", e.message);
+}
+
+#[test]
+fn reordered_records_are_found() {
+    let (_dir, path) = chain_of(5);
+    let mut l = lines(&path);
+    l.swap(2, 3);
+    write_lines(&path, &l);
+    let e = verify_one(&path).unwrap_err();
+    assert_eq!(e.line, 3);
+    assert!(e.message.contains("record seq 4 follows seq 2"), "{}", e.message);
+}
+
+#[test]
+fn a_truncated_record_is_found() {
+    let (_dir, path) = chain_of(3);
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, &text[..text.len() - 20]).unwrap();
+    let e = verify_one(&path).unwrap_err();
+    assert_eq!(e.line, 3);
+    assert!(e.message.starts_with("not a whole JSON record"), "{}", e.message);
+}
+
+#[test]
+fn a_torn_tail_is_cut_at_start_and_noted() {
+    let (_dir, path) = chain_of(3);
+    let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+    f.write_all(b"{\"v\":1,\"seq\":4,\"kind\":\"dec").unwrap();
+    drop(f);
+    let audit = Audit::start(file_config(&path)).unwrap();
+    audit.submit_blocking(note(4)).unwrap();
+    drop(audit);
+    let v = verify_one(&path).unwrap();
+    assert_eq!(v.last_seq, 5);
+    let recovery: Value = serde_json::from_str(&lines(&path)[3]).unwrap();
+    assert_eq!(recovery["kind"], "recovery");
+    assert!(recovery["note"].as_str().unwrap().starts_with("cut 26 bytes of a torn last line"), "{}", recovery["note"]);
+}
+
+#[test]
+fn rotation_keeps_one_chain_across_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    let mut config = file_config(&path);
+    config.max_bytes = 600;
+    let audit = Audit::start(config.clone()).unwrap();
+    for i in 0..20 {
+        audit.submit_blocking(note(i)).unwrap();
+    }
+    drop(audit);
+    // A restart after rotation continues from the newest file.
+    let audit = Audit::start(config).unwrap();
+    audit.submit_blocking(note(20)).unwrap();
+    drop(audit);
+    let mut files = rotated_files(&path);
+    assert!(files.len() >= 3, "{files:?}");
+    files.push(path.clone());
+    files.reverse(); // verify orders files by their first seq
+    let v = verify(&files).unwrap();
+    assert_eq!((v.records, v.last_seq), (21, 21));
+    // Leaving out a middle file breaks the chain.
+    files.remove(2);
+    assert!(verify(&files).is_err());
+}
+
+fn fifo(dir: &Path) -> PathBuf {
+    let path = dir.join("stalled.jsonl");
+    let status = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(status.success());
+    path
+}
+
+/// Opens the FIFO for reading and drains it on a thread, releasing the stalled writer.
+fn drain(path: PathBuf) {
+    std::thread::spawn(move || {
+        let mut f = File::open(path).unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        while f.read(&mut buf).is_ok_and(|n| n > 0) {}
+    });
+}
+
+fn stalled(on_full: OnFull) -> (tempfile::TempDir, PathBuf, Audit) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fifo(dir.path());
+    let mut config = Config::new(Target::File(path.clone()));
+    config.durability = Durability::Buffered;
+    config.flush_interval = Duration::from_secs(3600);
+    config.queue = 8;
+    config.on_full = on_full;
+    let audit = Audit::start(config).unwrap();
+    (dir, path, audit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_under_deny_and_never_drops() {
+    let (_dir, path, audit) = stalled(OnFull::Deny);
+    // The pipe holds 64 KiB; past that the writer blocks and the queue fills.
+    let mut accepted = 0u64;
+    let mut refused = 0u64;
+    for i in 0..5_000 {
+        match audit.submit(note(i)).await {
+            Ok(()) => accepted += 1,
+            Err(Refused::QueueFull) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused > 0, "the queue never filled");
+    assert_eq!(audit.stats().refused, refused);
+    drain(path);
+    audit.flush().await;
+    let stats = audit.stats();
+    assert_eq!(stats.written, accepted, "every accepted record is written");
+    assert_eq!(stats.seq, accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_waits_under_wait() {
+    let (_dir, path, audit) = stalled(OnFull::Wait);
+    let filler = {
+        let audit = audit.clone();
+        tokio::spawn(async move {
+            for i in 0..2_000 {
+                audit.submit(note(i)).await.unwrap();
+            }
+        })
+    };
+    // The filler cannot finish while nobody reads: it waits for room.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), async {
+            while !filler.is_finished() {
+                tokio::task::yield_now().await
+            }
+        })
+        .await
+        .is_err()
+    );
+    assert!(audit.stats().waited > 0);
+    drain(path);
+    filler.await.unwrap();
+    audit.flush().await;
+    assert_eq!(audit.stats().written, 2_000);
+    assert_eq!(audit.stats().refused, 0);
+}

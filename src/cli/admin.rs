@@ -1,0 +1,174 @@
+//! `agentca admin …`: live signals, status and reload, sent to a running server.
+
+use clap::Subcommand;
+
+use crate::grpc::client::{Admin, ClientError};
+use crate::grpc::pb;
+
+use super::exit;
+
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// The running server.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "AGENTCA_SERVER")]
+    server: String,
+    /// The server's admin token.
+    #[arg(long, env = "AGENTCA_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Who sends the signal (recorded with it); defaults to $USER.
+    #[arg(long, env = "USER", default_value = "cli")]
+    actor: String,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Disable one agent instance: every request for it is denied from the next one on.
+    DisableAgent(Target),
+    EnableAgent(Target),
+    /// Disable a blueprint: all its agents, present and future.
+    DisableBlueprint(Target),
+    EnableBlueprint(Target),
+    /// Mark a sponsor inactive (left the company): their agents are denied.
+    SponsorInactive(Target),
+    SponsorActive(Target),
+    /// Set an agent's risk level.
+    Risk {
+        id: String,
+        #[arg(value_parser = ["none", "low", "medium", "high"])]
+        level: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Confirm an agent compromised: its risk becomes high.
+    ConfirmCompromised(Target),
+    /// Confirm an agent safe: its risk becomes none.
+    ConfirmSafe(Target),
+    /// Dismiss an agent's risk: it becomes none.
+    DismissRisk(Target),
+    /// The live signals in force.
+    List,
+    /// The served revision, reload errors, audit counters.
+    Status,
+    /// Reload the bundle now.
+    Reload,
+}
+
+#[derive(Debug, clap::Args)]
+struct Target {
+    id: String,
+    /// Why (shown in decisions and the audit log).
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+pub fn run(args: AdminArgs) -> u8 {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentca: cannot start the runtime: {e}");
+            return exit::FAILURE;
+        }
+    };
+    match runtime.block_on(send(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agentca: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+async fn send(args: AdminArgs) -> Result<u8, ClientError> {
+    let mut admin = Admin::connect(&args.server, args.token.as_deref()).await?;
+    let signal = |kind: &str, t: &Target| pb::SignalRequest {
+        kind: kind.into(),
+        target: t.id.clone(),
+        risk: String::new(),
+        reason: t.reason.clone(),
+        actor: args.actor.clone(),
+    };
+    let request = match &args.command {
+        AdminCommand::DisableAgent(t) => signal("disable_agent", t),
+        AdminCommand::EnableAgent(t) => signal("enable_agent", t),
+        AdminCommand::DisableBlueprint(t) => signal("disable_blueprint", t),
+        AdminCommand::EnableBlueprint(t) => signal("enable_blueprint", t),
+        AdminCommand::SponsorInactive(t) => signal("sponsor_inactive", t),
+        AdminCommand::SponsorActive(t) => signal("sponsor_active", t),
+        AdminCommand::ConfirmCompromised(t) => signal("confirm_compromised", t),
+        AdminCommand::ConfirmSafe(t) => signal("confirm_safe", t),
+        AdminCommand::DismissRisk(t) => signal("dismiss_risk", t),
+        AdminCommand::Risk { id, level, reason } => pb::SignalRequest {
+            kind: "set_risk".into(),
+            target: id.clone(),
+            risk: level.clone(),
+            reason: reason.clone(),
+            actor: args.actor.clone(),
+        },
+        AdminCommand::List => {
+            let list = admin.list().await?;
+            if list.signals.is_empty() {
+                println!("no live signals");
+            }
+            for s in list.signals {
+                print_signal(&s);
+            }
+            return Ok(exit::OK);
+        }
+        AdminCommand::Status => {
+            let s = admin.status().await?;
+            println!("revision       {}", s.revision);
+            println!("loaded at      {} ({} ms) from {}", s.loaded_at, s.load_ms, s.policies_dir);
+            println!("directory      {} policies, {} agents", s.policies, s.agents);
+            if !s.last_reload_error.is_empty() {
+                println!(
+                    "STALE          since {} ({} s): the last reload failed at {}:",
+                    s.stale_since, s.stale_seconds, s.last_reload_error_at
+                );
+                for line in s.last_reload_error.lines() {
+                    println!("  {line}");
+                }
+            }
+            if let Some(a) = s.audit {
+                println!(
+                    "audit          {} ({}, on full: {}): seq {}, {} written, {} waited, {} refused{}",
+                    a.sink,
+                    a.durability,
+                    a.on_full,
+                    a.seq,
+                    a.written,
+                    a.waited,
+                    a.refused,
+                    if a.error.is_empty() { String::new() } else { format!(", ERROR: {}", a.error) }
+                );
+            }
+            println!("live signals   {}", s.live_signals);
+            return Ok(exit::OK);
+        }
+        AdminCommand::Reload => {
+            let r = admin.reload().await?;
+            match r.outcome.as_str() {
+                "failed" => {
+                    println!("reload failed; still serving {}:\n{}", r.revision, r.error);
+                    return Ok(exit::FAILURE);
+                }
+                "unchanged" => println!("unchanged: {}", r.revision),
+                _ => println!("swapped {} -> {}", r.previous_revision, r.revision),
+            }
+            return Ok(exit::OK);
+        }
+    };
+    let done = admin.signal(request).await?;
+    if let Some(s) = &done.signal {
+        print!("journaled as #{}: ", done.seq);
+        print_signal(s);
+    }
+    Ok(exit::OK)
+}
+
+fn print_signal(s: &pb::LiveSignal) {
+    let unknown = if s.unknown_target { " (not in the served directory)" } else { "" };
+    let reason = if s.reason.is_empty() { String::new() } else { format!(": {}", s.reason) };
+    println!("{} {} = {}{unknown}, by {} at {}{reason}", s.field, s.target, s.value, s.actor, s.at);
+}

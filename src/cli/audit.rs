@@ -1,0 +1,28 @@
+//! `agentca audit verify PATH…`: check the hash chain of audit files.
+
+use std::path::PathBuf;
+
+use crate::audit::verify;
+
+use super::exit;
+
+pub fn verify_files(paths: &[PathBuf]) -> u8 {
+    match verify(paths) {
+        Ok(v) => {
+            let start = if v.from_genesis {
+                "from the start of the chain".to_string()
+            } else {
+                format!("from seq {}", v.first_seq)
+            };
+            println!(
+                "intact: {} records, seq {}..{} ({start}); last hash {}",
+                v.records, v.first_seq, v.last_seq, v.last_hash
+            );
+            exit::OK
+        }
+        Err(broken) => {
+            println!("broken: {broken}");
+            exit::FAILURE
+        }
+    }
+}

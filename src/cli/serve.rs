@@ -1,0 +1,200 @@
+//! `agentca serve`: load the bundle, open the audit log and the signal journal, serve gRPC
+//! until SIGTERM or ctrl-c, reloading on folder changes, SIGHUP and the admin call.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::audit::{self, Audit, Durability, OnFull, Target};
+use crate::grpc;
+use crate::service::Service;
+use crate::signals::{Journal, Overlay};
+use crate::snapshot::Store;
+
+use super::{BundleArgs, exit, print_bundle_errors};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    bundle: BundleArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "AGENTCA_LISTEN")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    audit: AuditArgs,
+    /// Folder of the live-signal journal.
+    #[arg(long, value_name = "DIR", default_value = "state", env = "AGENTCA_STATE")]
+    state: PathBuf,
+    /// Require `authorization: Bearer TOKEN` on AdminService calls.
+    #[arg(long, env = "AGENTCA_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Do not reload when the policies folder changes (SIGHUP and the admin call still do).
+    #[arg(long)]
+    no_watch: bool,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_message_bytes: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// Audit log: a file, `-` for stdout, or `off`.
+    #[arg(long = "audit", value_name = "PATH|-|off", default_value = "audit/decisions.jsonl", env = "AGENTCA_AUDIT")]
+    target: String,
+    /// `fsync`: answer only once the record is on disk; `buffered`: once it is queued.
+    #[arg(long = "audit-durability", value_enum, default_value = "fsync")]
+    durability: Durability,
+    /// When the queue is full: `wait` for room, or `deny` with audit_unavailable.
+    #[arg(long = "audit-on-full", value_enum, default_value = "wait")]
+    on_full: OnFull,
+    /// Records the queue holds.
+    #[arg(long = "audit-queue", default_value_t = 65_536)]
+    queue: usize,
+    /// Rotate the file past this size, in bytes (0: never).
+    #[arg(long = "audit-max-bytes", default_value_t = 256 * 1024 * 1024)]
+    max_bytes: u64,
+    /// Buffered mode: fsync at least this often, in milliseconds.
+    #[arg(long = "audit-flush-ms", default_value_t = 100)]
+    flush_ms: u64,
+}
+
+impl AuditArgs {
+    pub fn config(&self) -> audit::Config {
+        audit::Config {
+            target: Target::parse(&self.target),
+            durability: self.durability,
+            on_full: self.on_full,
+            queue: self.queue,
+            max_bytes: self.max_bytes,
+            flush_interval: Duration::from_millis(self.flush_ms.max(1)),
+        }
+    }
+}
+
+pub fn run(args: ServeArgs) -> u8 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentca: cannot start the runtime: {e}");
+            return exit::FAILURE;
+        }
+    };
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> u8 {
+    let dir = args.bundle.policies.clone();
+    let store = match tokio::task::block_in_place(|| Store::open(&dir)) {
+        Ok(s) => s,
+        Err(errors) => {
+            print_bundle_errors(&dir, &errors);
+            return exit::INVALID_BUNDLE;
+        }
+    };
+    let audit = match Audit::start(args.audit.config()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("agentca: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let live = Overlay::new();
+    let journal = match Journal::open(&args.state, &live) {
+        Ok((journal, replayed)) => {
+            for (line, error) in &replayed.skipped {
+                tracing::warn!(journal = %journal.path().display(), line, %error, "skipped an unreadable signal (a write cut by a crash)");
+            }
+            if replayed.applied > 0 {
+                tracing::info!(signals = replayed.applied, live = live.len(), "replayed the signal journal");
+            }
+            journal
+        }
+        Err(e) => {
+            eprintln!("agentca: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let service = Service::new(store, live, Some(journal), audit);
+    service.loaded().await;
+
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("agentca: cannot listen on {}: {e}", args.listen);
+            return exit::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
+    let snap = service.store.current();
+    tracing::info!(%addr, revision = %snap.revision, policies = snap.bundle.policies.len(), audit = %service.audit.config().target.describe(), "serving");
+    if args.admin_token.is_none() {
+        tracing::warn!("AdminService is open to anyone who can reach {addr}: set --admin-token");
+    }
+    // Tests and scripts wait for this line.
+    eprintln!("agentca listening on {addr}");
+
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
+    let _watch = if args.no_watch {
+        None
+    } else {
+        let tx = reload_tx.clone();
+        match crate::watch::watch(&dir, move || {
+            let _ = tx.try_send("watch");
+        }) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the policies folder: reload with SIGHUP or the admin call");
+                None
+            }
+        }
+    };
+    let hup_tx = reload_tx.clone();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            let _ = hup_tx.try_send("sighup");
+        }
+    });
+    let reloader = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            while let Some(trigger) = reload_rx.recv().await {
+                service.reload(trigger).await;
+            }
+        })
+    };
+
+    let options = grpc::Options { max_message_bytes: args.max_message_bytes, admin_token: args.admin_token.clone() };
+    let result = grpc::serve(listener, service.clone(), options, shutdown_signal()).await;
+    reloader.abort();
+    // Calls in flight are finished; make every record durable before exiting.
+    service.audit.flush().await;
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("agentca: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing calls in flight");
+}

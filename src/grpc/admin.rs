@@ -1,0 +1,155 @@
+//! `agentca.v1.AdminService`: status, reload, live signals.
+
+use std::sync::Arc;
+
+use chrono::{SecondsFormat, Utc};
+use tonic::{Request, Response, Status};
+
+use crate::service::{Service, SignalFailure};
+use crate::signals::Signal;
+use crate::snapshot::Reloaded;
+
+use super::pb;
+
+pub struct Admin {
+    service: Arc<Service>,
+}
+
+impl Admin {
+    pub fn new(service: Arc<Service>) -> Self {
+        Admin { service }
+    }
+}
+
+/// Checks `authorization: Bearer <token>` when an admin token is configured.
+pub fn authorize(token: Option<String>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let Some(token) = &token else { return Ok(request) };
+        let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        match given.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(request),
+            _ => Err(Status::unauthenticated("AdminService needs `authorization: Bearer <admin token>`")),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn rfc3339(t: chrono::DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for Admin {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let snap = self.service.store.current();
+        let failure = self.service.store.last_failure();
+        let audit = &self.service.audit;
+        let stats = audit.stats();
+        let config = audit.config();
+        Ok(Response::new(pb::StatusResponse {
+            revision: snap.revision.to_string(),
+            loaded_at: rfc3339(snap.loaded_at),
+            load_ms: snap.load_ms,
+            policies_dir: self.service.store.dir().display().to_string(),
+            policies: snap.bundle.policies.len() as u64,
+            agents: snap.bundle.directory.agents.len() as u64,
+            last_reload_error: failure.as_ref().map(|f| f.error.clone()).unwrap_or_default(),
+            last_reload_error_at: failure.as_ref().map(|f| rfc3339(f.at)).unwrap_or_default(),
+            stale_since: failure.as_ref().map(|f| rfc3339(f.stale_since)).unwrap_or_default(),
+            stale_seconds: failure.as_ref().map_or(0, |f| (Utc::now() - f.stale_since).num_seconds().max(0) as u64),
+            audit: Some(pb::AuditStatus {
+                sink: config.target.describe(),
+                durability: format!("{:?}", config.durability).to_lowercase(),
+                on_full: format!("{:?}", config.on_full).to_lowercase(),
+                written: stats.written,
+                waited: stats.waited,
+                refused: stats.refused,
+                error: stats.error.unwrap_or_default(),
+                seq: stats.seq,
+            }),
+            live_signals: self.service.live.len() as u64,
+        }))
+    }
+
+    async fn reload(&self, _: Request<pb::ReloadRequest>) -> Result<Response<pb::ReloadResponse>, Status> {
+        let response = match self.service.reload("admin").await {
+            Reloaded::Swapped { from, to } => pb::ReloadResponse {
+                outcome: "swapped".into(),
+                revision: to.to_string(),
+                previous_revision: from.to_string(),
+                error: String::new(),
+            },
+            Reloaded::Unchanged(r) => pb::ReloadResponse {
+                outcome: "unchanged".into(),
+                revision: r.to_string(),
+                previous_revision: r.to_string(),
+                error: String::new(),
+            },
+            Reloaded::Failed { kept, error } => pb::ReloadResponse {
+                outcome: "failed".into(),
+                revision: kept.to_string(),
+                previous_revision: kept.to_string(),
+                error: error.to_string(),
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn signal(&self, request: Request<pb::SignalRequest>) -> Result<Response<pb::SignalResponse>, Status> {
+        let caller = super::caller(&request, "grpc");
+        let r = request.into_inner();
+        let signal = Signal::new(&r.kind, &r.target, &r.risk, &r.reason, &r.actor)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        match self.service.signal(signal, &caller).await {
+            Ok(done) => Ok(Response::new(pb::SignalResponse {
+                seq: done.seq,
+                signal: Some(live_signal(&done.signal, done.unknown_target)),
+                unknown_target: done.unknown_target,
+            })),
+            Err(e @ SignalFailure::NoJournal) => Err(Status::failed_precondition(e.to_string())),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn list_signals(
+        &self,
+        _: Request<pb::ListSignalsRequest>,
+    ) -> Result<Response<pb::ListSignalsResponse>, Status> {
+        let snap = self.service.store.current();
+        let signals = self
+            .service
+            .live
+            .entries()
+            .into_iter()
+            .map(|(field, target, value, mark)| {
+                let signal = Signal {
+                    kind: crate::signals::SignalKind::SetRisk,
+                    field,
+                    target,
+                    value,
+                    reason: mark.reason,
+                    actor: mark.by,
+                    at: mark.at,
+                };
+                let unknown = self.service.unknown_target(&snap, &signal);
+                live_signal(&signal, unknown)
+            })
+            .collect();
+        Ok(Response::new(pb::ListSignalsResponse { signals }))
+    }
+}
+
+fn live_signal(s: &Signal, unknown_target: bool) -> pb::LiveSignal {
+    pb::LiveSignal {
+        field: s.field.as_str().into(),
+        target: s.target.clone(),
+        value: s.value.to_string(),
+        reason: s.reason.clone(),
+        actor: s.actor.clone(),
+        at: rfc3339(s.at),
+        unknown_target,
+    }
+}

@@ -1,0 +1,105 @@
+//! Envoy `ext_authz` (`envoy.service.auth.v3.Authorization/Check`): a gateway asks inline
+//! whether an agent may make this call (`call_api`).
+//!
+//! The agent comes from the route's `context_extensions.agent` or the `x-agent-id` header;
+//! the resource from `context_extensions.resource`, the `x-agentca-resource` header, or the
+//! request's host (matched against the resources' ids and audiences, with and without
+//! `https://`). Allow answers OK with `x-agentca-decision-id` added upstream; deny answers 403
+//! with the reasons as JSON; a malformed request answers 400.
+
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::{Authorization, AuthorizationServer, CheckRequest, CheckResponse, HttpStatusCode};
+use envoy_types::ext_authz::v3::{CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder};
+use tonic::{Request, Response, Status};
+
+use crate::request::RawRequest;
+use crate::service::Service;
+
+pub const AGENT_HEADER: &str = "x-agent-id";
+pub const RESOURCE_HEADER: &str = "x-agentca-resource";
+
+pub struct Check {
+    service: Arc<Service>,
+}
+
+pub fn server(service: Arc<Service>, limit: usize) -> AuthorizationServer<Check> {
+    AuthorizationServer::new(Check { service }).max_decoding_message_size(limit).max_encoding_message_size(limit)
+}
+
+/// Turns Envoy's attributes into our raw request.
+fn raw_request(check: &CheckRequest, service: &Service) -> RawRequest {
+    let attributes = check.attributes.as_ref();
+    let http = attributes.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+    let extensions = attributes.map(|a| &a.context_extensions);
+    let header = |name: &str| check.get_client_headers().and_then(|h| h.get(name)).filter(|v| !v.is_empty()).cloned();
+    let agent = extensions.and_then(|e| e.get("agent")).cloned().or_else(|| header(AGENT_HEADER));
+    let resource =
+        extensions.and_then(|e| e.get("resource")).cloned().or_else(|| header(RESOURCE_HEADER)).or_else(|| {
+            http.map(|h| h.host.clone()).filter(|h| !h.is_empty()).map(|host| resolve_host(service, &host))
+        });
+    let path = http.map(|h| {
+        let p = if h.path.is_empty() { "/" } else { &h.path };
+        p.split(['?', '#']).next().unwrap_or("/").to_string()
+    });
+    RawRequest {
+        agent: Some(agent.unwrap_or_default()),
+        resource: Some(resource.unwrap_or_default()),
+        action: Some("call_api".into()),
+        method: http.map(|h| h.method.clone()),
+        path,
+        client_ip: check.get_client_address().cloned(),
+        request_id: header("x-request-id").or_else(|| http.map(|h| h.id.clone()).filter(|id| !id.is_empty())),
+        ..RawRequest::default()
+    }
+}
+
+/// A host names a resource by id or audience, bare or as `https://host`.
+fn resolve_host(service: &Service, host: &str) -> String {
+    let snap = service.store.current();
+    let bare =
+        host.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
+    for candidate in [host.to_string(), format!("https://{host}"), bare.to_string(), format!("https://{bare}")] {
+        if let Some((resource, _)) = snap.resource(&candidate) {
+            return resource.id.clone();
+        }
+    }
+    host.to_string()
+}
+
+#[tonic::async_trait]
+impl Authorization for Check {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let caller = super::caller(&request, "envoy");
+        let raw = raw_request(request.get_ref(), &self.service);
+        let mut response = CheckResponse::new();
+        match self.service.decide(raw, &caller).await {
+            Ok(d) if d.is_allow() => {
+                let mut ok = OkHttpResponseBuilder::new();
+                ok.add_header("x-agentca-decision-id", d.decision_id.clone(), None, false);
+                response.set_status(Status::ok("allowed")).set_http_response(ok.build());
+            }
+            Ok(d) => {
+                let mut denied = DeniedHttpResponseBuilder::new();
+                denied
+                    .set_http_status(HttpStatusCode::Forbidden)
+                    .add_header("content-type", "application/json", None, false)
+                    .add_header("x-agentca-decision-id", d.decision_id.clone(), None, false)
+                    .set_body(
+                        serde_json::json!({"decision": "deny", "decision_id": d.decision_id, "reasons": d.reasons})
+                            .to_string(),
+                    );
+                response.set_status(Status::permission_denied("denied")).set_http_response(denied.build());
+            }
+            Err(e) => {
+                let mut denied = DeniedHttpResponseBuilder::new();
+                denied
+                    .set_http_status(HttpStatusCode::BadRequest)
+                    .add_header("content-type", "application/json", None, false)
+                    .set_body(serde_json::json!({"error": e.to_string()}).to_string());
+                response.set_status(Status::permission_denied(e.to_string())).set_http_response(denied.build());
+            }
+        }
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,130 @@
+//! The gRPC front end (tonic): `agentca.v1.DecisionService` and `AdminService`, Envoy's
+//! `ext_authz` Check, health and reflection. Proto messages become our types here and only here.
+
+mod admin;
+pub mod client;
+mod convert;
+mod decision;
+mod envoy;
+pub mod load;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::audit::Caller;
+use crate::service::Service;
+
+/// The generated messages and services of `proto/agentca/v1/agentca.proto`.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    tonic::include_proto!("agentca.v1");
+
+    /// The encoded descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/agentca_descriptor.bin"));
+}
+
+pub use pb::admin_service_client::AdminServiceClient;
+pub use pb::decision_service_client::DecisionServiceClient;
+
+/// Transport settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Largest message accepted or sent.
+    pub max_message_bytes: usize,
+    /// If set, AdminService calls need `authorization: Bearer <token>`.
+    pub admin_token: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { max_message_bytes: 4 * 1024 * 1024, admin_token: None }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves on `listener` until `shutdown` completes, then finishes the calls in flight.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<Service>,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let limit = options.max_message_bytes;
+    let decisions = pb::decision_service_server::DecisionServiceServer::new(decision::Decisions::new(service.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let admin = tonic::service::interceptor::InterceptedService::new(
+        pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(service.clone()))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit),
+        admin::authorize(options.admin_token.clone()),
+    );
+    let check = envoy::server(service.clone(), limit);
+
+    // Health follows the service: SERVING once a snapshot is loaded (it is, by construction),
+    // NOT_SERVING while audit writes fail under the `deny` overflow policy.
+    let watcher = tokio::spawn(track_health(reporter, service.clone()));
+
+    let result = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(decisions)
+        .add_service(admin)
+        .add_service(check)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    watcher.abort();
+    result.map_err(ServeError::from)
+}
+
+const SERVICES: [&str; 4] =
+    ["", "agentca.v1.DecisionService", "agentca.v1.AdminService", "envoy.service.auth.v3.Authorization"];
+
+async fn track_health(reporter: tonic_health::server::HealthReporter, service: Arc<Service>) {
+    let mut last = None;
+    loop {
+        let status = if service.serving() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        if last != Some(status) {
+            for name in SERVICES {
+                reporter.set_service_status(name, status).await;
+            }
+            if status == ServingStatus::NotServing {
+                tracing::error!("audit writes are failing and the overflow policy is deny: reporting NOT_SERVING");
+            }
+            last = Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Who is calling: the peer address (and, once TLS is configured, its identity).
+fn caller<T>(request: &tonic::Request<T>, via: &'static str) -> Caller {
+    Caller { peer: request.remote_addr().map(|a: SocketAddr| a.to_string()), identity: None, via }
+}
