@@ -17,6 +17,7 @@
 //! - [`audit`]: hash-chained audit records, the writer (group commit, rotation), `verify`
 //! - [`service`]: the running service: decide + audit, signals, reloads (no transport)
 //! - [`grpc`]: tonic services (decision, admin, Envoy ext_authz); proto conversion lives here
+//! - [`generate`]: writes large synthetic bundles, deterministic from a seed
 //! - [`cli`]: the `agentca` command line, one file per command
 
 pub mod audit;
@@ -24,6 +25,7 @@ pub mod bundle;
 pub mod cli;
 pub mod directory;
 pub mod engine;
+pub mod generate;
 pub mod grpc;
 pub mod index;
 pub mod request;
