@@ -1,0 +1,153 @@
+//! A real `agentca serve` on 127.0.0.1, started from the built binary, and real clients.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentca::grpc::pb;
+use tonic::transport::Channel;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Copies the sample bundle (not its tests) into `dir`.
+pub fn copy_sample(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(root().join("policies")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// A running server; killed (SIGKILL) when dropped if still running.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `agentca serve --listen 127.0.0.1:0 ARGS…` and waits for its listening line.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentca"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .current_dir(root())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("agentca listening on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the server did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Server { child, addr, stderr: log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+    }
+
+    pub async fn decisions(&self) -> pb::decision_service_client::DecisionServiceClient<Channel> {
+        pb::decision_service_client::DecisionServiceClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Channel> {
+        pb::admin_service_client::AdminServiceClient::new(self.channel().await)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait(&mut self) -> Option<i32> {
+        self.child.wait().unwrap().code()
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The proto request of a JSON request (as for `agentca eval`).
+pub fn proto_request(v: &serde_json::Value) -> pb::EvaluateRequest {
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+    pb::EvaluateRequest {
+        agent: s("agent"),
+        resource: s("resource"),
+        action: s("action"),
+        scopes: v
+            .get("scopes")
+            .and_then(|x| x.as_array())
+            .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default(),
+        flow: s("flow"),
+        grant_type: s("grant_type"),
+        user: s("user"),
+        client_ip: s("client_ip"),
+        time: s("time"),
+        signin_risk: s("signin_risk"),
+        request_id: s("request_id"),
+        method: s("method"),
+        path: s("path"),
+    }
+}
+
+pub fn token_request(agent: &str, resource: &str, scope: &str) -> pb::EvaluateRequest {
+    pb::EvaluateRequest {
+        agent: agent.into(),
+        resource: resource.into(),
+        scopes: vec![scope.into()],
+        client_ip: "10.1.2.3".into(),
+        time: "2026-11-25T10:00:00Z".into(),
+        ..Default::default()
+    }
+}
+
+pub fn is_allow(d: &pb::Decision) -> bool {
+    d.decision == pb::Verdict::Allow as i32
+}
