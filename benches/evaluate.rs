@@ -9,7 +9,7 @@ use std::path::Path;
 
 use agentca::engine::evaluate;
 use agentca::request::{RawRequest, Request};
-use agentca::signals::Overlay;
+use agentca::signals::{Live, Mark, Overlay};
 use agentca::snapshot::Snapshot;
 use chrono::Utc;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -43,5 +43,29 @@ fn sample(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sample);
+/// What a live signal costs a decision: an empty overlay (no lookups), 10,000 live values
+/// for other agents, and a live value for the agent being decided.
+fn signals(c: &mut Criterion) {
+    let snap = Snapshot::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap();
+    let req = request(
+        r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3",
+            "time": "2026-11-25T10:00:00Z"}"#,
+    );
+    let mark = || Mark { by: "bench".into(), reason: "bench".into(), at: Utc::now() };
+    let mut group = c.benchmark_group("signals");
+    let empty = Overlay::new();
+    group.bench_function("overlay_empty", |b| b.iter(|| evaluate(&snap, &empty, black_box(&req))));
+    let others = Overlay::new();
+    for i in 0..10_000 {
+        others.set_agent_enabled(&format!("ag-other-{i}"), Live { value: false, mark: mark() });
+    }
+    group.bench_function("overlay_10k_others", |b| b.iter(|| evaluate(&snap, &others, black_box(&req))));
+    let this = Overlay::new();
+    this.set_agent_enabled("ag-mail-01", Live { value: true, mark: mark() });
+    this.set_agent_risk("ag-mail-01", Live { value: agentca::directory::RiskLevel::Low, mark: mark() });
+    group.bench_function("overlay_this_agent", |b| b.iter(|| evaluate(&snap, &this, black_box(&req))));
+    group.finish();
+}
+
+criterion_group!(benches, sample, signals);
 criterion_main!(benches);

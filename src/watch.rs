@@ -31,9 +31,7 @@ pub fn watch(dir: &Path, changed: impl Fn() + Send + 'static) -> notify::Result<
     arm(&mut watcher, &dir, &parent);
     let thread = std::thread::Builder::new().name("agentca-watch".into()).spawn(move || {
         while let Ok(event) = rx.recv() {
-            // In the parent, only the folder's own entry matters (its symlink being swapped).
-            let relevant =
-                !matches!(event.kind, EventKind::Access(_)) && event.paths.iter().any(|p| p.starts_with(&dir));
+            let relevant = !matches!(event.kind, EventKind::Access(_)) && event.paths.iter().any(|p| bundle_path(&dir, p));
             if !relevant {
                 continue;
             }
@@ -46,6 +44,19 @@ pub fn watch(dir: &Path, changed: impl Fn() + Send + 'static) -> notify::Result<
     Ok(Watch { _thread: thread })
 }
 
+/// True for the paths that make up the bundle: the folder itself (its symlink, in the parent),
+/// its bundle files, and a ConfigMap's `..data` links and folders. Anything else (an audit log
+/// someone keeps in the same folder, an editor's swap file) does not trigger a reload.
+fn bundle_path(dir: &Path, p: &Path) -> bool {
+    let Ok(rest) = p.strip_prefix(dir) else { return false };
+    let Some(first) = rest.components().next() else { return true };
+    let name = first.as_os_str().to_string_lossy();
+    name.starts_with("..")
+        || name.ends_with(".cedar")
+        || [crate::bundle::SCHEMA_FILE, crate::bundle::DIRECTORY_FILE, crate::bundle::LOCATIONS_FILE]
+            .contains(&name.as_ref())
+}
+
 /// (Re)watches the folder (following its symlink to today's target) and its parent.
 fn arm(watcher: &mut RecommendedWatcher, dir: &Path, parent: &Path) {
     let _ = watcher.unwatch(dir);
@@ -55,5 +66,23 @@ fn arm(watcher: &mut RecommendedWatcher, dir: &Path, parent: &Path) {
     }
     if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
         tracing::warn!(dir = %parent.display(), error = %e, "cannot watch the policies folder's parent");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bundle_paths_trigger() {
+        let dir = Path::new("/etc/agentca/policies");
+        let yes = ["", "base.cedar", "directory.json", "schema.cedarschema", "..data", "..2026_11_27.1/x.cedar"];
+        for p in yes {
+            assert!(bundle_path(dir, &dir.join(p)), "{p}");
+        }
+        for p in ["decisions.jsonl", ".base.cedar.swp", "tests/cases.json"] {
+            assert!(!bundle_path(dir, &dir.join(p)), "{p}");
+        }
+        assert!(!bundle_path(dir, Path::new("/etc/agentca/other")));
     }
 }

@@ -30,6 +30,9 @@ pub struct LoadArgs {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 1)]
     warmup: u64,
+    /// Also load this server (e.g. `agentca noop-serve`) the same way, first, and compare.
+    #[arg(long, value_name = "ADDR")]
+    baseline: Option<String>,
 }
 
 pub fn run_load(args: LoadArgs) -> u8 {
