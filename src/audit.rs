@@ -58,7 +58,10 @@ impl Target {
 pub enum Durability {
     /// Only once its record is on disk (fsync, many records per fsync).
     Fsync,
-    /// Once its record is queued; written and fsynced within the flush interval.
+    /// Once its record is written to the file (it survives a crash of agentca, not of the
+    /// machine); fsynced within the flush interval.
+    Written,
+    /// Once its record is queued; written at once and fsynced within the flush interval.
     Buffered,
 }
 
@@ -172,7 +175,7 @@ impl Audit {
             .name("agentca-audit".into())
             .spawn(move || writer.run())
             .map_err(|e| AuditError::Io { path: config.target.describe(), source: e })?;
-        if config.durability == Durability::Buffered {
+        if config.durability != Durability::Fsync {
             let ticks = tx.clone();
             let every = config.flush_interval;
             std::thread::Builder::new()
@@ -250,7 +253,7 @@ impl Audit {
 
     fn ack(&self) -> (Option<oneshot::Sender<u64>>, Option<oneshot::Receiver<u64>>) {
         match self.config.durability {
-            Durability::Fsync => {
+            Durability::Fsync | Durability::Written => {
                 let (tx, rx) = oneshot::channel();
                 (Some(tx), Some(rx))
             }
@@ -529,7 +532,7 @@ impl Writer {
             }
             let sync_now = match self.config.durability {
                 Durability::Fsync => count > 0 || (!flushes.is_empty() && unsynced),
-                Durability::Buffered => {
+                Durability::Buffered | Durability::Written => {
                     !flushes.is_empty()
                         || ((unsynced || count > 0) && last_sync.elapsed() >= self.config.flush_interval)
                 }

@@ -43,7 +43,8 @@ pub struct AuditArgs {
     /// Audit log: a file, `-` for stdout, or `off`.
     #[arg(long = "audit", value_name = "PATH|-|off", default_value = "audit/decisions.jsonl", env = "AGENTCA_AUDIT")]
     target: String,
-    /// `fsync`: answer only once the record is on disk; `buffered`: once it is queued.
+    /// `fsync`: answer once the record is on disk; `written`: once it is in the file (survives
+    /// a crash of agentca, not of the machine); `buffered`: once it is queued.
     #[arg(long = "audit-durability", value_enum, default_value = "fsync")]
     durability: Durability,
     /// When the queue is full: `wait` for room, or `deny` with audit_unavailable.
