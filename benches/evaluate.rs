@@ -40,6 +40,24 @@ fn sample(c: &mut Criterion) {
         let req = request(json);
         group.bench_function(name, |b| b.iter(|| evaluate(black_box(&snap), &live, black_box(&req))));
     }
+    // Every request a millisecond apart from the last and from another client: the per-thread
+    // cache of the last `time` and `client_ip` values never hits (the worst case).
+    let base = request(cases[0].1);
+    let fresh: Vec<_> = (0..1024)
+        .map(|i| {
+            let mut r = base.clone();
+            r.time += chrono::Duration::milliseconds(i);
+            r.client_ip = Some(format!("10.1.{}.{}", i / 256, i % 256).parse().unwrap());
+            r
+        })
+        .collect();
+    let mut i = 0;
+    group.bench_function("allow_uncached", |b| {
+        b.iter(|| {
+            i = (i + 1) % fresh.len();
+            evaluate(black_box(&snap), &live, black_box(&fresh[i]))
+        })
+    });
     group.finish();
 }
 

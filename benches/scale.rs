@@ -47,6 +47,8 @@ struct Case {
     on: PolicySet,
     /// Policies in the probe request's slices: what the index evaluates.
     slice: usize,
+    /// A typical agent's allowed request (the median slice among the first agents), and its slice.
+    typical: Option<(Request, usize)>,
 }
 
 impl Case {
@@ -67,17 +69,9 @@ impl Case {
         for p in snap.bundle.policies.iter().filter(|p| p.state == PolicyState::On) {
             on.add(p.policy.clone()).unwrap();
         }
-        let (agent, _) = snap.agent(&req.agent).unwrap();
-        let (resource, _) = snap.resource(&req.resource).unwrap();
-        let keys = Keys {
-            agent: &agent.id,
-            blueprint: &agent.blueprint,
-            sponsor: &agent.sponsor,
-            action: req.action,
-            resource: &resource.id,
-        };
-        let slice = snap.index.slices(&keys).map(|s| s.on.len() + s.report_only.len()).sum();
-        let case = Case { label: label.into(), dir: dir.to_path_buf(), snap, req, cedar_req, on, slice };
+        let slice = slice_size(&snap, &req);
+        let typical = typical_request(&snap);
+        let case = Case { label: label.into(), dir: dir.to_path_buf(), snap, req, cedar_req, on, slice, typical };
         case.check_agreement();
         case
     }
@@ -94,6 +88,53 @@ impl Case {
         let theirs: BTreeSet<String> = theirs.diagnostics().reason().map(ToString::to_string).collect();
         assert_eq!(ours, theirs, "{}: determining policies differ", self.label);
     }
+}
+
+/// Policies in a request's slices: what the index evaluates for it.
+fn slice_size(snap: &Snapshot, req: &Request) -> usize {
+    let (agent, _) = snap.agent(&req.agent).unwrap();
+    let (resource, _) = snap.resource(&req.resource).unwrap();
+    let keys = Keys {
+        agent: &agent.id,
+        blueprint: &agent.blueprint,
+        sponsor: &agent.sponsor,
+        action: req.action,
+        resource: &resource.id,
+    };
+    snap.index.slices(&keys).map(|s| s.on.len() + s.report_only.len()).sum()
+}
+
+/// An allowed request of a typical agent: among the first agents, one whose slice is the
+/// median (the probe agent is given extra agent-scoped policies on purpose; this one is not).
+fn typical_request(snap: &Snapshot) -> Option<(Request, usize)> {
+    let mut candidates = Vec::new();
+    for agent in snap.bundle.directory.agents.iter().take(3_000) {
+        let Some(blueprint) = snap.bundle.directory.blueprints.iter().find(|b| b.id == agent.blueprint) else {
+            continue;
+        };
+        let (Some(resource), Some(scope)) = (
+            blueprint.allowed_resources.first(),
+            blueprint.allowed_scopes.iter().find(|s| s.ends_with(".Read")).or(blueprint.allowed_scopes.first()),
+        ) else {
+            continue;
+        };
+        let raw = RawRequest {
+            agent: Some(agent.id.clone()),
+            resource: Some(resource.clone()),
+            scopes: vec![scope.clone()],
+            client_ip: Some("10.1.2.3".into()),
+            time: Some("2026-11-25T10:00:00Z".into()),
+            request_id: Some("bench".into()),
+            ..RawRequest::default()
+        };
+        let req = raw.validate(Utc::now()).ok()?;
+        if evaluate(snap, &Overlay::new(), &req).decision == Verdict::Allow {
+            candidates.push((slice_size(snap, &req), req));
+        }
+    }
+    candidates.sort_by_key(|(slice, req)| (*slice, req.agent.clone()));
+    let (slice, req) = candidates.get(candidates.len() / 2)?.clone();
+    Some((req, slice))
 }
 
 /// The probe request as plain Cedar takes it: the same context fields as the engine's.
@@ -139,6 +180,10 @@ fn bench(c: &mut Criterion, case: &Case, policies: usize) {
     let mut g = c.benchmark_group("decision_indexed");
     g.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     g.bench_function(id.clone(), |b| b.iter(|| evaluate(black_box(&case.snap), &live, black_box(&case.req))));
+    if let Some((typical, _)) = &case.typical {
+        let id = BenchmarkId::from_parameter(format!("{}-typical", case.label));
+        g.bench_function(id, |b| b.iter(|| evaluate(black_box(&case.snap), &live, black_box(typical))));
+    }
     g.finish();
 
     // Plain Cedar walks every policy on every call: about 0.7 µs each.
@@ -172,20 +217,22 @@ struct Report {
     load_ms: u64,
     /// p50, p99, p99.9, max in µs.
     latency: [f64; 4],
+    /// The typical agent's slice and latency.
+    typical: Option<(usize, [f64; 4])>,
     child: Option<ChildMemory>,
     /// (VmHWM, VmRSS) of this process with the bundle loaded, in kB.
     parent: (u64, u64),
 }
 
-fn latency(case: &Case, calls: usize) -> [f64; 4] {
+fn latency(snap: &Snapshot, req: &Request, calls: usize) -> [f64; 4] {
     let live = Overlay::new();
     for _ in 0..calls / 10 {
-        black_box(evaluate(&case.snap, &live, &case.req));
+        black_box(evaluate(snap, &live, req));
     }
     let mut ns: Vec<u64> = Vec::with_capacity(calls);
     for _ in 0..calls {
         let started = Instant::now();
-        black_box(evaluate(black_box(&case.snap), &live, black_box(&case.req)));
+        black_box(evaluate(black_box(snap), &live, black_box(req)));
         ns.push(started.elapsed().as_nanos() as u64);
     }
     ns.sort_unstable();
@@ -302,7 +349,8 @@ fn report(case: &Case, generated: Option<(Duration, u64)>, calls: usize) -> Repo
         decision: evaluate(&case.snap, &Overlay::new(), &case.req).decision,
         generated,
         load_ms: case.snap.load_ms,
-        latency: latency(case, calls),
+        latency: latency(&case.snap, &case.req, calls),
+        typical: case.typical.as_ref().map(|(req, slice)| (*slice, latency(&case.snap, req, calls))),
         parent: memory(),
         child: child_memory(&case.dir),
     }
@@ -328,6 +376,13 @@ fn print_reports(reports: &[Report], agents: usize, calls: usize) {
             "{:>8} {:>8} {:>6} {:>8} {p50:>8.1} {p99:>8.1} {p999:>8.1} {max:>8.1}",
             r.label, r.policies, r.slice, decision
         );
+        if let Some((slice, [p50, p99, p999, max])) = r.typical {
+            let label = format!("{}-typ", r.label);
+            println!(
+                "{label:>8} {:>8} {slice:>6} {:>8} {p50:>8.1} {p99:>8.1} {p999:>8.1} {max:>8.1}",
+                r.policies, "allow"
+            );
+        }
     }
     println!(
         "\n== load (ms): first load here; a fresh process by phase (Bundle::load: read, parse, validate; \

@@ -172,8 +172,12 @@ impl Bundle {
     /// Reads and validates the bundle in `dir`. All problems are reported, not just the first.
     pub fn load(dir: &Path) -> Result<Bundle, BundleErrors> {
         let display = |name: &str| dir.join(name).display().to_string();
+        let cedar_files = list_cedar_files(dir).map_err(|e| {
+            BundleErrors::from(BundleError::in_file(&dir.display().to_string(), format!("cannot read the folder: {e}")))
+        })?;
+
+        // Read everything first, in a fixed order, for the revision.
         let mut errors = Vec::new();
-        let mut warnings = Vec::new();
         let mut hasher = Sha256::new();
         let mut read = |name: &str, required: bool, errors: &mut Vec<BundleError>| -> Option<String> {
             match fs::read_to_string(dir.join(name)) {
@@ -192,72 +196,95 @@ impl Bundle {
                 }
             }
         };
+        let schema_src = read(SCHEMA_FILE, true, &mut errors);
+        let cedar_srcs: Vec<(String, String)> = cedar_files
+            .iter()
+            .filter_map(|name| read(name, true, &mut errors).map(|src| (display(name), src)))
+            .collect();
+        let directory_src = read(DIRECTORY_FILE, true, &mut errors);
+        let locations_src = read(LOCATIONS_FILE, false, &mut errors);
+        let revision = format!("sha256:{}", hex::encode(hasher.finalize()));
 
-        let cedar_files = match list_cedar_files(dir) {
-            Ok(files) => files,
-            Err(e) => {
-                return Err(
-                    BundleError::in_file(&dir.display().to_string(), format!("cannot read the folder: {e}")).into()
-                );
-            }
-        };
-
-        let schema = read(SCHEMA_FILE, true, &mut errors).and_then(|src| match Schema::from_cedarschema_str(&src) {
-            Ok((schema, schema_warnings)) => {
-                warnings.extend(schema_warnings.map(|w| format!("{}: {w}", display(SCHEMA_FILE))));
-                Some(schema)
-            }
-            Err(e) => {
-                errors.extend(diagnostic_errors(&display(SCHEMA_FILE), &src, &e));
-                None
-            }
+        // The directory (the bulk of a large bundle) is parsed beside the policies.
+        let (directory, parsed) = std::thread::scope(|scope| {
+            let directory = scope.spawn(|| directory_src.as_deref().map(Directory::from_json_str));
+            let parsed = parse_and_validate(&display(SCHEMA_FILE), schema_src.as_deref(), &cedar_srcs);
+            (directory.join(), parsed)
         });
-
-        let mut policies = Vec::new();
-        let mut sources: HashMap<String, Arc<str>> = HashMap::new();
-        for name in &cedar_files {
-            let Some(src) = read(name, true, &mut errors) else { continue };
-            let file = display(name);
-            match parse_policies(&file, &src) {
-                Ok(parsed) => policies.extend(parsed),
-                Err(errs) => errors.extend(errs),
+        let Parsed { schema, policies, errors: policy_errors, validation_errors, mut warnings } = parsed;
+        errors.extend(policy_errors);
+        let directory = match directory {
+            Ok(Some(Ok(d))) => {
+                warnings.extend(d.warnings.iter().map(|w| format!("{}: {w}", display(DIRECTORY_FILE))));
+                Some(d)
             }
-            sources.insert(file, Arc::from(src));
-        }
-        check_unique_ids(&policies, &mut errors);
-        if policies.is_empty() && errors.is_empty() {
-            warnings.push(format!("{}: no policies: every request will be denied (no_permit)", dir.display()));
-        }
-
-        let directory = read(DIRECTORY_FILE, true, &mut errors).and_then(|src| match Directory::from_json_str(&src) {
-            Ok(d) => Some(d),
-            Err(errs) => {
+            Ok(Some(Err(errs))) => {
                 errors.extend(errs.into_iter().map(|e| BundleError::in_file(&display(DIRECTORY_FILE), e.to_string())));
                 None
             }
-        });
-        if let Some(d) = &directory {
-            warnings.extend(d.warnings.iter().map(|w| format!("{}: {w}", display(DIRECTORY_FILE))));
-        }
-
-        let locations = match read(LOCATIONS_FILE, false, &mut errors) {
+            Ok(None) => None,
+            Err(_) => {
+                errors.push(BundleError::in_file(&display(DIRECTORY_FILE), "the directory parser failed"));
+                None
+            }
+        };
+        let locations = match locations_src {
             None => Locations::default(),
             Some(src) => Locations::from_json_str(&src).unwrap_or_else(|errs| {
                 errors.extend(errs.into_iter().map(|e| BundleError::in_file(&display(LOCATIONS_FILE), e)));
                 Locations::default()
             }),
         };
-        let revision = format!("sha256:{}", hex::encode(hasher.finalize()));
-
-        let Some(schema) = schema else { return Err(BundleErrors(errors)) };
-        validate_policies(&schema, &policies, &sources, &mut errors, &mut warnings);
-        match directory {
-            Some(directory) if errors.is_empty() => {
+        errors.extend(validation_errors);
+        if policies.is_empty() && errors.is_empty() {
+            warnings.push(format!("{}: no policies: every request will be denied (no_permit)", dir.display()));
+        }
+        match (schema, directory) {
+            (Some(schema), Some(directory)) if errors.is_empty() => {
                 Ok(Bundle { dir: dir.to_path_buf(), schema, policies, directory, locations, revision, warnings })
             }
             _ => Err(BundleErrors(errors)),
         }
     }
+}
+
+/// The schema and the policies, parsed and validated.
+struct Parsed {
+    schema: Option<Schema>,
+    policies: Vec<BundlePolicy>,
+    /// Schema and policy parse errors, duplicate ids.
+    errors: Vec<BundleError>,
+    validation_errors: Vec<BundleError>,
+    warnings: Vec<String>,
+}
+
+fn parse_and_validate(schema_file: &str, schema_src: Option<&str>, cedar_srcs: &[(String, String)]) -> Parsed {
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let schema = schema_src.and_then(|src| match Schema::from_cedarschema_str(src) {
+        Ok((schema, schema_warnings)) => {
+            warnings.extend(schema_warnings.map(|w| format!("{schema_file}: {w}")));
+            Some(schema)
+        }
+        Err(e) => {
+            errors.extend(diagnostic_errors(schema_file, src, &e));
+            None
+        }
+    });
+    let mut policies = Vec::new();
+    for (file, src) in cedar_srcs {
+        match parse_policies(file, src) {
+            Ok(parsed) => policies.extend(parsed),
+            Err(errs) => errors.extend(errs),
+        }
+    }
+    check_unique_ids(&policies, &mut errors);
+    let mut validation_errors = Vec::new();
+    if let Some(schema) = &schema {
+        let sources: HashMap<&str, &str> = cedar_srcs.iter().map(|(f, s)| (f.as_str(), s.as_str())).collect();
+        validate_policies(schema, &policies, &sources, &mut validation_errors, &mut warnings);
+    }
+    Parsed { schema, policies, errors, validation_errors, warnings }
 }
 
 /// The `*.cedar` files of the folder, sorted. Hidden entries (a ConfigMap's `..data`) are skipped.
@@ -298,12 +325,26 @@ fn parse_policies(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<Bundle
 
     let mut out = Vec::with_capacity(parsed.len());
     let mut cursor = 0;
+    // Line and column are carried forward from policy to policy: counting from the start of
+    // the file for each one would be quadratic in the file's size.
+    let mut position = Position::default();
     for (_, policy) in parsed {
         let text = policy.to_string();
         let offset = src[cursor..].find(&text).map_or(cursor, |i| cursor + i);
+        let (line, column) = position.advance(src, offset);
         cursor = offset + text.len().min(src.len() - offset);
-        let err = |message: String| BundleError::at(file, src, offset, message);
-        let id = match policy.annotation("id") {
+        let err =
+            |message: String| BundleError { file: file.to_string(), line: Some(line), column: Some(column), message };
+        let (mut id_ann, mut state_ann, mut reason_ann) = (None, None, None);
+        for (key, value) in policy.annotations() {
+            match key {
+                "id" => id_ann = Some(value),
+                "state" => state_ann = Some(value),
+                "reason" => reason_ann = Some(value),
+                _ => {}
+            }
+        }
+        let id = match id_ann {
             None => {
                 errors.push(err("policy has no @id annotation: every policy needs a stable @id(\"…\")".into()));
                 continue;
@@ -314,7 +355,7 @@ fn parse_policies(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<Bundle
             }
             Some(id) => id.to_string(),
         };
-        let state = match policy.annotation("state") {
+        let state = match state_ann {
             None | Some("on") => PolicyState::On,
             Some("off") => PolicyState::Off,
             Some("report-only") => PolicyState::ReportOnly,
@@ -325,10 +366,9 @@ fn parse_policies(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<Bundle
                 continue;
             }
         };
-        let (line, column) = line_column(src, offset);
         out.push(BundlePolicy {
             policy: policy.new_id(PolicyId::new(&id)),
-            reason: Arc::from(policy.annotation("reason").unwrap_or_default()),
+            reason: Arc::from(reason_ann.unwrap_or_default()),
             id: Arc::from(id),
             effect: policy.effect(),
             state,
@@ -362,7 +402,7 @@ fn check_unique_ids(policies: &[BundlePolicy], errors: &mut Vec<BundleError>) {
 fn validate_policies(
     schema: &Schema,
     policies: &[BundlePolicy],
-    sources: &HashMap<String, Arc<str>>,
+    sources: &HashMap<&str, &str>,
     errors: &mut Vec<BundleError>,
     warnings: &mut Vec<String>,
 ) {
@@ -379,7 +419,7 @@ fn validate_policies(
             errors.push(BundleError::in_file("policies", e.to_string()));
             continue;
         };
-        let src = sources.get(&p.file).map_or("", |s| &**s);
+        let src = sources.get(p.file.as_str()).copied().unwrap_or("");
         let message = format!("policy `{id}`: {}", describe(e));
         let at = first_offset(e).filter(|o| *o < src.len());
         errors.push(match at {
@@ -419,6 +459,29 @@ fn diagnostic_errors(file: &str, src: &str, d: &dyn Diagnostic) -> Vec<BundleErr
         Some(offset) => BundleError::at(file, src, offset, message),
         None => BundleError::in_file(file, message),
     }]
+}
+
+/// A position in a file that only moves forward.
+#[derive(Debug, Default)]
+struct Position {
+    offset: usize,
+    line: usize,
+    line_start: usize,
+}
+
+impl Position {
+    /// The 1-based line and column of `offset` (not before the last one asked for).
+    fn advance(&mut self, src: &str, offset: usize) -> (usize, usize) {
+        let offset = offset.clamp(self.offset, src.len());
+        let between = &src.as_bytes()[self.offset..offset];
+        self.line += between.iter().filter(|b| **b == b'\n').count();
+        if let Some(last) = between.iter().rposition(|b| *b == b'\n') {
+            self.line_start = self.offset + last + 1;
+        }
+        self.offset = offset;
+        let column = src.get(self.line_start..offset).map_or(0, |l| l.chars().count());
+        (self.line + 1, column + 1)
+    }
 }
 
 /// 1-based line and column (in characters) of a byte offset.

@@ -5,9 +5,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
-use cedar_policy::{Entities, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression, Schema};
+use cedar_policy::{Entities, Entity, EntityId, EntityTypeName, EntityUid, Schema};
+use cedar_policy_core::ast::{Entity as CoreEntity, EntityUID as CoreUid, PartialValue, Value};
+use cedar_policy_core::entities::{Entities as CoreEntities, NoEntitiesSchema, TCComputation};
+use cedar_policy_core::extensions::Extensions;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::Value as Json;
+use smol_str::SmolStr;
 
 /// A risk level, for an agent (Identity Protection) or a sign-in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
@@ -192,8 +196,8 @@ impl Default for EntityTypes {
 impl Directory {
     /// Parses `directory.json` and checks every reference.
     pub fn from_json_str(src: &str) -> Result<Directory, Vec<DirectoryError>> {
-        let root: Value = serde_json::from_str(src).map_err(|e| vec![syntax_error(&e)])?;
-        let Value::Object(root) = root else {
+        let root: Json = serde_json::from_str(src).map_err(|e| vec![syntax_error(&e)])?;
+        let Json::Object(mut root) = root else {
             return Err(vec![DirectoryError::Syntax(
                 "expected a JSON object with users, sponsors, blueprints, agents, resources".into(),
             )]);
@@ -208,10 +212,10 @@ impl Directory {
             }
         }
         let mut dir = Directory::default();
-        let mut section = |name: &str| -> Vec<Value> {
-            match root.get(name) {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(items)) => items.clone(),
+        let mut section = |name: &str| -> Vec<Json> {
+            match root.remove(name) {
+                None | Some(Json::Null) => Vec::new(),
+                Some(Json::Array(items)) => items,
                 Some(_) => {
                     errors.push(DirectoryError::Object {
                         object: format!("`{name}`"),
@@ -374,102 +378,105 @@ impl Directory {
         }
     }
 
-    /// The Cedar entities of the directory, checked against the schema.
+    /// The Cedar entities of the directory. One entity of each type is checked against the
+    /// schema: every entity of a type is built by the same code, so one stands for all.
+    ///
+    /// The values are built directly (no expression to evaluate per attribute), and the
+    /// transitive closure is not computed: an agent's only ancestors are its blueprint and
+    /// sponsor, which have none, so its parents are the closure.
     pub fn to_entities(&self, schema: &Schema, types: &EntityTypes) -> Result<Entities, String> {
         let mut entities = Vec::with_capacity(
             self.users.len() + self.sponsors.len() + self.blueprints.len() + self.agents.len() + self.resources.len(),
         );
-        let s = |v: &str| RestrictedExpression::new_string(v.to_string());
-        let strings = |vs: &[String]| RestrictedExpression::new_set(vs.iter().map(|v| s(v)));
+        let uid = |ty: &EntityTypeName, id: &str| CoreUid::from(EntityTypes::uid(ty, id));
+        let s = |v: &str| PartialValue::Value(Value::from(v));
+        let b = |v: bool| PartialValue::Value(Value::from(v));
+        let strings = |vs: &[String]| PartialValue::Value(Value::set(vs.iter().map(|v| Value::from(v.as_str())), None));
         let uids = |ty: &EntityTypeName, ids: &[String]| {
-            RestrictedExpression::new_set(
-                ids.iter().map(|id| RestrictedExpression::new_entity_uid(EntityTypes::uid(ty, id))),
+            PartialValue::Value(Value::set(ids.iter().map(|id| Value::from(uid(ty, id))), None))
+        };
+        let entity_ref = |ty: &EntityTypeName, id: &str| PartialValue::Value(Value::from(uid(ty, id)));
+        let tags = |t: &Tags| t.iter().map(|(k, v)| (SmolStr::from(k.as_str()), s(v))).collect::<Vec<_>>();
+        let new = |id: CoreUid, attrs: Vec<(&'static str, PartialValue)>, parents: HashSet<CoreUid>, tags: Vec<_>| {
+            CoreEntity::new_with_attr_partial_value(
+                id,
+                attrs.into_iter().map(|(k, v)| (SmolStr::new_static(k), v)),
+                HashSet::new(),
+                parents,
+                tags,
             )
         };
-        let tags = |t: &Tags| t.iter().map(|(k, v)| (k.clone(), s(v))).collect::<Vec<_>>();
-        let err = |e: cedar_policy::EntityAttrEvaluationError| e.to_string();
-
-        for u in &self.users {
-            entities.push(
-                Entity::new(
-                    EntityTypes::uid(&types.user, &u.id),
-                    [("name".to_string(), s(&u.name))].into(),
-                    HashSet::new(),
-                )
-                .map_err(err)?,
-            );
+        let mut samples = Vec::new();
+        let mut push = |entity: CoreEntity, first: bool| {
+            if first {
+                samples.push(Entity::from(entity.clone()));
+            }
+            entities.push(entity);
+        };
+        for (i, u) in self.users.iter().enumerate() {
+            push(new(uid(&types.user, &u.id), vec![("name", s(&u.name))], HashSet::new(), Vec::new()), i == 0);
         }
-        for sp in &self.sponsors {
-            entities.push(
-                Entity::new_with_tags(
-                    EntityTypes::uid(&types.sponsor, &sp.id),
-                    [
-                        ("name".to_string(), s(&sp.name)),
-                        ("active".to_string(), RestrictedExpression::new_bool(sp.active)),
-                        ("department".to_string(), s(&sp.department)),
-                    ],
-                    [],
-                    tags(&sp.tags),
-                )
-                .map_err(err)?,
-            );
+        for (i, sp) in self.sponsors.iter().enumerate() {
+            let attrs = vec![("name", s(&sp.name)), ("active", b(sp.active)), ("department", s(&sp.department))];
+            push(new(uid(&types.sponsor, &sp.id), attrs, HashSet::new(), tags(&sp.tags)), i == 0);
         }
-        for b in &self.blueprints {
-            entities.push(
-                Entity::new_with_tags(
-                    EntityTypes::uid(&types.blueprint, &b.id),
-                    [
-                        ("name".to_string(), s(&b.name)),
-                        ("enabled".to_string(), RestrictedExpression::new_bool(b.enabled)),
-                        ("publisher".to_string(), s(&b.publisher)),
-                        ("allowed_scopes".to_string(), strings(&b.allowed_scopes)),
-                        ("allowed_resources".to_string(), uids(&types.resource, &b.allowed_resources)),
-                    ],
-                    [],
-                    tags(&b.tags),
-                )
-                .map_err(err)?,
-            );
+        for (i, bp) in self.blueprints.iter().enumerate() {
+            let attrs = vec![
+                ("name", s(&bp.name)),
+                ("enabled", b(bp.enabled)),
+                ("publisher", s(&bp.publisher)),
+                ("allowed_scopes", strings(&bp.allowed_scopes)),
+                ("allowed_resources", uids(&types.resource, &bp.allowed_resources)),
+            ];
+            push(new(uid(&types.blueprint, &bp.id), attrs, HashSet::new(), tags(&bp.tags)), i == 0);
         }
-        for a in &self.agents {
-            let blueprint = EntityTypes::uid(&types.blueprint, &a.blueprint);
-            let sponsor = EntityTypes::uid(&types.sponsor, &a.sponsor);
-            entities.push(
-                Entity::new_with_tags(
-                    EntityTypes::uid(&types.agent, &a.id),
-                    [
-                        ("name".to_string(), s(&a.name)),
-                        ("blueprint".to_string(), RestrictedExpression::new_entity_uid(blueprint.clone())),
-                        ("sponsor".to_string(), RestrictedExpression::new_entity_uid(sponsor.clone())),
-                        ("owners".to_string(), uids(&types.user, &a.owners)),
-                        ("enabled".to_string(), RestrictedExpression::new_bool(a.enabled)),
-                        ("risk".to_string(), s(a.risk.as_str())),
-                        ("framework".to_string(), s(&a.framework)),
-                        ("channel".to_string(), s(&a.channel)),
-                    ],
-                    [blueprint, sponsor],
-                    tags(&a.tags),
-                )
-                .map_err(err)?,
-            );
+        for (i, a) in self.agents.iter().enumerate() {
+            let attrs = vec![
+                ("name", s(&a.name)),
+                ("blueprint", entity_ref(&types.blueprint, &a.blueprint)),
+                ("sponsor", entity_ref(&types.sponsor, &a.sponsor)),
+                ("owners", uids(&types.user, &a.owners)),
+                ("enabled", b(a.enabled)),
+                ("risk", s(a.risk.as_str())),
+                ("framework", s(&a.framework)),
+                ("channel", s(&a.channel)),
+            ];
+            let parents = HashSet::from([uid(&types.blueprint, &a.blueprint), uid(&types.sponsor, &a.sponsor)]);
+            push(new(uid(&types.agent, &a.id), attrs, parents, tags(&a.tags)), i == 0);
         }
-        for r in &self.resources {
-            entities.push(
-                Entity::new_with_tags(
-                    EntityTypes::uid(&types.resource, &r.id),
-                    [
-                        ("name".to_string(), s(&r.name)),
-                        ("audiences".to_string(), strings(&r.audiences)),
-                        ("sensitivity".to_string(), s(&r.sensitivity)),
-                    ],
-                    [],
-                    tags(&r.tags),
-                )
-                .map_err(err)?,
-            );
+        for (i, r) in self.resources.iter().enumerate() {
+            let attrs =
+                vec![("name", s(&r.name)), ("audiences", strings(&r.audiences)), ("sensitivity", s(&r.sensitivity))];
+            push(new(uid(&types.resource, &r.id), attrs, HashSet::new(), tags(&r.tags)), i == 0);
         }
-        Entities::from_entities(entities, Some(schema)).map_err(|e| e.to_string())
+        // The sample check: attribute names and types, tags, parents, against the schema.
+        Entities::from_entities(samples, Some(schema)).map_err(|e| error_chain(&e))?;
+        let actions = schema.action_entities().map_err(|e| e.to_string())?;
+        entities.extend(actions.iter().map(|e| AsRef::<CoreEntity>::as_ref(e).clone()));
+        CoreEntities::from_entities(
+            entities,
+            None::<&NoEntitiesSchema>,
+            TCComputation::AssumeAlreadyComputed,
+            Extensions::all_available(),
+        )
+        .map(Entities::from)
+        .map_err(|e| e.to_string())
     }
+}
+
+/// An error and its causes, joined: Cedar's top-level messages leave the detail to the causes.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 fn syntax_error(e: &serde_json::Error) -> DirectoryError {
@@ -499,7 +506,7 @@ fn unique_ids<'a>(
 struct Obj<'a> {
     warnings: &'a mut Vec<String>,
     label: String,
-    map: Option<&'a serde_json::Map<String, Value>>,
+    map: Option<&'a serde_json::Map<String, Json>>,
     errors: &'a mut Vec<DirectoryError>,
 }
 
@@ -508,12 +515,12 @@ impl<'a> Obj<'a> {
         warnings: &'a mut Vec<String>,
         section: &str,
         index: usize,
-        v: &'a Value,
+        v: &'a Json,
         errors: &'a mut Vec<DirectoryError>,
     ) -> Self {
         let singular = section.trim_end_matches('s');
         let map = v.as_object();
-        let label = match map.and_then(|m| m.get("id")).and_then(Value::as_str) {
+        let label = match map.and_then(|m| m.get("id")).and_then(Json::as_str) {
             Some(id) if !id.is_empty() => format!("{singular} `{id}`"),
             _ => format!("{section}[{index}]"),
         };
@@ -527,7 +534,7 @@ impl<'a> Obj<'a> {
         self.errors.push(DirectoryError::Field { object: self.label.clone(), field: field.into(), message });
     }
 
-    fn get(&self, field: &str) -> Option<&'a Value> {
+    fn get(&self, field: &str) -> Option<&'a Json> {
         self.map.and_then(|m| m.get(field)).filter(|v| !v.is_null())
     }
 
@@ -544,9 +551,9 @@ impl<'a> Obj<'a> {
         match self.get(field) {
             None => match default {
                 Some(d) => d.to_string(),
-                None => self.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
+                None => self.get("id").and_then(Json::as_str).unwrap_or_default().to_string(),
             },
-            Some(Value::String(s)) => s.clone(),
+            Some(Json::String(s)) => s.clone(),
             Some(other) => {
                 self.fail(field, format!("expected a string, found {}", kind(other)));
                 String::new()
@@ -557,7 +564,7 @@ impl<'a> Obj<'a> {
     fn bool(&mut self, field: &str, default: bool) -> bool {
         match self.get(field) {
             None => default,
-            Some(Value::Bool(b)) => *b,
+            Some(Json::Bool(b)) => *b,
             Some(other) => {
                 self.fail(field, format!("expected true or false, found {}", kind(other)));
                 default
@@ -568,11 +575,11 @@ impl<'a> Obj<'a> {
     fn strings(&mut self, field: &str) -> Vec<String> {
         match self.get(field) {
             None => Vec::new(),
-            Some(Value::Array(items)) => {
+            Some(Json::Array(items)) => {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items {
                     match item {
-                        Value::String(s) => out.push(s.clone()),
+                        Json::String(s) => out.push(s.clone()),
                         other => self.fail(field, format!("expected an array of strings, found {}", kind(other))),
                     }
                 }
@@ -588,11 +595,11 @@ impl<'a> Obj<'a> {
     fn tags(&mut self) -> Tags {
         match self.get("tags") {
             None => Tags::new(),
-            Some(Value::Object(m)) => {
+            Some(Json::Object(m)) => {
                 let mut tags = Tags::new();
                 for (k, v) in m {
                     match v {
-                        Value::String(s) => {
+                        Json::String(s) => {
                             tags.insert(k.clone(), s.clone());
                         }
                         other => self.fail("tags", format!("tag `{k}`: expected a string, found {}", kind(other))),
@@ -620,14 +627,14 @@ impl<'a> Obj<'a> {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+fn kind(v: &Json) -> &'static str {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
     }
 }
 
@@ -720,5 +727,107 @@ mod tests {
         let a = &dir.agents[0];
         assert_eq!((a.name.as_str(), a.enabled, a.risk), ("a", true, RiskLevel::None));
         assert!(dir.sponsors[0].active);
+    }
+}
+
+#[cfg(test)]
+mod entity_tests {
+    use std::str::FromStr;
+
+    use cedar_policy::RestrictedExpression;
+
+    use super::*;
+
+    fn sample() -> (Directory, Schema) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let dir = Directory::from_json_str(&std::fs::read_to_string(root.join("directory.json")).unwrap()).unwrap();
+        let schema_src = std::fs::read_to_string(root.join("schema.cedarschema")).unwrap();
+        (dir, Schema::from_cedarschema_str(&schema_src).unwrap().0)
+    }
+
+    /// The entities the slow, public way: expressions evaluated, every entity checked
+    /// against the schema, the transitive closure computed.
+    fn reference(d: &Directory, schema: &Schema, t: &EntityTypes) -> Entities {
+        let s = |v: &str| RestrictedExpression::new_string(v.to_string());
+        let strings = |vs: &[String]| RestrictedExpression::new_set(vs.iter().map(|v| s(v)));
+        let uids = |ty: &EntityTypeName, ids: &[String]| {
+            RestrictedExpression::new_set(
+                ids.iter().map(|id| RestrictedExpression::new_entity_uid(EntityTypes::uid(ty, id))),
+            )
+        };
+        let tags = |m: &Tags| m.iter().map(|(k, v)| (k.clone(), s(v))).collect::<Vec<_>>();
+        let mut all = Vec::new();
+        for u in &d.users {
+            all.push(
+                Entity::new(EntityTypes::uid(&t.user, &u.id), [("name".into(), s(&u.name))].into(), HashSet::new())
+                    .unwrap(),
+            );
+        }
+        for sp in &d.sponsors {
+            let attrs = [
+                ("name".to_string(), s(&sp.name)),
+                ("active".into(), RestrictedExpression::new_bool(sp.active)),
+                ("department".into(), s(&sp.department)),
+            ];
+            all.push(Entity::new_with_tags(EntityTypes::uid(&t.sponsor, &sp.id), attrs, [], tags(&sp.tags)).unwrap());
+        }
+        for b in &d.blueprints {
+            let attrs = [
+                ("name".to_string(), s(&b.name)),
+                ("enabled".into(), RestrictedExpression::new_bool(b.enabled)),
+                ("publisher".into(), s(&b.publisher)),
+                ("allowed_scopes".into(), strings(&b.allowed_scopes)),
+                ("allowed_resources".into(), uids(&t.resource, &b.allowed_resources)),
+            ];
+            all.push(Entity::new_with_tags(EntityTypes::uid(&t.blueprint, &b.id), attrs, [], tags(&b.tags)).unwrap());
+        }
+        for a in &d.agents {
+            let (bp, sp) = (EntityTypes::uid(&t.blueprint, &a.blueprint), EntityTypes::uid(&t.sponsor, &a.sponsor));
+            let attrs = [
+                ("name".to_string(), s(&a.name)),
+                ("blueprint".into(), RestrictedExpression::new_entity_uid(bp.clone())),
+                ("sponsor".into(), RestrictedExpression::new_entity_uid(sp.clone())),
+                ("owners".into(), uids(&t.user, &a.owners)),
+                ("enabled".into(), RestrictedExpression::new_bool(a.enabled)),
+                ("risk".into(), s(a.risk.as_str())),
+                ("framework".into(), s(&a.framework)),
+                ("channel".into(), s(&a.channel)),
+            ];
+            all.push(Entity::new_with_tags(EntityTypes::uid(&t.agent, &a.id), attrs, [bp, sp], tags(&a.tags)).unwrap());
+        }
+        for r in &d.resources {
+            let attrs = [
+                ("name".to_string(), s(&r.name)),
+                ("audiences".into(), strings(&r.audiences)),
+                ("sensitivity".into(), s(&r.sensitivity)),
+            ];
+            all.push(Entity::new_with_tags(EntityTypes::uid(&t.resource, &r.id), attrs, [], tags(&r.tags)).unwrap());
+        }
+        Entities::from_entities(all, Some(schema)).unwrap()
+    }
+
+    #[test]
+    fn the_direct_build_equals_the_checked_build() {
+        let (dir, schema) = sample();
+        let types = EntityTypes::new();
+        let fast = dir.to_entities(&schema, &types).unwrap();
+        assert!(fast.deep_eq(&reference(&dir, &schema, &types)));
+        let agent = EntityTypes::uid(&types.agent, "ag-mail-01");
+        assert!(fast.is_ancestor_of(&EntityTypes::uid(&types.blueprint, "bp-mail"), &agent));
+        assert!(fast.is_ancestor_of(&EntityTypes::uid(&types.sponsor, "s-alice"), &agent));
+        assert!(fast.get(&EntityUid::from_str(r#"Action::"call_api""#).unwrap()).is_some());
+    }
+
+    #[test]
+    fn a_schema_the_directory_does_not_fit_is_an_error() {
+        let (dir, _) = sample();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let src = std::fs::read_to_string(root.join("schema.cedarschema")).unwrap();
+        let changed = src
+            .replace("  channel: String,\n} tags String;", "  channel: String,\n  cost_center: Long,\n} tags String;");
+        assert_ne!(src, changed);
+        let schema = Schema::from_cedarschema_str(&changed).unwrap().0;
+        let err = dir.to_entities(&schema, &EntityTypes::new()).unwrap_err();
+        assert!(err.contains("cost_center"), "{err}");
     }
 }

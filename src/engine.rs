@@ -2,7 +2,9 @@
 //! closed on any policy error), report-only policies beside them; and the per-policy
 //! explanation behind `eval --explain`.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
@@ -266,6 +268,27 @@ static CONSTRUCTORS: LazyLock<Option<(&'static ExtensionFunction, &'static Exten
     Some((lookup("ip")?, lookup("datetime")?))
 });
 
+thread_local! {
+    /// The last `time` and `client_ip` values built on this thread: Cedar parses them with a
+    /// regular expression, and under load many requests share the same millisecond (and a
+    /// gateway's requests often the same client).
+    static LAST_TIME: RefCell<Option<(i64, Value)>> = const { RefCell::new(None) };
+    static LAST_IP: RefCell<Option<(IpAddr, Value)>> = const { RefCell::new(None) };
+}
+
+fn cached<K: PartialEq + Copy>(
+    slot: &'static std::thread::LocalKey<RefCell<Option<(K, Value)>>>,
+    key: K,
+    build: impl FnOnce() -> Result<Value, String>,
+) -> Result<Value, String> {
+    if let Some(v) = slot.with_borrow(|last| last.as_ref().filter(|(k, _)| *k == key).map(|(_, v)| v.clone())) {
+        return Ok(v);
+    }
+    let v = build()?;
+    slot.set(Some((key, v.clone())));
+    Ok(v)
+}
+
 fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, String> {
     match f.call(&[Value::from(arg)]) {
         Ok(PartialValue::Value(v)) => Ok(v),
@@ -296,9 +319,12 @@ fn context(snap: &Snapshot, req: &Request, agent_risk: RiskLevel) -> Result<Cont
     put("locations", Value::set(locations.map(|l| Value::from(&**l)), None));
     put("flow", Value::from(req.flow.as_str()));
     if let Some(client_ip) = req.client_ip {
-        put("client_ip", construct(ip, &client_ip.to_string())?);
+        put("client_ip", cached(&LAST_IP, client_ip, || construct(ip, &client_ip.to_string()))?);
     }
-    put("time", construct(datetime, &req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())?);
+    let millis = req.time.timestamp_millis();
+    let time =
+        cached(&LAST_TIME, millis, || construct(datetime, &req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()))?;
+    put("time", time);
     put("hour", Value::from(i64::from(req.time.hour())));
     put("weekday", Value::from(WEEKDAYS[req.time.weekday().num_days_from_monday() as usize]));
     put("agent_risk", Value::from(agent_risk.as_str()));

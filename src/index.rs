@@ -107,16 +107,27 @@ impl Index {
                 index.unreachable.push(p.id.clone());
                 continue;
             };
+            let (actions, actions_exact) = actions_of(&p.policy.action_constraint());
+            let ast: &cedar_policy_core::ast::Policy = p.policy.as_ref();
+            // INVARIANT: a slice is reached only by requests whose agent, blueprint or sponsor,
+            // action and resource are its keys, so the scope holds whenever the slice is
+            // evaluated (the differential test checks it), and only the body is left to Cedar.
+            // An action group we cannot resolve keeps the whole condition.
+            let condition = if actions_exact {
+                ast.non_scope_constraints().cloned().unwrap_or_else(|| Expr::val(true))
+            } else {
+                ast.condition()
+            };
             let compiled = Arc::new(Compiled {
                 id: p.id.clone(),
                 effect: p.effect,
                 state: p.state,
                 reason: p.reason.clone(),
                 order,
-                condition: AsRef::<cedar_policy_core::ast::Policy>::as_ref(&p.policy).condition(),
+                condition,
             });
             index.policies += 1;
-            for action in actions_of(&p.policy.action_constraint()) {
+            for action in actions {
                 let target = &mut scope.actions[action.index()];
                 let slice = match &resource {
                     None => &mut target.any_resource,
@@ -220,21 +231,23 @@ fn resource_key(c: &ResourceConstraint, types: &EntityTypes) -> Option<Option<St
     }
 }
 
-fn actions_of(c: &ActionConstraint) -> Vec<Action> {
-    let named = |uid: &EntityUid| Action::ALL.into_iter().find(|a| uid.id().unescaped() == a.as_str());
+/// The actions a policy can apply to, and whether that is exact (false when the constraint
+/// names an action group we cannot resolve, which could contain either action).
+fn actions_of(c: &ActionConstraint) -> (Vec<Action>, bool) {
+    let named = |uid: &EntityUid| {
+        (uid.type_name().to_string() == "Action")
+            .then(|| Action::ALL.into_iter().find(|a| uid.id().unescaped() == a.as_str()))
+            .flatten()
+    };
     match c {
-        ActionConstraint::Any => Action::ALL.to_vec(),
-        ActionConstraint::Eq(uid) => named(uid).into_iter().collect(),
+        ActionConstraint::Any => (Action::ALL.to_vec(), true),
+        ActionConstraint::Eq(uid) => (named(uid).into_iter().collect(), true),
+        ActionConstraint::In(uids) if uids.iter().any(|u| named(u).is_none()) => (Action::ALL.to_vec(), false),
         ActionConstraint::In(uids) => {
-            // An action group we do not know of could contain either action: keep both.
-            if uids.iter().any(|u| named(u).is_none()) {
-                Action::ALL.to_vec()
-            } else {
-                let mut out: Vec<Action> = uids.iter().filter_map(named).collect();
-                out.sort_by_key(|a| a.index());
-                out.dedup();
-                out
-            }
+            let mut out: Vec<Action> = uids.iter().filter_map(named).collect();
+            out.sort_by_key(|a| a.index());
+            out.dedup();
+            (out, true)
         }
     }
 }

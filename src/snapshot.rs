@@ -130,6 +130,16 @@ impl Snapshot {
     }
 }
 
+/// Drops a replaced snapshot here, on the reloading thread, once the requests still using it
+/// are done: freeing a large snapshot takes a while, and no request should pay for it.
+fn retire(old: Arc<Snapshot>) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    drop(old);
+}
+
 /// Why the last reload failed, and since when the served snapshot is stale.
 #[derive(Debug, Clone)]
 pub struct ReloadFailure {
@@ -186,15 +196,15 @@ impl Store {
     /// Builds a new snapshot from the folder and swaps it in; on failure keeps the old one.
     pub fn reload(&self) -> Reloaded {
         let _one_at_a_time = self.reloading.lock();
-        let old = self.current();
+        let served = self.current().revision.clone();
         let result = match Snapshot::load(&self.dir) {
-            Ok(new) if new.revision == old.revision => Reloaded::Unchanged(old.revision.clone()),
+            Ok(new) if new.revision == served => Reloaded::Unchanged(served),
             Ok(new) => {
                 let to = new.revision.clone();
-                self.current.store(Arc::new(new));
-                Reloaded::Swapped { from: old.revision.clone(), to }
+                retire(self.current.swap(Arc::new(new)));
+                Reloaded::Swapped { from: served, to }
             }
-            Err(error) => Reloaded::Failed { kept: old.revision.clone(), error },
+            Err(error) => Reloaded::Failed { kept: served, error },
         };
         if let Ok(mut failure) = self.last_failure.lock() {
             *failure = match &result {

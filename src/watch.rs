@@ -31,7 +31,8 @@ pub fn watch(dir: &Path, changed: impl Fn() + Send + 'static) -> notify::Result<
     arm(&mut watcher, &dir, &parent);
     let thread = std::thread::Builder::new().name("agentca-watch".into()).spawn(move || {
         while let Ok(event) = rx.recv() {
-            let relevant = !matches!(event.kind, EventKind::Access(_)) && event.paths.iter().any(|p| bundle_path(&dir, p));
+            let relevant =
+                !matches!(event.kind, EventKind::Access(_)) && event.paths.iter().any(|p| bundle_path(&dir, p));
             if !relevant {
                 continue;
             }

@@ -79,7 +79,7 @@ async fn no_allow_is_sent_after_a_disable_is_acknowledged() {
             while !stop.load(Ordering::Relaxed) {
                 let sent = Instant::now();
                 let d = client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.unwrap().into_inner();
-                seen.push((sent, d));
+                seen.push((sent, Instant::now(), d));
             }
             seen
         }));
@@ -99,9 +99,9 @@ async fn no_allow_is_sent_after_a_disable_is_acknowledged() {
 
     let (mut before, mut during, mut after) = (0, 0, 0);
     for t in tasks {
-        for (sent, d) in t.await.unwrap() {
-            if sent >= acked && sent < enabling {
-                // Sent after the disable was acknowledged and before the enable was sent.
+        for (sent, received, d) in t.await.unwrap() {
+            if sent >= acked && received < enabling {
+                // Sent after the disable was acknowledged, answered before the enable was sent.
                 assert!(!is_allow(&d), "an allow after the acknowledgement: {d:?}");
                 assert_eq!(d.reasons[0].code, "agent_disabled");
                 assert!(d.reasons[0].reason.contains("was disabled by secops@contoso"), "{}", d.reasons[0].reason);

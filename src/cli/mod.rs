@@ -3,6 +3,7 @@
 mod admin;
 mod audit;
 mod eval;
+mod generate;
 mod loadgen;
 mod serve;
 mod test;
@@ -79,6 +80,8 @@ enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Write a large synthetic bundle (N agents, P policies), deterministic from a seed.
+    Generate(generate::GenerateArgs),
     /// Drive Evaluate on a running server and print throughput and latency.
     Loadgen(loadgen::LoadArgs),
     /// A no-op DecisionService (same proto and stack, constant answer): the load baseline.
@@ -118,6 +121,7 @@ pub fn run() -> ExitCode {
         }
         Command::Admin(args) => admin::run(args),
         Command::Audit(AuditCommand::Verify { paths }) => audit::verify_files(&paths),
+        Command::Generate(args) => generate::run(args),
         Command::Loadgen(args) => loadgen::run_load(args),
         Command::NoopServe(args) => loadgen::run_noop(args),
     };
