@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 
 use crate::engine::Decision;
 use crate::request::Request;
@@ -81,6 +81,8 @@ pub struct Config {
     pub on_full: OnFull,
     /// Records the queue holds before `on_full` applies.
     pub queue: usize,
+    /// Bytes of records the queue holds before `on_full` applies.
+    pub queue_bytes: usize,
     /// Rotate the file when it would grow past this many bytes (0: never).
     pub max_bytes: u64,
     /// Buffered mode: the longest a queued record waits to be fsynced.
@@ -94,6 +96,7 @@ impl Config {
             durability: Durability::Fsync,
             on_full: OnFull::Wait,
             queue: 65_536,
+            queue_bytes: 64 * 1024 * 1024,
             max_bytes: 256 * 1024 * 1024,
             flush_interval: Duration::from_millis(100),
         }
@@ -139,10 +142,8 @@ pub struct AuditStats {
 }
 
 enum Job {
-    Record {
-        body: String,
-        ack: Option<oneshot::Sender<u64>>,
-    },
+    /// A record; its share of the byte budget (`room`) is returned once it is written.
+    Record { body: String, ack: Option<oneshot::Sender<u64>>, room: OwnedSemaphorePermit },
     /// Buffered mode: fsync what is written if the interval has passed.
     Tick,
     /// Write and fsync everything queued before, then answer.
@@ -153,6 +154,8 @@ enum Job {
 #[derive(Clone)]
 pub struct Audit {
     tx: Option<mpsc::Sender<Job>>,
+    /// Bytes of records queued and not yet written: the queue is bounded in bytes too.
+    bytes: Arc<Semaphore>,
     stats: Arc<Stats>,
     config: Arc<Config>,
 }
@@ -162,12 +165,24 @@ impl Audit {
     pub fn start(config: Config) -> Result<Audit, AuditError> {
         let stats = Arc::new(Stats::default());
         let config = Arc::new(config);
-        let sink = match &config.target {
-            Target::Off => return Ok(Audit { tx: None, stats, config }),
+        let bytes = Arc::new(Semaphore::new(config.queue_bytes.clamp(1, Semaphore::MAX_PERMITS)));
+        let mut sink = match &config.target {
+            Target::Off => return Ok(Audit { tx: None, bytes, stats, config }),
             Target::Stdout => Sink::Stdout { last: Tail { seq: 0, hash: GENESIS.into() } },
             Target::File(path) => Sink::open(path, config.max_bytes)?,
         };
-        let recovered = sink.recovered();
+        // A torn tail was cut: say so in the chain itself, before anything else is written.
+        if let Some(note) = sink.recovered() {
+            let mut line = Vec::new();
+            let tail = append_record(
+                &mut line,
+                sink.last(),
+                &body(&RecoveryRecord { kind: "recovery", time: Utc::now(), note }),
+            );
+            sink.write(&line, true).map_err(|e| AuditError::Io { path: config.target.describe(), source: e })?;
+            sink.set_last(tail);
+            stats.written.fetch_add(1, Ordering::Relaxed);
+        }
         stats.seq.store(sink.last().seq, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let writer = Writer { sink, rx, stats: stats.clone(), config: config.clone() };
@@ -176,24 +191,21 @@ impl Audit {
             .spawn(move || writer.run())
             .map_err(|e| AuditError::Io { path: config.target.describe(), source: e })?;
         if config.durability != Durability::Fsync {
-            let ticks = tx.clone();
+            // A weak sender: once every handle is gone, the writer sees the channel close.
+            let ticks = tx.downgrade();
             let every = config.flush_interval;
             std::thread::Builder::new()
                 .name("agentca-audit-tick".into())
                 .spawn(move || {
-                    while !ticks.is_closed() {
+                    while let Some(tx) = ticks.upgrade() {
+                        let _ = tx.try_send(Job::Tick);
+                        drop(tx);
                         std::thread::sleep(every);
-                        let _ = ticks.try_send(Job::Tick);
                     }
                 })
                 .map_err(|e| AuditError::Io { path: config.target.describe(), source: e })?;
         }
-        let audit = Audit { tx: Some(tx), stats, config };
-        if let Some(note) = recovered {
-            let body = body(&RecoveryRecord { kind: "recovery", time: Utc::now(), note });
-            let _ = audit.submit_blocking(body);
-        }
-        Ok(audit)
+        Ok(Audit { tx: Some(tx), bytes, stats, config })
     }
 
     pub fn is_on(&self) -> bool {
@@ -206,45 +218,69 @@ impl Audit {
 
     /// Accepts a record body (a JSON object); returns once the configured durability is met.
     pub async fn submit(&self, body: String) -> Result<(), Refused> {
-        let Some(tx) = &self.tx else { return Ok(()) };
-        let (ack, done) = self.ack();
-        let job = Job::Record { body, ack };
-        match tx.try_send(job) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Refused::Closed),
-            Err(mpsc::error::TrySendError::Full(job)) => match self.config.on_full {
-                OnFull::Deny => {
-                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(Refused::QueueFull);
-                }
-                OnFull::Wait => {
-                    self.stats.waited.fetch_add(1, Ordering::Relaxed);
-                    tx.send(job).await.map_err(|_| Refused::Closed)?;
-                }
-            },
-        }
-        match done {
-            Some(done) => done.await.map(|_| ()).map_err(|_| Refused::Closed),
-            None => Ok(()),
-        }
+        self.submit_with(body, self.config.on_full).await
     }
 
     /// As `submit`, but waits for room whatever the overflow policy (signals, reloads).
     pub async fn submit_waiting(&self, body: String) -> Result<(), Refused> {
+        self.submit_with(body, OnFull::Wait).await
+    }
+
+    async fn submit_with(&self, body: String, on_full: OnFull) -> Result<(), Refused> {
         let Some(tx) = &self.tx else { return Ok(()) };
+        let size = self.size_of(&body);
+        let mut waited = false;
+        let room = match self.bytes.clone().try_acquire_many_owned(size) {
+            Ok(room) => room,
+            Err(TryAcquireError::Closed) => return Err(Refused::Closed),
+            Err(TryAcquireError::NoPermits) => match on_full {
+                OnFull::Deny => return Err(self.refuse()),
+                OnFull::Wait => {
+                    waited = true;
+                    self.bytes.clone().acquire_many_owned(size).await.map_err(|_| Refused::Closed)?
+                }
+            },
+        };
         let (ack, done) = self.ack();
-        tx.send(Job::Record { body, ack }).await.map_err(|_| Refused::Closed)?;
+        let job = Job::Record { body, ack, room };
+        match tx.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Refused::Closed),
+            Err(mpsc::error::TrySendError::Full(job)) => match on_full {
+                OnFull::Deny => return Err(self.refuse()),
+                OnFull::Wait => {
+                    waited = true;
+                    tx.send(job).await.map_err(|_| Refused::Closed)?;
+                }
+            },
+        }
+        if waited {
+            self.stats.waited.fetch_add(1, Ordering::Relaxed);
+        }
         match done {
             Some(done) => done.await.map(|_| ()).map_err(|_| Refused::Closed),
             None => Ok(()),
         }
     }
 
-    /// As `submit`, for code outside an async runtime (the CLI).
+    fn refuse(&self) -> Refused {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        Refused::QueueFull
+    }
+
+    /// A record's share of the byte budget (a record larger than the whole budget takes it all).
+    fn size_of(&self, body: &str) -> u32 {
+        body.len().clamp(1, self.config.queue_bytes.clamp(1, Semaphore::MAX_PERMITS)).min(u32::MAX as usize) as u32
+    }
+
+    /// As `submit`, for code outside an async runtime (the CLI): waits for room.
     pub fn submit_blocking(&self, body: String) -> Result<(), Refused> {
         let Some(tx) = &self.tx else { return Ok(()) };
+        let size = self.size_of(&body);
+        let room =
+            futures::executor::block_on(self.bytes.clone().acquire_many_owned(size)).map_err(|_| Refused::Closed)?;
         let (ack, done) = self.ack();
-        tx.blocking_send(Job::Record { body, ack }).map_err(|_| Refused::Closed)?;
+        tx.blocking_send(Job::Record { body, ack, room }).map_err(|_| Refused::Closed)?;
         match done {
             Some(done) => done.blocking_recv().map(|_| ()).map_err(|_| Refused::Closed),
             None => Ok(()),
@@ -302,8 +338,19 @@ struct Tail {
 }
 
 enum Sink {
-    Stdout { last: Tail },
-    File { path: PathBuf, file: File, len: u64, max_bytes: u64, last: Tail, recovered: Option<String> },
+    Stdout {
+        last: Tail,
+    },
+    File {
+        path: PathBuf,
+        file: File,
+        len: u64,
+        max_bytes: u64,
+        last: Tail,
+        recovered: Option<String>,
+        /// The file was rotated away but the new one could not be opened yet.
+        reopen: bool,
+    },
 }
 
 impl Sink {
@@ -323,7 +370,7 @@ impl Sink {
         }
         let len = file.metadata().map_err(err)?.len();
         let last = last.unwrap_or(Tail { seq: 0, hash: GENESIS.into() });
-        Ok(Sink::File { path: path.to_path_buf(), file, len, max_bytes, last, recovered })
+        Ok(Sink::File { path: path.to_path_buf(), file, len, max_bytes, last, recovered, reopen: false })
     }
 
     fn last(&self) -> &Tail {
@@ -347,15 +394,20 @@ impl Sink {
                 out.write_all(lines)?;
                 out.flush()
             }
-            Sink::File { path, file, len, max_bytes, .. } => {
+            Sink::File { path, file, len, max_bytes, reopen, .. } => {
                 let rotate = *max_bytes > 0 && *len > 0 && *len + lines.len() as u64 > *max_bytes;
-                if rotate && file.metadata()?.is_file() {
+                if rotate && !*reopen && file.metadata()?.is_file() {
                     sync_file(file)?;
                     let next = rotated_files(path).last().and_then(|p| rotation_number(path, p)).unwrap_or(0) + 1;
                     fs::rename(&*path, rotated_name(path, next))?;
+                    *reopen = true;
+                }
+                // Separate from the rename, so that a failed open is retried without renaming again.
+                if *reopen {
                     *file = OpenOptions::new().create(true).read(true).append(true).open(&*path)?;
                     sync_dir(path);
                     *len = 0;
+                    *reopen = false;
                 }
                 let before = *len;
                 let result = file.write_all(lines).and_then(|()| if sync { sync_file(file) } else { Ok(()) });
@@ -508,9 +560,11 @@ impl Writer {
     fn run(mut self) {
         let mut lines = Vec::with_capacity(1 << 16);
         let mut acks = Vec::new();
+        let mut rooms = Vec::new();
         let mut flushes = Vec::new();
         let mut unsynced = false;
         let mut last_sync = Instant::now();
+        let mut last_complaint: Option<Instant> = None;
         while let Some(job) = self.rx.blocking_recv() {
             let mut next = Some(job);
             let mut tail = self.sink.last().clone();
@@ -518,10 +572,11 @@ impl Writer {
             // Group commit: everything already queued goes out in this write.
             while let Some(job) = next.take() {
                 match job {
-                    Job::Record { body, ack } => {
+                    Job::Record { body, ack, room } => {
                         tail = append_record(&mut lines, &tail, &body);
                         count += 1;
                         acks.extend(ack.map(|a| (a, tail.seq)));
+                        rooms.push(room);
                     }
                     Job::Tick => {}
                     Job::Flush(done) => flushes.push(done),
@@ -546,15 +601,21 @@ impl Writer {
                 };
                 match result {
                     Ok(()) => {
-                        if self.stats.failing.swap(false, Ordering::Relaxed)
-                            && let Ok(mut e) = self.stats.error.lock()
-                        {
-                            *e = None;
+                        if self.stats.failing.swap(false, Ordering::Relaxed) {
+                            tracing::info!("audit writes succeed again");
+                            last_complaint = None;
+                            if let Ok(mut e) = self.stats.error.lock() {
+                                *e = None;
+                            }
                         }
                         break;
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "audit write failed; retrying");
+                        // Loud, but not a line every retry: the first failure, then every 10 s.
+                        if last_complaint.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                            tracing::error!(error = %e, "audit write failed; retrying until it succeeds");
+                            last_complaint = Some(Instant::now());
+                        }
                         self.stats.failing.store(true, Ordering::Relaxed);
                         if let Ok(mut slot) = self.stats.error.lock() {
                             *slot = Some(e.to_string());
@@ -574,6 +635,7 @@ impl Writer {
                 last_sync = Instant::now();
             }
             lines.clear();
+            rooms.clear();
             for (ack, seq) in acks.drain(..) {
                 let _ = ack.send(seq);
             }

@@ -205,28 +205,28 @@ impl Bundle {
         let locations_src = read(LOCATIONS_FILE, false, &mut errors);
         let revision = format!("sha256:{}", hex::encode(hasher.finalize()));
 
-        // The directory (the bulk of a large bundle) is parsed beside the policies.
-        let (directory, parsed) = std::thread::scope(|scope| {
-            let directory = scope.spawn(|| directory_src.as_deref().map(Directory::from_json_str));
-            let parsed = parse_and_validate(&display(SCHEMA_FILE), schema_src.as_deref(), &cedar_srcs);
-            (directory.join(), parsed)
+        // The policies are parsed and validated beside the directory. The directory (the bulk
+        // of a large bundle) stays on this thread, whose memory the entities then reuse.
+        let schema_file = display(SCHEMA_FILE);
+        let (parsed, directory) = std::thread::scope(|scope| {
+            let parsed = scope.spawn(|| parse_and_validate(&schema_file, schema_src.as_deref(), &cedar_srcs));
+            let directory = directory_src.as_deref().map(Directory::from_json_str);
+            (parsed.join(), directory)
         });
-        let Parsed { schema, policies, errors: policy_errors, validation_errors, mut warnings } = parsed;
+        let Ok(Parsed { schema, policies, errors: policy_errors, validation_errors, mut warnings }) = parsed else {
+            return Err(BundleError::in_file(&dir.display().to_string(), "the policy parser failed").into());
+        };
         errors.extend(policy_errors);
         let directory = match directory {
-            Ok(Some(Ok(d))) => {
+            Some(Ok(d)) => {
                 warnings.extend(d.warnings.iter().map(|w| format!("{}: {w}", display(DIRECTORY_FILE))));
                 Some(d)
             }
-            Ok(Some(Err(errs))) => {
+            Some(Err(errs)) => {
                 errors.extend(errs.into_iter().map(|e| BundleError::in_file(&display(DIRECTORY_FILE), e.to_string())));
                 None
             }
-            Ok(None) => None,
-            Err(_) => {
-                errors.push(BundleError::in_file(&display(DIRECTORY_FILE), "the directory parser failed"));
-                None
-            }
+            None => None,
         };
         let locations = match locations_src {
             None => Locations::default(),

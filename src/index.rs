@@ -87,7 +87,7 @@ pub struct Keys<'a> {
 }
 
 impl Index {
-    pub fn build(policies: &[BundlePolicy], types: &EntityTypes) -> Index {
+    pub fn build(policies: &[BundlePolicy], types: &EntityTypes, entities: &Entities) -> Index {
         let mut index = Index::default();
         for (order, p) in policies.iter().enumerate() {
             if p.state == PolicyState::Off {
@@ -107,17 +107,12 @@ impl Index {
                 index.unreachable.push(p.id.clone());
                 continue;
             };
-            let (actions, actions_exact) = actions_of(&p.policy.action_constraint());
+            let actions = actions_of(&p.policy.action_constraint(), types, entities);
             let ast: &cedar_policy_core::ast::Policy = p.policy.as_ref();
             // INVARIANT: a slice is reached only by requests whose agent, blueprint or sponsor,
             // action and resource are its keys, so the scope holds whenever the slice is
             // evaluated (the differential test checks it), and only the body is left to Cedar.
-            // An action group we cannot resolve keeps the whole condition.
-            let condition = if actions_exact {
-                ast.non_scope_constraints().cloned().unwrap_or_else(|| Expr::val(true))
-            } else {
-                ast.condition()
-            };
+            let condition = ast.non_scope_constraints().cloned().unwrap_or_else(|| Expr::val(true));
             let compiled = Arc::new(Compiled {
                 id: p.id.clone(),
                 effect: p.effect,
@@ -231,24 +226,20 @@ fn resource_key(c: &ResourceConstraint, types: &EntityTypes) -> Option<Option<St
     }
 }
 
-/// The actions a policy can apply to, and whether that is exact (false when the constraint
-/// names an action group we cannot resolve, which could contain either action).
-fn actions_of(c: &ActionConstraint) -> (Vec<Action>, bool) {
-    let named = |uid: &EntityUid| {
-        (uid.type_name().to_string() == "Action")
-            .then(|| Action::ALL.into_iter().find(|a| uid.id().unescaped() == a.as_str()))
-            .flatten()
-    };
+/// The actions a policy can apply to. `action in X` holds for X and for every action the
+/// schema puts in X (an action group), so groups are resolved through the action entities.
+fn actions_of(c: &ActionConstraint, types: &EntityTypes, entities: &Entities) -> Vec<Action> {
+    let uid = |a: Action| EntityTypes::uid(&types.action, a.as_str());
     match c {
-        ActionConstraint::Any => (Action::ALL.to_vec(), true),
-        ActionConstraint::Eq(uid) => (named(uid).into_iter().collect(), true),
-        ActionConstraint::In(uids) if uids.iter().any(|u| named(u).is_none()) => (Action::ALL.to_vec(), false),
-        ActionConstraint::In(uids) => {
-            let mut out: Vec<Action> = uids.iter().filter_map(named).collect();
-            out.sort_by_key(|a| a.index());
-            out.dedup();
-            (out, true)
-        }
+        ActionConstraint::Any => Action::ALL.to_vec(),
+        ActionConstraint::Eq(target) => Action::ALL.into_iter().filter(|a| uid(*a) == *target).collect(),
+        ActionConstraint::In(targets) => Action::ALL
+            .into_iter()
+            .filter(|a| {
+                let a = uid(*a);
+                targets.iter().any(|t| *t == a || entities.is_ancestor_of(t, &a))
+            })
+            .collect(),
     }
 }
 

@@ -20,6 +20,9 @@ pub struct Service {
     pub live: Overlay,
     pub journal: Option<Journal>,
     pub audit: Audit,
+    /// One signal at a time: journal order is apply order, a compaction sees every signal
+    /// journaled before it, and one barrier wait is in progress at a time.
+    signalling: tokio::sync::Mutex<()>,
 }
 
 /// The result of one signal.
@@ -36,18 +39,32 @@ pub enum SignalFailure {
     NoJournal,
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error("the signal task failed")]
+    Aborted,
 }
 
 impl Service {
     pub fn new(store: Store, live: Overlay, journal: Option<Journal>, audit: Audit) -> Arc<Service> {
-        Arc::new(Service { store, live, journal, audit })
+        Arc::new(Service { store, live, journal, audit, signalling: tokio::sync::Mutex::new(()) })
     }
 
     /// Validates, decides and audits one request. Only malformed input is an error.
     pub async fn decide(&self, raw: RawRequest, caller: &Caller) -> Result<Decision, RequestError> {
-        let request = raw.validate(Utc::now())?;
+        self.decide_with(raw, caller, |_, _| {}).await
+    }
+
+    /// As `decide`, with `complete` filling in the raw request from the very snapshot that
+    /// decides it (a gateway's host resolved to a resource).
+    pub async fn decide_with(
+        &self,
+        mut raw: RawRequest,
+        caller: &Caller,
+        complete: impl FnOnce(&Snapshot, &mut RawRequest),
+    ) -> Result<Decision, RequestError> {
         let _in_flight = self.live.enter();
         let snap = self.store.current();
+        complete(&snap, &mut raw);
+        let request = raw.validate(Utc::now())?;
         let decision = evaluate(&snap, &self.live, &request);
         Ok(self.audited(&snap, &request, decision, caller).await)
     }
@@ -96,9 +113,18 @@ impl Service {
     }
 
     /// Journals a signal (fsynced), applies it, waits until no decision taken before it is
-    /// still on its way, and records it in the audit log.
-    pub async fn signal(&self, signal: Signal, caller: &Caller) -> Result<Signalled, SignalFailure> {
+    /// still on its way, and records it in the audit log. It runs to its end even if the
+    /// caller goes away: the signal is durable from the journal write on.
+    pub async fn signal(self: &Arc<Self>, signal: Signal, caller: Caller) -> Result<Signalled, SignalFailure> {
+        let service = self.clone();
+        tokio::spawn(async move { service.take_signal(signal, &caller).await })
+            .await
+            .map_err(|_| SignalFailure::Aborted)?
+    }
+
+    async fn take_signal(&self, signal: Signal, caller: &Caller) -> Result<Signalled, SignalFailure> {
         let journal = self.journal.as_ref().ok_or(SignalFailure::NoJournal)?;
+        let _one_at_a_time = self.signalling.lock().await;
         let seq = tokio::task::block_in_place(|| journal.append(&signal))?;
         self.live.apply(&signal);
         self.live.quiesce().await;
@@ -140,8 +166,25 @@ impl Service {
         }
     }
 
-    /// Reloads the bundle and records the outcome.
-    pub async fn reload(&self, trigger: &str) -> Reloaded {
+    /// Reloads the bundle and records the outcome, to the end even if the caller goes away.
+    pub async fn reload(self: &Arc<Self>, trigger: &'static str) -> Reloaded {
+        let service = self.clone();
+        match tokio::spawn(async move { service.take_reload(trigger).await }).await {
+            Ok(result) => result,
+            Err(_) => {
+                let kept = self.store.current().revision.clone();
+                let error = crate::bundle::BundleErrors(vec![crate::bundle::BundleError {
+                    file: self.store.dir().display().to_string(),
+                    line: None,
+                    column: None,
+                    message: "the reload task failed".into(),
+                }]);
+                Reloaded::Failed { kept, error }
+            }
+        }
+    }
+
+    async fn take_reload(&self, trigger: &str) -> Reloaded {
         let result = tokio::task::block_in_place(|| self.store.reload());
         let error = match &result {
             Reloaded::Failed { error, .. } => Some(error.to_string()),

@@ -396,23 +396,35 @@ impl Journal {
         let mut torn_tail = None;
         if let Ok(f) = File::open(&path) {
             let mut offset = 0u64;
-            for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
-                let line = line.map_err(err)?;
+            let mut reader = BufReader::new(f);
+            let mut line = Vec::new();
+            let mut i = 0u64;
+            while reader.read_until(b'\n', &mut line).map_err(err)? > 0 {
+                i += 1;
                 let start = offset;
-                offset += line.len() as u64 + 1;
+                offset += line.len() as u64;
+                // Only a last line without its newline is torn (a write a crash cut); a whole
+                // line that does not parse is skipped but kept.
+                let whole = line.ends_with(b"\n");
                 lines += 1;
                 match serde_json::from_slice::<Entry>(&line) {
-                    Ok(entry) => {
+                    Ok(entry) if whole => {
                         overlay.apply(&entry.signal);
                         last_seq = last_seq.max(entry.seq);
                         replayed.applied += 1;
-                        torn_tail = None;
                     }
-                    Err(e) => {
-                        replayed.skipped.push((i as u64 + 1, e.to_string()));
+                    Ok(_) => {
+                        replayed.skipped.push((i, "the line has no newline: its write was cut".into()));
                         torn_tail = Some(start);
                     }
+                    Err(e) => {
+                        replayed.skipped.push((i, e.to_string()));
+                        if !whole {
+                            torn_tail = Some(start);
+                        }
+                    }
                 }
+                line.clear();
             }
             // A torn last line is cut so that the next signal starts on a line of its own.
             if let Some(at) = torn_tail {

@@ -64,7 +64,7 @@ impl Snapshot {
         let directory_file = bundle.dir.join(DIRECTORY_FILE).display().to_string();
         let fail = |message: String| BundleError { file: directory_file.clone(), line: None, column: None, message };
         let entities = bundle.directory.to_entities(&bundle.schema, &types).map_err(&fail)?;
-        let index = Index::build(&bundle.policies, &types);
+        let index = Index::build(&bundle.policies, &types, &entities);
 
         let dir = &bundle.directory;
         let position = |ids: &mut dyn Iterator<Item = &String>| -> HashMap<String, usize> {

@@ -184,3 +184,48 @@ async fn a_stalled_log_under_deny_answers_audit_unavailable() {
     assert!(audit.refused >= 1, "{audit:?}");
     assert_eq!(audit.on_full, "deny");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_loud_and_turns_health_not_serving_under_deny() {
+    // /dev/full answers every write with ENOSPC, as a full disk does.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--audit",
+        "/dev/full",
+        "--audit-durability",
+        "buffered",
+        "--audit-on-full",
+        "deny",
+        "--audit-queue",
+        "8",
+        "--state",
+        dir.path().join("state").to_str().unwrap(),
+    ]);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+        if status.into_inner().status == not_serving {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "health never went NOT_SERVING:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut admin = server.admin().await;
+    let audit = admin.status(pb::StatusRequest {}).await.unwrap().into_inner().audit.unwrap();
+    assert!(audit.error.contains("No space left on device"), "{audit:?}");
+    // Nothing is written, so the queue fills and decisions are refused, never unrecorded.
+    let mut client = server.decisions().await;
+    let mut refused = false;
+    for _ in 0..50 {
+        let d = client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.unwrap().into_inner();
+        if d.reasons[0].code == "audit_unavailable" {
+            assert!(!is_allow(&d));
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused);
+    assert!(server.log().contains("audit write failed"), "{}", server.log());
+}

@@ -6,8 +6,17 @@ use crate::audit::verify;
 
 use super::exit;
 
-pub fn verify_files(paths: &[PathBuf]) -> u8 {
+pub fn verify_files(paths: &[PathBuf], partial: bool) -> u8 {
     match verify(paths) {
+        Ok(v) if !v.from_genesis && !partial => {
+            println!(
+                "broken: the chain starts at seq {} and not at the first record: {} records before it are missing \
+                 (pass --partial if older files were removed on purpose)",
+                v.first_seq,
+                v.first_seq.saturating_sub(1)
+            );
+            exit::FAILURE
+        }
         Ok(v) => {
             let start = if v.from_genesis {
                 "from the start of the chain".to_string()

@@ -96,6 +96,9 @@ enum AuditCommand {
         /// Audit files; rotated files may be given in any order.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Accept a chain that starts after its first record (older files removed on purpose).
+        #[arg(long)]
+        partial: bool,
     },
 }
 
@@ -120,7 +123,7 @@ pub fn run() -> ExitCode {
             test::run(&bundle.policies, &files, verbose, audit.as_deref())
         }
         Command::Admin(args) => admin::run(args),
-        Command::Audit(AuditCommand::Verify { paths }) => audit::verify_files(&paths),
+        Command::Audit(AuditCommand::Verify { paths, partial }) => audit::verify_files(&paths, partial),
         Command::Generate(args) => generate::run(args),
         Command::Loadgen(args) => loadgen::run_load(args),
         Command::NoopServe(args) => loadgen::run_noop(args),

@@ -53,6 +53,9 @@ pub struct AuditArgs {
     /// Records the queue holds.
     #[arg(long = "audit-queue", default_value_t = 65_536)]
     queue: usize,
+    /// Bytes of records the queue holds.
+    #[arg(long = "audit-queue-bytes", default_value_t = 64 * 1024 * 1024)]
+    queue_bytes: usize,
     /// Rotate the file past this size, in bytes (0: never).
     #[arg(long = "audit-max-bytes", default_value_t = 256 * 1024 * 1024)]
     max_bytes: u64,
@@ -68,6 +71,7 @@ impl AuditArgs {
             durability: self.durability,
             on_full: self.on_full,
             queue: self.queue,
+            queue_bytes: self.queue_bytes,
             max_bytes: self.max_bytes,
             flush_interval: Duration::from_millis(self.flush_ms.max(1)),
         }

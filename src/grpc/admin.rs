@@ -103,7 +103,7 @@ impl pb::admin_service_server::AdminService for Admin {
         let r = request.into_inner();
         let signal = Signal::new(&r.kind, &r.target, &r.risk, &r.reason, &r.actor)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        match self.service.signal(signal, &caller).await {
+        match self.service.signal(signal, caller).await {
             Ok(done) => Ok(Response::new(pb::SignalResponse {
                 seq: done.seq,
                 signal: Some(live_signal(&done.signal, done.unknown_target)),

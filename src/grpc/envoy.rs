@@ -1,11 +1,12 @@
 //! Envoy `ext_authz` (`envoy.service.auth.v3.Authorization/Check`): a gateway asks inline
 //! whether an agent may make this call (`call_api`).
 //!
-//! The agent comes from the route's `context_extensions.agent` or the `x-agent-id` header;
-//! the resource from `context_extensions.resource`, the `x-agentca-resource` header, or the
-//! request's host (matched against the resources' ids and audiences, with and without
-//! `https://`). Allow answers OK with `x-agentca-decision-id` added upstream; deny answers 403
-//! with the reasons as JSON; a malformed request answers 400.
+//! The agent comes from the route's `context_extensions.agent`, else the `x-agent-id` header,
+//! which the gateway must set from the caller's authenticated identity (and strip from what
+//! clients send). The resource comes from `context_extensions.resource`, else the request's
+//! host (matched against the resources' ids and audiences, with and without `https://`):
+//! never from a header a client could set. Allow answers OK with `x-agentca-decision-id`
+//! added upstream; deny answers 403 with the reasons as JSON; a malformed request answers 400.
 
 use std::sync::Arc;
 
@@ -15,9 +16,9 @@ use tonic::{Request, Response, Status};
 
 use crate::request::RawRequest;
 use crate::service::Service;
+use crate::snapshot::Snapshot;
 
 pub const AGENT_HEADER: &str = "x-agent-id";
-pub const RESOURCE_HEADER: &str = "x-agentca-resource";
 
 pub struct Check {
     service: Arc<Service>,
@@ -27,22 +28,21 @@ pub fn server(service: Arc<Service>, limit: usize) -> AuthorizationServer<Check>
     AuthorizationServer::new(Check { service }).max_decoding_message_size(limit).max_encoding_message_size(limit)
 }
 
-/// Turns Envoy's attributes into our raw request.
-fn raw_request(check: &CheckRequest, service: &Service) -> RawRequest {
+/// Turns Envoy's attributes into our raw request; the host is resolved later, against the
+/// snapshot that decides.
+fn raw_request(check: &CheckRequest) -> (RawRequest, Option<String>) {
     let attributes = check.attributes.as_ref();
     let http = attributes.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
     let extensions = attributes.map(|a| &a.context_extensions);
     let header = |name: &str| check.get_client_headers().and_then(|h| h.get(name)).filter(|v| !v.is_empty()).cloned();
     let agent = extensions.and_then(|e| e.get("agent")).cloned().or_else(|| header(AGENT_HEADER));
-    let resource =
-        extensions.and_then(|e| e.get("resource")).cloned().or_else(|| header(RESOURCE_HEADER)).or_else(|| {
-            http.map(|h| h.host.clone()).filter(|h| !h.is_empty()).map(|host| resolve_host(service, &host))
-        });
+    let resource = extensions.and_then(|e| e.get("resource")).cloned();
+    let host = http.map(|h| h.host.clone()).filter(|h| !h.is_empty());
     let path = http.map(|h| {
         let p = if h.path.is_empty() { "/" } else { &h.path };
         p.split(['?', '#']).next().unwrap_or("/").to_string()
     });
-    RawRequest {
+    let raw = RawRequest {
         agent: Some(agent.unwrap_or_default()),
         resource: Some(resource.unwrap_or_default()),
         action: Some("call_api".into()),
@@ -51,12 +51,12 @@ fn raw_request(check: &CheckRequest, service: &Service) -> RawRequest {
         client_ip: check.get_client_address().cloned(),
         request_id: header("x-request-id").or_else(|| http.map(|h| h.id.clone()).filter(|id| !id.is_empty())),
         ..RawRequest::default()
-    }
+    };
+    (raw, host)
 }
 
 /// A host names a resource by id or audience, bare or as `https://host`.
-fn resolve_host(service: &Service, host: &str) -> String {
-    let snap = service.store.current();
+fn resolve_host(snap: &Snapshot, host: &str) -> String {
     let bare =
         host.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
     for candidate in [host.to_string(), format!("https://{host}"), bare.to_string(), format!("https://{bare}")] {
@@ -71,9 +71,16 @@ fn resolve_host(service: &Service, host: &str) -> String {
 impl Authorization for Check {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let caller = super::caller(&request, "envoy");
-        let raw = raw_request(request.get_ref(), &self.service);
+        let (raw, host) = raw_request(request.get_ref());
         let mut response = CheckResponse::new();
-        match self.service.decide(raw, &caller).await {
+        let resolve = |snap: &Snapshot, raw: &mut RawRequest| {
+            if raw.resource.as_deref().is_none_or(str::is_empty)
+                && let Some(host) = &host
+            {
+                raw.resource = Some(resolve_host(snap, host));
+            }
+        };
+        match self.service.decide_with(raw, &caller, resolve).await {
             Ok(d) if d.is_allow() => {
                 let mut ok = OkHttpResponseBuilder::new();
                 ok.add_header("x-agentca-decision-id", d.decision_id.clone(), None, false);
