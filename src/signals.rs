@@ -443,6 +443,11 @@ impl Journal {
         &self.path
     }
 
+    /// Compacts once the journal holds `lines` more lines than live values (default 10,000).
+    pub fn set_compact_after(&mut self, lines: u64) {
+        self.compact_after = lines.max(1);
+    }
+
     /// Appends a signal and fsyncs it; returns its sequence number.
     pub fn append(&self, signal: &Signal) -> Result<u64, JournalError> {
         let err = |source| JournalError { path: self.path.display().to_string(), source };

@@ -64,13 +64,20 @@ async fn sigkill_under_load_loses_no_acknowledged_decision() {
     }
     assert!(received.len() > 100, "only {} decisions before the kill", received.len());
 
-    // A restart cuts a record whose write the kill interrupted (never acknowledged) and goes on.
+    // Whatever the kill left, a torn tail included, a restart cuts what was never acknowledged
+    // and goes on. Make sure of a torn tail, as a kill mid-write leaves one.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&audit).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"v\":1,\"seq\":999999,\"kind\":\"decis").unwrap();
+    drop(f);
     let restarted = Server::start(&args);
+    let mut c = restarted.decisions().await;
+    c.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.unwrap();
     drop(restarted);
 
     let (code, out) = verify(&[&audit]);
     assert_eq!(code, Some(0), "{out}");
     let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(log.contains("\"kind\":\"recovery\""), "the cut is recorded in the chain");
     let logged: BTreeSet<&str> = log
         .lines()
         .filter_map(|l| l.split("\"decision_id\":\"").nth(1))
@@ -139,6 +146,18 @@ fn verify_finds_edits_removals_reorders_and_truncation() {
     let (code, out) = verify(&[&audit]);
     assert_eq!(code, Some(1));
     assert!(out.contains("decisions.jsonl:2: record seq 1 follows seq 2"), "{out}");
+
+    // The first records removed: the chain no longer starts at its beginning.
+    write(&owned()[2..]);
+    let (code, out) = verify(&[&audit]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("the chain starts at seq 3 and not at the first record"), "{out}");
+    let partial = Command::new(env!("CARGO_BIN_EXE_agentca"))
+        .args(["audit", "verify", "--partial"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert_eq!(partial.status.code(), Some(0));
 
     std::fs::write(&audit, &original[..original.len() - 30]).unwrap();
     let (code, out) = verify(&[&audit]);

@@ -192,7 +192,7 @@ async fn health_and_reflection_answer() {
     }
 }
 
-type Answers = Vec<(String, Result<pb::Decision, tonic::Status>)>;
+type Answers = Vec<(String, Instant, Result<pb::Decision, tonic::Status>)>;
 
 /// Requests ag-mail-01 in a loop from several tasks until `stop`; returns every answer with
 /// the request id it was sent with (unique).
@@ -211,8 +211,9 @@ fn load(server: &Server, tasks: usize, stop: Arc<AtomicBool>) -> Vec<tokio::task
                         request_id: id.clone(),
                         ..token_request("ag-mail-01", "graph", "Mail.Read")
                     };
+                    let sent = Instant::now();
                     let r = client.evaluate(request).await;
-                    out.push((id, r.map(|r| r.into_inner())));
+                    out.push((id, sent, r.map(|r| r.into_inner())));
                 }
                 out
             })
@@ -220,11 +221,11 @@ fn load(server: &Server, tasks: usize, stop: Arc<AtomicBool>) -> Vec<tokio::task
         .collect()
 }
 
-async fn answers(handles: Vec<tokio::task::JoinHandle<Answers>>) -> Vec<pb::Decision> {
+async fn answers(handles: Vec<tokio::task::JoinHandle<Answers>>) -> Vec<(Instant, pb::Decision)> {
     let mut all = Vec::new();
     for h in handles {
-        for (_, r) in h.await.unwrap() {
-            all.push(r.unwrap_or_else(|e| panic!("a request failed during the reload: {e}")));
+        for (_, sent, r) in h.await.unwrap() {
+            all.push((sent, r.unwrap_or_else(|e| panic!("a request failed during the reload: {e}"))));
         }
     }
     all
@@ -278,20 +279,22 @@ async fn a_reload_under_load_drops_nothing_and_never_mixes_revisions() {
     stop.store(true, Ordering::Relaxed);
     let all = answers(handles).await;
     assert!(all.len() > 100, "only {} answers", all.len());
-    let (mut olds, mut news) = (0, 0);
-    for d in &all {
+    let (mut olds, mut news, mut sent_after) = (0, 0, 0);
+    for (sent, d) in &all {
         // Each answer is wholly one revision: old ones allow, new ones deny for the new policy.
         if d.revision == old {
             assert!(is_allow(d), "{d:?}");
+            // Once the reload is answered, every request sent sees the new revision.
+            assert!(*sent < after, "a request sent after the reload was answered with the old revision");
             olds += 1;
         } else {
             assert_eq!(d.revision, new);
             assert!(!is_allow(d) && d.reasons[0].policy == "block-mail-01", "{d:?}");
             news += 1;
         }
+        sent_after += usize::from(*sent >= after);
     }
-    assert!(olds > 0 && news > 0, "old {olds}, new {news}");
-    assert!(after.elapsed() > Duration::ZERO);
+    assert!(olds > 0 && news > 0 && sent_after > 0, "old {olds}, new {news}, sent after {sent_after}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +329,7 @@ async fn a_broken_bundle_under_load_keeps_the_old_revision() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
     let all = answers(handles).await;
-    assert!(all.iter().all(|d| d.revision == old && is_allow(d)));
+    assert!(all.iter().all(|(_, d)| d.revision == old && is_allow(d)));
 
     let status = admin.status(pb::StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.revision, old);
@@ -463,7 +466,7 @@ async fn sighup_reloads_and_sigterm_finishes_calls_in_flight() {
         .collect();
     let (mut answered, mut refused) = (0, 0);
     for h in handles {
-        for (id, r) in h.await.unwrap() {
+        for (id, _, r) in h.await.unwrap() {
             match r {
                 Ok(d) => {
                     assert_eq!(d.request_id, id);

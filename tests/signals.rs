@@ -265,3 +265,63 @@ async fn an_admin_token_guards_the_admin_service() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(decide(&server, "ag-mail-01").await.reasons[0].code, "agent_disabled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_signals_and_compaction_keep_what_was_acknowledged() {
+    let env = Env::new();
+    let args = |env: &Env| {
+        vec![
+            "--policies".to_string(),
+            env.path("policies"),
+            "--audit".into(),
+            env.path("audit.jsonl"),
+            "--state".into(),
+            env.path("state"),
+            "--no-watch".into(),
+            "--journal-compact-after".into(),
+            "4".into(),
+        ]
+    };
+    let a = args(&env);
+    let mut server = Server::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let targets = ["ag-mail-01", "ag-code-01", "ag-support-01", "ag-recon-01", "ag-pipeline-01"];
+    let mut tasks = Vec::new();
+    for (t, target) in targets.into_iter().enumerate() {
+        let url = server.url();
+        tasks.push(tokio::spawn(async move {
+            let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
+            let mut admin = pb::admin_service_client::AdminServiceClient::new(channel);
+            for i in 0..(6 + t) {
+                let kind = if i % 2 == 0 { "disable_agent" } else { "enable_agent" };
+                admin.signal(signal(kind, target)).await.unwrap();
+                admin.signal(signal("set_risk", target)).await.unwrap_err();
+                let mut risk = signal("set_risk", target);
+                risk.risk = ["low", "medium"][i % 2].into();
+                admin.signal(risk).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let listed = |s: Vec<pb::LiveSignal>| s.into_iter().map(|s| (s.field, s.target, s.value)).collect::<Vec<_>>();
+    let before =
+        listed(server.admin().await.list_signals(pb::ListSignalsRequest {}).await.unwrap().into_inner().signals);
+    assert_eq!(before.len(), 10);
+    for (t, target) in targets.iter().enumerate() {
+        // Each target's last disable/enable and risk, in the order they were acknowledged.
+        let last = 5 + t;
+        let enabled = if last % 2 == 0 { "false" } else { "true" };
+        assert!(before.contains(&("agent_enabled".into(), target.to_string(), enabled.into())), "{before:?}");
+        assert!(before.contains(&("agent_risk".into(), target.to_string(), ["low", "medium"][last % 2].into())));
+    }
+    let journal = std::fs::read_to_string(env.dir.path().join("state/signals.jsonl")).unwrap();
+    assert!(journal.lines().count() < 40, "the journal was never compacted: {} lines", journal.lines().count());
+
+    server.signal("KILL");
+    server.wait();
+    let server = Server::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let after =
+        listed(server.admin().await.list_signals(pb::ListSignalsRequest {}).await.unwrap().into_inner().signals);
+    assert_eq!(before, after);
+}

@@ -33,6 +33,9 @@ pub struct ServeArgs {
     /// Do not reload when the policies folder changes (SIGHUP and the admin call still do).
     #[arg(long)]
     no_watch: bool,
+    /// Compact the signal journal once it holds this many more lines than live signals.
+    #[arg(long, default_value_t = 10_000, hide = true)]
+    journal_compact_after: u64,
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_message_bytes: usize,
@@ -107,7 +110,8 @@ async fn serve(args: ServeArgs) -> u8 {
     };
     let live = Overlay::new();
     let journal = match Journal::open(&args.state, &live) {
-        Ok((journal, replayed)) => {
+        Ok((mut journal, replayed)) => {
+            journal.set_compact_after(args.journal_compact_after);
             for (line, error) in &replayed.skipped {
                 tracing::warn!(journal = %journal.path().display(), line, %error, "skipped an unreadable signal (a write cut by a crash)");
             }

@@ -234,3 +234,44 @@ fn explain_names_the_first_unmet_part() {
         ]
     );
 }
+
+#[test]
+fn an_action_group_in_the_schema_is_resolved_like_cedar() {
+    // The bundle's schema puts call_api in request_token: `action in Action::"request_token"`
+    // then covers call_api too, and the index must file the forbid under both.
+    let dir = tempfile::tempdir().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for f in ["directory.json", "locations.json"] {
+        std::fs::copy(sample.join(f), dir.path().join(f)).unwrap();
+    }
+    let schema = std::fs::read_to_string(sample.join("schema.cedarschema")).unwrap();
+    let grouped =
+        schema.replace("action call_api appliesTo {", "action call_api in [Action::\"request_token\"] appliesTo {");
+    assert_ne!(schema, grouped);
+    std::fs::write(dir.path().join("schema.cedarschema"), grouped).unwrap();
+    std::fs::write(
+        dir.path().join("p.cedar"),
+        r#"@id("allow-all") permit(principal, action, resource);
+           @id("no-tokens") forbid(principal, action in Action::"request_token", resource);
+           @id("no-exact") forbid(principal, action == Action::"request_token", resource) when { context.flow == "agent_user" };"#,
+    )
+    .unwrap();
+    let snap = Snapshot::load(dir.path()).unwrap();
+    let call = request(
+        r#"{"agent": "ag-support-01", "resource": "tickets", "action": "call_api", "method": "GET", "path": "/"}"#,
+    );
+    let d = evaluate(&snap, &Overlay::new(), &call);
+    assert_eq!(codes(&d), ["no-tokens"]);
+
+    // Plain Cedar over the whole set agrees.
+    let (_, entry) = snap.agent("ag-support-01").unwrap();
+    let (_, resource) = snap.resource("tickets").unwrap();
+    let cedar = cedar_request(&snap, &call, &entry.uid, resource, RiskLevel::None).unwrap();
+    let mut all = PolicySet::new();
+    for p in &snap.bundle.policies {
+        all.add(p.policy.clone()).unwrap();
+    }
+    let full = snap.authorizer.is_authorized(&cedar, &all, &snap.entities);
+    assert_eq!(full.decision(), cedar_policy::Decision::Deny);
+    assert_eq!(full.diagnostics().reason().map(ToString::to_string).collect::<Vec<_>>(), ["no-tokens"]);
+}
