@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::grpc::load::{LoadConfig, run, serve_noop};
 use crate::grpc::pb;
+use crate::request::RawRequest;
 
 use super::exit;
 
@@ -44,7 +45,13 @@ pub fn run_load(args: LoadArgs) -> u8 {
         }
     };
     let request = match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(v) => to_proto(&v),
+        Ok(v) => match RawRequest::from_json(&v) {
+            Ok(raw) => pb::EvaluateRequest::from(raw),
+            Err(e) => {
+                eprintln!("agentca: invalid request `{}`: {e}", args.request.display());
+                return exit::FAILURE;
+            }
+        },
         Err(e) => {
             eprintln!("agentca: `{}` is not JSON: {e}", args.request.display());
             return exit::FAILURE;
@@ -65,23 +72,29 @@ pub fn run_load(args: LoadArgs) -> u8 {
             return exit::FAILURE;
         }
     };
+    let baseline = match &args.baseline {
+        None => None,
+        Some(addr) => match runtime.block_on(run(LoadConfig { target: addr.clone(), ..config.clone() })) {
+            Ok(r) => {
+                print_report(&format!("baseline {addr}"), &r);
+                Some(r)
+            }
+            Err(e) => {
+                eprintln!("agentca: {e}");
+                return exit::FAILURE;
+            }
+        },
+    };
     match runtime.block_on(run(config)) {
         Ok(r) => {
-            println!(
-                "{} requests in {:.1} s: {:.0} req/s; latency p50 {} us, p90 {} us, p99 {} us, max {} us; {} allow, {} deny, {} errors",
-                r.requests,
-                r.seconds,
-                r.per_second,
-                r.p50_us,
-                r.p90_us,
-                r.p99_us,
-                r.max_us,
-                r.allows,
-                r.denies,
-                r.errors
-            );
-            if let Some(e) = r.first_error {
-                println!("first error: {e}");
+            print_report(&format!("target   {}", args.target), &r);
+            if let Some(b) = baseline {
+                println!(
+                    "target / baseline: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
+                    r.per_second / b.per_second.max(f64::EPSILON),
+                    r.p50_us as f64 / b.p50_us.max(1) as f64,
+                    r.p99_us as f64 / b.p99_us.max(1) as f64
+                );
             }
             if r.errors == 0 { exit::OK } else { exit::FAILURE }
         }
@@ -92,26 +105,14 @@ pub fn run_load(args: LoadArgs) -> u8 {
     }
 }
 
-fn to_proto(v: &serde_json::Value) -> pb::EvaluateRequest {
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-    pb::EvaluateRequest {
-        agent: s("agent"),
-        resource: s("resource"),
-        action: s("action"),
-        scopes: v
-            .get("scopes")
-            .and_then(|x| x.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
-            .unwrap_or_default(),
-        flow: s("flow"),
-        grant_type: s("grant_type"),
-        user: s("user"),
-        client_ip: s("client_ip"),
-        time: s("time"),
-        signin_risk: s("signin_risk"),
-        request_id: s("request_id"),
-        method: s("method"),
-        path: s("path"),
+fn print_report(label: &str, r: &crate::grpc::load::LoadReport) {
+    println!(
+        "{label}: {} requests in {:.1} s: {:.0} req/s; latency p50 {} us, p90 {} us, p99 {} us, max {} us; \
+         {} allow, {} deny, {} errors",
+        r.requests, r.seconds, r.per_second, r.p50_us, r.p90_us, r.p99_us, r.max_us, r.allows, r.denies, r.errors
+    );
+    if let Some(e) = &r.first_error {
+        println!("{label}: first error: {e}");
     }
 }
 

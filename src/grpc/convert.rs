@@ -30,6 +30,26 @@ impl From<pb::EvaluateRequest> for RawRequest {
     }
 }
 
+impl From<RawRequest> for pb::EvaluateRequest {
+    fn from(r: RawRequest) -> Self {
+        pb::EvaluateRequest {
+            agent: r.agent.unwrap_or_default(),
+            resource: r.resource.unwrap_or_default(),
+            action: r.action.unwrap_or_default(),
+            scopes: r.scopes,
+            flow: r.flow.unwrap_or_default(),
+            grant_type: r.grant_type.unwrap_or_default(),
+            user: r.user.unwrap_or_default(),
+            client_ip: r.client_ip.unwrap_or_default(),
+            time: r.time.unwrap_or_default(),
+            signin_risk: r.signin_risk.unwrap_or_default(),
+            request_id: r.request_id.unwrap_or_default(),
+            method: r.method.unwrap_or_default(),
+            path: r.path.unwrap_or_default(),
+        }
+    }
+}
+
 pub fn verdict(v: Verdict) -> i32 {
     match v {
         Verdict::Allow => pb::Verdict::Allow as i32,

@@ -115,26 +115,7 @@ impl Drop for Server {
 
 /// The proto request of a JSON request (as for `agentca eval`).
 pub fn proto_request(v: &serde_json::Value) -> pb::EvaluateRequest {
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-    pb::EvaluateRequest {
-        agent: s("agent"),
-        resource: s("resource"),
-        action: s("action"),
-        scopes: v
-            .get("scopes")
-            .and_then(|x| x.as_array())
-            .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
-            .unwrap_or_default(),
-        flow: s("flow"),
-        grant_type: s("grant_type"),
-        user: s("user"),
-        client_ip: s("client_ip"),
-        time: s("time"),
-        signin_risk: s("signin_risk"),
-        request_id: s("request_id"),
-        method: s("method"),
-        path: s("path"),
-    }
+    pb::EvaluateRequest::from(agentca::request::RawRequest::from_json(v).unwrap())
 }
 
 pub fn token_request(agent: &str, resource: &str, scope: &str) -> pb::EvaluateRequest {
