@@ -94,13 +94,7 @@ impl Case {
 fn slice_size(snap: &Snapshot, req: &Request) -> usize {
     let (agent, _) = snap.agent(&req.agent).unwrap();
     let (resource, _) = snap.resource(&req.resource).unwrap();
-    let keys = Keys {
-        agent: &agent.id,
-        blueprint: &agent.blueprint,
-        sponsor: &agent.sponsor,
-        action: req.action,
-        resource: &resource.id,
-    };
+    let keys = Keys::of(agent, &resource.id, req.action);
     snap.index.slices(&keys).map(|s| s.on.len() + s.report_only.len()).sum()
 }
 

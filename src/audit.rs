@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, onesho
 
 use crate::engine::Decision;
 use crate::request::Request;
+use crate::snapshot::Snapshot;
 
 /// The version of the record layout.
 pub const RECORD_VERSION: u32 = 1;
@@ -711,21 +712,18 @@ pub struct DecisionRecord<'a> {
 }
 
 impl<'a> DecisionRecord<'a> {
-    pub fn new(
-        request: &'a Request,
-        decision: &'a Decision,
-        blueprint: Option<&'a str>,
-        sponsor: Option<&'a str>,
-        caller: &'a Caller,
-    ) -> Self {
+    /// The record of `decision`, with the agent's blueprint and sponsor from the snapshot
+    /// that decided it.
+    pub fn new(snap: &'a Snapshot, request: &'a Request, decision: &'a Decision, caller: &'a Caller) -> Self {
+        let agent = snap.agent(&request.agent).map(|(a, _)| a);
         DecisionRecord {
             kind: "decision",
             time: Utc::now(),
             decision_id: &decision.decision_id,
             request_id: decision.request_id.as_deref(),
             request,
-            blueprint,
-            sponsor,
+            blueprint: agent.map(|a| a.blueprint.as_str()),
+            sponsor: agent.map(|a| a.sponsor.as_str()),
             decision: decision.decision,
             reasons: &decision.reasons,
             report_only: &decision.report_only,

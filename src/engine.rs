@@ -187,13 +187,7 @@ fn decide(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
             );
         }
     };
-    let keys = Keys {
-        agent: &agent.id,
-        blueprint: &agent.blueprint,
-        sponsor: &agent.sponsor,
-        action: req.action,
-        resource: &resource.id,
-    };
+    let keys = Keys::of(agent, &resource.id, req.action);
     let evaluated = snap.index.evaluate(&keys, &cedar_request, &snap.entities);
     combine(evaluated, revision, req.request_id.clone())
 }

@@ -18,7 +18,7 @@ use cedar_policy_core::evaluator::Evaluator;
 use cedar_policy_core::extensions::Extensions;
 
 use crate::bundle::{BundlePolicy, PolicyState};
-use crate::directory::EntityTypes;
+use crate::directory::{Agent, EntityTypes};
 use crate::request::Action;
 
 /// A policy ready to evaluate: what a decision reports of it, and its compiled condition.
@@ -26,7 +26,6 @@ use crate::request::Action;
 pub struct Compiled {
     pub id: Arc<str>,
     pub effect: Effect,
-    pub state: PolicyState,
     pub reason: Arc<str>,
     /// Position in the bundle, so that reasons come out in a stable order.
     pub order: usize,
@@ -72,8 +71,6 @@ pub struct Index {
     sponsors: HashMap<Box<str>, Scope>,
     /// Policies that can never apply to an agent (their scope names another type).
     pub unreachable: Vec<Arc<str>>,
-    /// Enforced and report-only policies held (off ones are not).
-    pub policies: usize,
 }
 
 /// The keys of one request.
@@ -84,6 +81,13 @@ pub struct Keys<'a> {
     pub sponsor: &'a str,
     pub action: Action,
     pub resource: &'a str,
+}
+
+impl<'a> Keys<'a> {
+    /// The keys of a request by `agent` for `resource` (its canonical id, not an audience).
+    pub fn of(agent: &'a Agent, resource: &'a str, action: Action) -> Self {
+        Keys { agent: &agent.id, blueprint: &agent.blueprint, sponsor: &agent.sponsor, action, resource }
+    }
 }
 
 impl Index {
@@ -113,15 +117,8 @@ impl Index {
             // action and resource are its keys, so the scope holds whenever the slice is
             // evaluated (the differential test checks it), and only the body is left to Cedar.
             let condition = ast.non_scope_constraints().cloned().unwrap_or_else(|| Expr::val(true));
-            let compiled = Arc::new(Compiled {
-                id: p.id.clone(),
-                effect: p.effect,
-                state: p.state,
-                reason: p.reason.clone(),
-                order,
-                condition,
-            });
-            index.policies += 1;
+            let compiled =
+                Arc::new(Compiled { id: p.id.clone(), effect: p.effect, reason: p.reason.clone(), order, condition });
             for action in actions {
                 let target = &mut scope.actions[action.index()];
                 let slice = match &resource {
@@ -166,17 +163,6 @@ impl Index {
             }
         }
         out
-    }
-
-    /// How many distinct scopes hold policies, and how many slices in all.
-    pub fn shape(&self) -> (usize, usize) {
-        let slices = |s: &Scope| s.actions.iter().map(|t| 1 + t.by_resource.len()).sum::<usize>();
-        let scopes = 1 + self.agents.len() + self.blueprints.len() + self.sponsors.len();
-        let total = slices(&self.global)
-            + self.agents.values().map(slices).sum::<usize>()
-            + self.blueprints.values().map(slices).sum::<usize>()
-            + self.sponsors.values().map(slices).sum::<usize>();
-        (scopes, total)
     }
 }
 

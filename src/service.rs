@@ -82,11 +82,10 @@ impl Service {
             }));
         }
         // Every record is queued before any is awaited, so one fsync covers the batch.
-        let audits = pending.iter().map(|item| async {
-            match item {
-                Ok((request, decision)) => Ok(self.audited(&snap, request, decision.clone(), caller).await),
-                Err(e) => Err(e.clone()),
-            }
+        let snap = &snap;
+        let audits = pending.into_iter().map(|item| async move {
+            let (request, decision) = item?;
+            Ok(self.audited(snap, &request, decision, caller).await)
         });
         futures::future::join_all(audits).await
     }
@@ -95,11 +94,7 @@ impl Service {
         if !self.audit.is_on() {
             return decision;
         }
-        let (blueprint, sponsor) = match snap.agent(&request.agent) {
-            Some((agent, _)) => (Some(agent.blueprint.as_str()), Some(agent.sponsor.as_str())),
-            None => (None, None),
-        };
-        let body = audit::body(&DecisionRecord::new(request, &decision, blueprint, sponsor, caller));
+        let body = audit::body(&DecisionRecord::new(snap, request, &decision, caller));
         match self.audit.submit(body).await {
             Ok(()) => decision,
             Err(refused) => {

@@ -269,13 +269,6 @@ impl Overlay {
         self.put(&self.sponsor_active, id, live);
     }
 
-    /// Forgets a risk set by a signal: the directory's level applies again.
-    pub fn clear_agent_risk(&self, id: &str) {
-        if self.agent_risk.remove(id).is_some() {
-            self.count.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
     /// Applies a signal to the overlay.
     pub fn apply(&self, s: &Signal) {
         let flag = |v: Value| matches!(v, Value::Flag(true));

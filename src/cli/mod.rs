@@ -150,14 +150,7 @@ fn audit_decision(
 ) -> Result<(), u8> {
     let Some(audit) = audit else { return Ok(()) };
     let caller = crate::audit::Caller { peer: None, identity: std::env::var("USER").ok(), via: "cli" };
-    let agent = snap.agent(&request.agent).map(|(a, _)| a);
-    let record = crate::audit::DecisionRecord::new(
-        request,
-        decision,
-        agent.map(|a| a.blueprint.as_str()),
-        agent.map(|a| a.sponsor.as_str()),
-        &caller,
-    );
+    let record = crate::audit::DecisionRecord::new(snap, request, decision, &caller);
     audit.submit_blocking(crate::audit::body(&record)).map_err(|e| {
         eprintln!("agentca: audit: {e}");
         exit::FAILURE

@@ -229,7 +229,7 @@ proptest! {
             let (a, entry) = snap.agent(&agent).unwrap();
             let (_, resource_uid) = snap.resource(&resource).unwrap();
             let cedar = cedar_request(&snap, &req, &entry.uid, resource_uid, a.risk).unwrap();
-            let keys = Keys { agent: &a.id, blueprint: &a.blueprint, sponsor: &a.sponsor, action: req.action, resource: &resource };
+            let keys = Keys::of(a, &resource, req.action);
             let got = snap.index.evaluate(&keys, &cedar, &snap.entities);
 
             let full = authorizer.is_authorized(&cedar, &full_on, &snap.entities);

@@ -191,7 +191,7 @@ fn live_signals_override_the_directory() {
 
     live.set_agent_risk("ag-mail-01", Live { value: RiskLevel::High, mark: mark("confirmed compromised") });
     assert_eq!(codes(&evaluate(&snap, &live, &req)), ["block-high-risk-agents"]);
-    live.clear_agent_risk("ag-mail-01");
+    live.set_agent_risk("ag-mail-01", Live { value: RiskLevel::None, mark: mark("confirmed safe") });
 
     live.set_blueprint_enabled("bp-mail", Live { value: false, mark: mark("") });
     assert_eq!(codes(&evaluate(&snap, &live, &req)), ["blueprint_disabled"]);

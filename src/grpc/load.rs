@@ -163,15 +163,3 @@ pub async fn serve_noop(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }
-
-/// Waits up to `within` for a server to accept connections at `addr`.
-pub async fn wait_ready(addr: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if connect(addr).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
