@@ -22,7 +22,7 @@ use crate::bundle::PolicyState;
 use crate::directory::{EntityTypes, RiskLevel};
 use crate::index::{Compiled, Evaluated, Keys};
 use crate::request::{Action, Request};
-use crate::signals::{Live, Overlay};
+use crate::signals::{LiveRef, Overlay};
 use crate::snapshot::{AgentEntry, Snapshot};
 
 /// Allow or deny.
@@ -214,39 +214,43 @@ fn guard_reasons(
     let agent = &snap.bundle.directory.agents[entry.index];
     let blueprint = snap.blueprint_of(entry);
     let sponsor = snap.sponsor_of(entry);
-    let why = |live: &Live<bool>| {
-        let reason = if live.mark.reason.is_empty() { String::new() } else { format!(": {}", live.mark.reason) };
-        format!(" by {} at {}{reason}", live.mark.by, live.mark.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-    };
-    match live.agent_enabled(&agent.id) {
-        Some(l) if !l.value => push(ReasonCode::AgentDisabled, format!("agent `{}` was disabled{}", agent.id, why(&l))),
-        None if !agent.enabled => {
-            push(ReasonCode::AgentDisabled, format!("agent `{}` is disabled in the directory", agent.id))
+    // A live value (a signal) wins over the directory's.
+    let mut flag = |live: Option<LiveRef<'_, bool>>,
+                    in_directory: bool,
+                    code: ReasonCode,
+                    what: String,
+                    (made, state): (&str, &str)| {
+        match live {
+            Some(l) if !l.value => {
+                let why = if l.mark.reason.is_empty() { String::new() } else { format!(": {}", l.mark.reason) };
+                let at = l.mark.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                push(code, format!("{what} was {made} by {} at {at}{why}", l.mark.by));
+            }
+            None if !in_directory => push(code, format!("{what} is {state} in the directory")),
+            _ => {}
         }
-        _ => {}
-    }
-    match live.blueprint_enabled(&blueprint.id) {
-        Some(l) if !l.value => push(
-            ReasonCode::BlueprintDisabled,
-            format!("blueprint `{}` of agent `{}` was disabled{}", blueprint.id, agent.id, why(&l)),
-        ),
-        None if !blueprint.enabled => push(
-            ReasonCode::BlueprintDisabled,
-            format!("blueprint `{}` of agent `{}` is disabled in the directory", blueprint.id, agent.id),
-        ),
-        _ => {}
-    }
-    match live.sponsor_active(&sponsor.id) {
-        Some(l) if !l.value => push(
-            ReasonCode::SponsorInactive,
-            format!("sponsor `{}` of agent `{}` was marked inactive{}", sponsor.id, agent.id, why(&l)),
-        ),
-        None if !sponsor.active => push(
-            ReasonCode::SponsorInactive,
-            format!("sponsor `{}` of agent `{}` is inactive in the directory", sponsor.id, agent.id),
-        ),
-        _ => {}
-    }
+    };
+    flag(
+        live.agent_enabled(&agent.id),
+        agent.enabled,
+        ReasonCode::AgentDisabled,
+        format!("agent `{}`", agent.id),
+        ("disabled", "disabled"),
+    );
+    flag(
+        live.blueprint_enabled(&blueprint.id),
+        blueprint.enabled,
+        ReasonCode::BlueprintDisabled,
+        format!("blueprint `{}` of agent `{}`", blueprint.id, agent.id),
+        ("disabled", "disabled"),
+    );
+    flag(
+        live.sponsor_active(&sponsor.id),
+        sponsor.active,
+        ReasonCode::SponsorInactive,
+        format!("sponsor `{}` of agent `{}`", sponsor.id, agent.id),
+        ("marked inactive", "inactive"),
+    );
     reasons
 }
 

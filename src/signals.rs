@@ -197,6 +197,16 @@ impl Signal {
     }
 }
 
+/// A live value borrowed from the overlay (a shard read lock: keep it briefly).
+pub struct LiveRef<'a, T>(dashmap::mapref::one::Ref<'a, String, Live<T>>);
+
+impl<T> std::ops::Deref for LiveRef<'_, T> {
+    type Target = Live<T>;
+    fn deref(&self) -> &Live<T> {
+        self.0.value()
+    }
+}
+
 /// The overlay of live state. Lookups are lock-free on distinct keys (dashmap shards).
 #[derive(Debug, Default)]
 pub struct Overlay {
@@ -219,32 +229,28 @@ impl Overlay {
         self.count.load(Ordering::Acquire) > 0
     }
 
-    pub fn agent_enabled(&self, id: &str) -> Option<Live<bool>> {
-        if !self.any() {
-            return None;
-        }
-        self.agent_enabled.get(id).map(|l| l.clone())
+    pub fn agent_enabled(&self, id: &str) -> Option<LiveRef<'_, bool>> {
+        self.get(&self.agent_enabled, id)
     }
 
-    pub fn agent_risk(&self, id: &str) -> Option<Live<RiskLevel>> {
-        if !self.any() {
-            return None;
-        }
-        self.agent_risk.get(id).map(|l| l.clone())
+    pub fn agent_risk(&self, id: &str) -> Option<LiveRef<'_, RiskLevel>> {
+        self.get(&self.agent_risk, id)
     }
 
-    pub fn blueprint_enabled(&self, id: &str) -> Option<Live<bool>> {
-        if !self.any() {
-            return None;
-        }
-        self.blueprint_enabled.get(id).map(|l| l.clone())
+    pub fn blueprint_enabled(&self, id: &str) -> Option<LiveRef<'_, bool>> {
+        self.get(&self.blueprint_enabled, id)
     }
 
-    pub fn sponsor_active(&self, id: &str) -> Option<Live<bool>> {
+    pub fn sponsor_active(&self, id: &str) -> Option<LiveRef<'_, bool>> {
+        self.get(&self.sponsor_active, id)
+    }
+
+    /// A live value, read in place (no copy of its mark); skipped when nothing is live.
+    fn get<'a, T>(&self, map: &'a DashMap<String, Live<T>>, id: &str) -> Option<LiveRef<'a, T>> {
         if !self.any() {
             return None;
         }
-        self.sponsor_active.get(id).map(|l| l.clone())
+        map.get(id).map(LiveRef)
     }
 
     fn put<T>(&self, map: &DashMap<String, Live<T>>, id: &str, live: Live<T>) {

@@ -6,7 +6,7 @@ use chrono::Utc;
 
 use super::*;
 use crate::request::RawRequest;
-use crate::signals::Mark;
+use crate::signals::{Live, Mark};
 
 fn sample() -> Snapshot {
     Snapshot::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies").as_path()).unwrap()
