@@ -218,15 +218,15 @@ fn guard_reasons(
     let mut flag = |live: Option<LiveRef<'_, bool>>,
                     in_directory: bool,
                     code: ReasonCode,
-                    what: String,
+                    what: &dyn Fn() -> String,
                     (made, state): (&str, &str)| {
         match live {
             Some(l) if !l.value => {
                 let why = if l.mark.reason.is_empty() { String::new() } else { format!(": {}", l.mark.reason) };
                 let at = l.mark.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-                push(code, format!("{what} was {made} by {} at {at}{why}", l.mark.by));
+                push(code, format!("{} was {made} by {} at {at}{why}", what(), l.mark.by));
             }
-            None if !in_directory => push(code, format!("{what} is {state} in the directory")),
+            None if !in_directory => push(code, format!("{} is {state} in the directory", what())),
             _ => {}
         }
     };
@@ -234,21 +234,21 @@ fn guard_reasons(
         live.agent_enabled(&agent.id),
         agent.enabled,
         ReasonCode::AgentDisabled,
-        format!("agent `{}`", agent.id),
+        &|| format!("agent `{}`", agent.id),
         ("disabled", "disabled"),
     );
     flag(
         live.blueprint_enabled(&blueprint.id),
         blueprint.enabled,
         ReasonCode::BlueprintDisabled,
-        format!("blueprint `{}` of agent `{}`", blueprint.id, agent.id),
+        &|| format!("blueprint `{}` of agent `{}`", blueprint.id, agent.id),
         ("disabled", "disabled"),
     );
     flag(
         live.sponsor_active(&sponsor.id),
         sponsor.active,
         ReasonCode::SponsorInactive,
-        format!("sponsor `{}` of agent `{}`", sponsor.id, agent.id),
+        &|| format!("sponsor `{}` of agent `{}`", sponsor.id, agent.id),
         ("marked inactive", "inactive"),
     );
     reasons
