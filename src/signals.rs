@@ -371,10 +371,21 @@ pub struct JournalError {
     pub source: io::Error,
 }
 
+/// The open journal file: its sequence, and its length after the last whole, synced line.
+struct Tail {
+    file: File,
+    seq: u64,
+    /// Appends go here. A failed append is cut back to it before anything else is written,
+    /// so a torn fragment never shares a line with a signal that is acknowledged later.
+    len: u64,
+    /// A failed append could not be cut back yet: no signal is taken until it is.
+    torn: bool,
+}
+
 /// The durable journal: a signal is appended and fsynced before it is acknowledged.
 pub struct Journal {
     path: PathBuf,
-    file: Mutex<(File, u64)>,
+    file: Mutex<Tail>,
     /// Compact when the journal holds this many more lines than live values.
     compact_after: u64,
     lines: AtomicU64,
@@ -416,12 +427,22 @@ impl Journal {
                         replayed.skipped.push((i, "the line has no newline: its write was cut".into()));
                         torn_tail = Some(start);
                     }
-                    Err(e) => {
-                        replayed.skipped.push((i, e.to_string()));
-                        if !whole {
-                            torn_tail = Some(start);
+                    Err(e) => match glued_entry(&line).filter(|_| whole) {
+                        // A journal written before failed appends were cut back can hold a
+                        // torn fragment with an acknowledged signal glued after it.
+                        Some(entry) => {
+                            overlay.apply(&entry.signal);
+                            last_seq = last_seq.max(entry.seq);
+                            replayed.applied += 1;
+                            replayed.skipped.push((i, format!("a torn fragment before signal #{} was skipped", entry.seq)));
                         }
-                    }
+                        None => {
+                            replayed.skipped.push((i, e.to_string()));
+                            if !whole {
+                                torn_tail = Some(start);
+                            }
+                        }
+                    },
                 }
                 line.clear();
             }
@@ -433,8 +454,9 @@ impl Journal {
             }
         }
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(err)?;
-        let journal =
-            Journal { path, file: Mutex::new((file, last_seq)), compact_after: 10_000, lines: AtomicU64::new(lines) };
+        let len = file.metadata().map_err(err)?.len();
+        let tail = Tail { file, seq: last_seq, len, torn: false };
+        let journal = Journal { path, file: Mutex::new(tail), compact_after: 10_000, lines: AtomicU64::new(lines) };
         Ok((journal, replayed))
     }
 
@@ -447,18 +469,30 @@ impl Journal {
         self.compact_after = lines.max(1);
     }
 
-    /// Appends a signal and fsyncs it; returns its sequence number.
+    /// Appends a signal and fsyncs it; returns its sequence number. On failure (a full disk)
+    /// the journal is cut back to its last whole line, so that a restart replays exactly the
+    /// signals that were acknowledged.
     pub fn append(&self, signal: &Signal) -> Result<u64, JournalError> {
         let err = |source| JournalError { path: self.path.display().to_string(), source };
         let mut guard = self.file.lock().map_err(|_| err(io::Error::other("journal lock poisoned")))?;
-        let (file, seq) = &mut *guard;
-        let entry = Entry { seq: *seq + 1, signal: signal.clone() };
+        let tail = &mut *guard;
+        if tail.torn {
+            cut_back(tail).map_err(err)?;
+        }
+        let entry = Entry { seq: tail.seq + 1, signal: signal.clone() };
         let mut line = serde_json::to_vec(&entry).map_err(|e| err(io::Error::other(e)))?;
         line.push(b'\n');
-        file.write_all(&line).and_then(|()| file.sync_data()).map_err(err)?;
-        *seq += 1;
+        if let Err(e) = tail.file.write_all(&line).and_then(|()| tail.file.sync_data()) {
+            tail.torn = true;
+            if let Err(cut) = cut_back(tail) {
+                tracing::error!(journal = %self.path.display(), error = %cut, "cannot cut a failed append back; no signal is taken until it can");
+            }
+            return Err(err(e));
+        }
+        tail.len += line.len() as u64;
+        tail.seq += 1;
         self.lines.fetch_add(1, Ordering::Relaxed);
-        Ok(*seq)
+        Ok(tail.seq)
     }
 
     /// Rewrites the journal as one signal per live value, if it has grown well past that.
@@ -475,10 +509,12 @@ impl Journal {
     pub fn compact(&self, overlay: &Overlay) -> Result<(), JournalError> {
         let err = |source| JournalError { path: self.path.display().to_string(), source };
         let mut guard = self.file.lock().map_err(|_| err(io::Error::other("journal lock poisoned")))?;
-        let (file, seq) = &mut *guard;
+        let tail = &mut *guard;
         let tmp = self.path.with_extension("jsonl.compact");
         let mut out = File::create(&tmp).map_err(err)?;
         let entries = overlay.entries();
+        // The sequence moves on only once the compacted journal replaces the old one.
+        let mut seq = tail.seq;
         for (field, target, value, mark) in &entries {
             let signal = Signal {
                 kind: kind_for(*field, *value),
@@ -489,8 +525,8 @@ impl Journal {
                 actor: mark.by.clone(),
                 at: mark.at,
             };
-            *seq += 1;
-            let mut line = serde_json::to_vec(&Entry { seq: *seq, signal }).map_err(|e| err(io::Error::other(e)))?;
+            seq += 1;
+            let mut line = serde_json::to_vec(&Entry { seq, signal }).map_err(|e| err(io::Error::other(e)))?;
             line.push(b'\n');
             out.write_all(&line).map_err(err)?;
         }
@@ -501,10 +537,28 @@ impl Journal {
         {
             let _ = d.sync_all();
         }
-        *file = OpenOptions::new().append(true).open(&self.path).map_err(err)?;
+        let file = OpenOptions::new().append(true).open(&self.path).map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        *tail = Tail { file, seq, len, torn: false };
         self.lines.store(entries.len() as u64, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// The whole entry at the end of a line that starts with a torn fragment, if there is one.
+fn glued_entry(line: &[u8]) -> Option<Entry> {
+    const START: &[u8] = b"{\"seq\":";
+    (1..line.len())
+        .filter(|&i| line[i..].starts_with(START))
+        .find_map(|i| serde_json::from_slice::<Entry>(&line[i..]).ok())
+}
+
+/// Cuts the journal back to its last whole line and makes that durable.
+fn cut_back(tail: &mut Tail) -> io::Result<()> {
+    tail.file.set_len(tail.len)?;
+    tail.file.sync_all()?;
+    tail.torn = false;
+    Ok(())
 }
 
 /// The signal kind that sets `field` to `value` (used when compacting).
@@ -572,6 +626,28 @@ mod tests {
         let (_, replayed) = Journal::open(dir.path(), &overlay).unwrap();
         assert_eq!((replayed.applied, replayed.skipped.len()), (4, 0));
         assert_eq!(overlay.agent_enabled("ag-1").map(|l| l.value), Some(true));
+    }
+
+    #[test]
+    fn a_signal_glued_to_a_torn_fragment_is_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let overlay = Overlay::new();
+        let (journal, _) = Journal::open(dir.path(), &overlay).unwrap();
+        journal.append(&signal("set_risk", "ag-2", "low")).unwrap();
+        drop(journal);
+        // What a failed append left behind before appends were cut back.
+        let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
+        let entry = Entry { seq: 2, signal: signal("disable_agent", "ag-1", "") };
+        let mut line = b"{\"seq\":2,\"kind\":\"disa".to_vec();
+        line.extend(serde_json::to_vec(&entry).unwrap());
+        line.push(b'\n');
+        f.write_all(&line).unwrap();
+        drop(f);
+        let overlay = Overlay::new();
+        let (journal, replayed) = Journal::open(dir.path(), &overlay).unwrap();
+        assert_eq!(replayed.applied, 2);
+        assert_eq!(overlay.agent_enabled("ag-1").map(|l| l.value), Some(false));
+        assert_eq!(journal.append(&signal("enable_agent", "ag-3", "")).unwrap(), 3);
     }
 
     #[test]
