@@ -85,3 +85,78 @@ async fn an_acknowledged_signal_survives_a_full_disk_and_a_restart() {
     assert_eq!(d.reasons[0].code, "agent_disabled", "{d:?}\n{}", server.log());
     assert!(!server.log().contains("skipped an unreadable signal"), "{}", server.log());
 }
+
+/// How `agentca serve ARGS` ended: it started listening (then it is stopped), or it exited.
+#[derive(Debug)]
+enum Started {
+    Listening,
+    Exited(Option<i32>, String),
+}
+
+fn try_serve(args: &[&str], env: &[(&str, &str)]) -> Started {
+    use std::io::BufRead;
+    let state = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_agentca"));
+    command
+        .arg("serve")
+        .args(["--audit", "off", "--no-watch", "--state", state.path().to_str().unwrap()])
+        .args(args)
+        .current_dir(common::root())
+        .env_remove("AGENTCA_ADMIN_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut log = String::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.starts_with("agentca listening on ") {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return Started::Listening;
+        }
+        log.push_str(&line);
+        log.push('\n');
+    }
+    Started::Exited(child.wait().unwrap().code(), log)
+}
+
+#[test]
+fn an_open_admin_port_is_refused_off_loopback() {
+    // No token on a non-loopback address: refused, saying how to fix it.
+    match try_serve(&["--listen", "0.0.0.0:0"], &[]) {
+        Started::Exited(Some(1), log) => {
+            assert!(log.contains("refusing to serve AdminService without authentication"), "{log}");
+            assert!(log.contains("--admin-token") && log.contains("--insecure-admin"), "{log}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match try_serve(&["--listen", "[::]:0"], &[]) {
+        Started::Exited(Some(1), _) => {}
+        other => panic!("{other:?}"),
+    }
+    // An empty token is an error, not "no token", from the flag or the environment.
+    for (args, env) in [
+        (vec!["--admin-token", ""], vec![]),
+        (vec!["--admin-token", "  "], vec![]),
+        (vec![], vec![("AGENTCA_ADMIN_TOKEN", "")]),
+        (vec!["--listen", "0.0.0.0:0"], vec![("AGENTCA_ADMIN_TOKEN", "")]),
+    ] {
+        match try_serve(&args, &env) {
+            Started::Exited(Some(1), log) => assert!(log.contains("empty"), "{args:?} {env:?}: {log}"),
+            other => panic!("{args:?} {env:?}: {other:?}"),
+        }
+    }
+    // Loopback without a token, a token anywhere, or the explicit opt-out: served.
+    for (args, env) in [
+        (vec!["--listen", "127.0.0.1:0"], vec![]),
+        (vec!["--listen", "0.0.0.0:0", "--admin-token", "s3cret"], vec![]),
+        (vec!["--listen", "0.0.0.0:0"], vec![("AGENTCA_ADMIN_TOKEN", "s3cret")]),
+        (vec!["--listen", "0.0.0.0:0", "--insecure-admin"], vec![]),
+    ] {
+        assert!(matches!(try_serve(&args, &env), Started::Listening), "{args:?} {env:?}");
+    }
+}

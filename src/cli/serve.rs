@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// Require `authorization: Bearer TOKEN` on AdminService calls.
     #[arg(long, env = "AGENTCA_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Serve AdminService without a token on a non-loopback address (anyone who can reach the
+    /// port can then re-enable a disabled agent).
+    #[arg(long)]
+    insecure_admin: bool,
     /// Do not reload when the policies folder changes (SIGHUP and the admin call still do).
     #[arg(long)]
     no_watch: bool,
@@ -92,7 +96,39 @@ pub fn run(args: ServeArgs) -> u8 {
     runtime.block_on(serve(args))
 }
 
+/// Refuses an admin port that anyone on the network could use: without a token, AdminService
+/// is served only on a loopback address, unless `--insecure-admin` says so on purpose.
+fn check_admin_access(args: &ServeArgs) -> Result<(), String> {
+    let from_env = std::env::var_os("AGENTCA_ADMIN_TOKEN").is_some_and(|v| v.is_empty());
+    match args.admin_token.as_deref() {
+        Some(t) if t.trim().is_empty() => {
+            return Err("the admin token is empty: give a token (--admin-token or AGENTCA_ADMIN_TOKEN), or none at all".into());
+        }
+        Some(t) if t.chars().any(char::is_control) || t.contains(' ') => {
+            return Err("the admin token must not contain spaces or control characters".into());
+        }
+        Some(_) => return Ok(()),
+        None if from_env => {
+            return Err("AGENTCA_ADMIN_TOKEN is set but empty: give a token, or unset it".into());
+        }
+        None => {}
+    }
+    if args.listen.ip().is_loopback() || args.insecure_admin {
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to serve AdminService without authentication on {}, which is not a loopback address: \
+         anyone who can reach it could re-enable a disabled agent. Set --admin-token (or AGENTCA_ADMIN_TOKEN), \
+         listen on 127.0.0.1, or pass --insecure-admin to accept the risk",
+        args.listen
+    ))
+}
+
 async fn serve(args: ServeArgs) -> u8 {
+    if let Err(message) = check_admin_access(&args) {
+        eprintln!("agentca: {message}");
+        return exit::FAILURE;
+    }
     let dir = args.bundle.policies.clone();
     let store = match tokio::task::block_in_place(|| Store::open(&dir)) {
         Ok(s) => s,
@@ -139,7 +175,7 @@ async fn serve(args: ServeArgs) -> u8 {
     let snap = service.store.current();
     tracing::info!(%addr, revision = %snap.revision, policies = snap.bundle.policies.len(), audit = %service.audit.config().target.describe(), "serving");
     if args.admin_token.is_none() {
-        tracing::warn!("AdminService is open to anyone who can reach {addr}: set --admin-token");
+        tracing::warn!("AdminService has no token: anyone who can reach {addr} may send signals (set --admin-token)");
     }
     // Tests and scripts wait for this line.
     eprintln!("agentca listening on {addr}");
