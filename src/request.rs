@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Timelike, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -213,6 +213,11 @@ impl RawRequest {
 
     /// Checks every field and applies the defaults (`time` defaults to `now`).
     pub fn validate(self, now: DateTime<Utc>) -> Result<Request, RequestError> {
+        self.validate_with(now, None)
+    }
+
+    /// As `validate`, refusing a `time` more than `max_skew` away from `now` when one is given.
+    pub fn validate_with(self, now: DateTime<Utc>, max_skew: Option<TimeDelta>) -> Result<Request, RequestError> {
         let agent = id_field("agent", self.agent)?.ok_or_else(|| RequestError::field("agent", "is required"))?;
         let resource =
             id_field("resource", self.resource)?.ok_or_else(|| RequestError::field("resource", "is required"))?;
@@ -269,6 +274,29 @@ impl RawRequest {
                 })?
                 .with_timezone(&Utc),
         };
+        // chrono reads `23:59:60` as a leap second, which Cedar's datetime cannot hold.
+        if time.nanosecond() >= 1_000_000_000 {
+            return Err(RequestError::field(
+                "time",
+                format!(
+                    "`{}` is a leap second, which is not supported: use :59",
+                    shown(self.time.as_deref().unwrap_or(""))
+                ),
+            ));
+        }
+        if let Some(skew) = max_skew
+            && (time - now).abs() > skew
+        {
+            return Err(RequestError::field(
+                "time",
+                format!(
+                    "`{}` is more than {} s from the server's clock ({})",
+                    shown(self.time.as_deref().unwrap_or("")),
+                    skew.num_seconds(),
+                    now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+            ));
+        }
         let request_id = id_field("request_id", self.request_id)?;
         for scope in &self.scopes {
             if scope.is_empty()
@@ -388,6 +416,10 @@ fn id_field(field: &'static str, value: Option<String>) -> Result<Option<String>
         Some(v) if v.chars().any(char::is_control) => {
             Err(RequestError::field(field, "must not contain control characters"))
         }
+        // Ids are taken as sent, never trimmed: `ag-1 ` is not `ag-1`, and no id has spaces.
+        Some(v) if field != "request_id" && v.chars().any(char::is_whitespace) => {
+            Err(RequestError::field(field, format!("`{}` is not an id: an id has no whitespace", shown(&v))))
+        }
         Some(v) => Ok(Some(v)),
     }
 }
@@ -480,6 +512,36 @@ mod tests {
         }
         let bad_time = parse(r#"{"agent": "a", "resource": "r", "time": "27/11/2026"}"#).unwrap_err();
         assert!(bad_time.starts_with("field `time`: `27/11/2026` is not an RFC 3339 time"), "{bad_time}");
+    }
+
+    #[test]
+    fn ids_are_not_trimmed_and_leap_seconds_are_refused() {
+        let e = parse(r#"{"agent": "ag-1 ", "resource": "r"}"#).unwrap_err();
+        assert_eq!(e, "field `agent`: `ag-1 ` is not an id: an id has no whitespace");
+        let e = parse(r#"{"agent": "a", "resource": " r"}"#).unwrap_err();
+        assert!(e.starts_with("field `resource`:"), "{e}");
+        let e = parse(r#"{"agent": "a", "resource": "r", "time": "2016-12-31T23:59:60Z"}"#).unwrap_err();
+        assert_eq!(e, "field `time`: `2016-12-31T23:59:60Z` is a leap second, which is not supported: use :59");
+        assert!(parse(r#"{"agent": "a", "resource": "r", "request_id": "trace 42"}"#).is_ok());
+    }
+
+    #[test]
+    fn a_time_far_from_the_clock_is_refused_when_asked() {
+        let now = "2026-11-27T10:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        let raw = |t: &str| RawRequest {
+            agent: Some("a".into()),
+            resource: Some("r".into()),
+            time: Some(t.into()),
+            ..RawRequest::default()
+        };
+        let skew = Some(TimeDelta::seconds(300));
+        assert!(raw("2026-11-27T10:04:59Z").validate_with(now, skew).is_ok());
+        let e = raw("2026-11-27T09:50:00Z").validate_with(now, skew).unwrap_err().to_string();
+        assert!(
+            e.starts_with("field `time`: `2026-11-27T09:50:00Z` is more than 300 s from the server's clock"),
+            "{e}"
+        );
+        assert!(raw("2020-01-01T00:00:00Z").validate_with(now, None).is_ok());
     }
 
     #[test]

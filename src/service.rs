@@ -9,17 +9,35 @@ use chrono::Utc;
 use crate::audit::{self, Audit, Caller, DecisionRecord, Refused, ReloadRecord};
 use crate::engine::{Decision, ReasonCode, evaluate};
 use crate::request::{RawRequest, Request, RequestError};
-use crate::signals::{Journal, JournalError, Overlay, Signal};
+use crate::signals::{Field, Journal, JournalError, Overlay, Signal, SignalError};
 use crate::snapshot::{Reloaded, Snapshot, Store};
 
 /// Most requests in one `EvaluateBatch`.
 pub const MAX_BATCH: usize = 1000;
+
+/// What the service accepts, beyond the shape of each request.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Refuse a request whose `time` is further than this from the server's clock.
+    pub max_clock_skew: Option<chrono::TimeDelta>,
+    /// Most live signals for targets the served directory does not know.
+    pub max_unknown_signals: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { max_clock_skew: None, max_unknown_signals: 10_000 }
+    }
+}
 
 pub struct Service {
     pub store: Store,
     pub live: Overlay,
     pub journal: Option<Journal>,
     pub audit: Audit,
+    pub settings: Settings,
+    /// The journal's upkeep (compaction) error, reported once and shown in Status.
+    journal_error: std::sync::Mutex<Option<String>>,
     /// One signal at a time: journal order is apply order, a compaction sees every signal
     /// journaled before it, and one barrier wait is in progress at a time.
     signalling: tokio::sync::Mutex<()>,
@@ -38,14 +56,37 @@ pub enum SignalFailure {
     #[error("signals need a state folder (--state) to be durable")]
     NoJournal,
     #[error(transparent)]
+    Invalid(#[from] SignalError),
+    #[error(
+        "refusing a signal for `{target}`, which the served directory does not know: {live} signals for unknown \
+         targets are live already (the cap is {cap}, --max-unknown-signals); clear stale ones with `agentca admin clear ID`"
+    )]
+    TooManyUnknown { target: String, live: usize, cap: usize },
+    #[error("`{0}` has no live value to clear")]
+    NothingToClear(String),
+    #[error(transparent)]
     Journal(#[from] JournalError),
     #[error("the signal task failed")]
     Aborted,
 }
 
 impl Service {
-    pub fn new(store: Store, live: Overlay, journal: Option<Journal>, audit: Audit) -> Arc<Service> {
-        Arc::new(Service { store, live, journal, audit, signalling: tokio::sync::Mutex::new(()) })
+    pub fn new(
+        store: Store,
+        live: Overlay,
+        journal: Option<Journal>,
+        audit: Audit,
+        settings: Settings,
+    ) -> Arc<Service> {
+        Arc::new(Service {
+            store,
+            live,
+            journal,
+            audit,
+            settings,
+            journal_error: std::sync::Mutex::new(None),
+            signalling: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// Validates, decides and audits one request. Only malformed input is an error.
@@ -64,7 +105,7 @@ impl Service {
         let _in_flight = self.live.enter();
         let snap = self.store.current();
         complete(&snap, &mut raw);
-        let request = raw.validate(Utc::now())?;
+        let request = raw.validate_with(Utc::now(), self.settings.max_clock_skew)?;
         let decision = evaluate(&snap, &self.live, &request);
         Ok(self.audited(&snap, &request, decision, caller).await)
     }
@@ -76,7 +117,7 @@ impl Service {
         let now = Utc::now();
         let mut pending = Vec::with_capacity(raws.len());
         for raw in raws {
-            pending.push(raw.validate(now).map(|request| {
+            pending.push(raw.validate_with(now, self.settings.max_clock_skew).map(|request| {
                 let decision = evaluate(&snap, &self.live, &request);
                 (request, decision)
             }));
@@ -117,9 +158,59 @@ impl Service {
             .map_err(|_| SignalFailure::Aborted)?
     }
 
+    /// Removes the live value `field` of `target` (every live value of it when `field` is
+    /// None): the directory's values apply again. Journaled and acknowledged as a signal.
+    pub async fn clear(
+        self: &Arc<Self>,
+        target: &str,
+        field: Option<Field>,
+        reason: &str,
+        actor: &str,
+        caller: Caller,
+    ) -> Result<Vec<Signalled>, SignalFailure> {
+        crate::signals::check_text(target, reason, actor)?;
+        let fields: Vec<Field> = match field {
+            Some(f) => vec![f],
+            None => Field::ALL.to_vec(),
+        };
+        let fields: Vec<Field> = fields.into_iter().filter(|f| self.live.has(*f, target)).collect();
+        if fields.is_empty() {
+            return Err(SignalFailure::NothingToClear(target.to_string()));
+        }
+        let mut done = Vec::with_capacity(fields.len());
+        for f in fields {
+            done.push(self.signal(Signal::clear(f, target, reason, actor)?, caller.clone()).await?);
+        }
+        Ok(done)
+    }
+
+    /// Live signals whose target the directory of `snap` does not know.
+    pub fn unknown_signals(&self, snap: &Snapshot) -> usize {
+        self.live.count(|field, target| !knows(snap, field, target))
+    }
+
+    /// The journal's upkeep error, if its last compaction failed.
+    pub fn journal_error(&self) -> Option<String> {
+        self.journal_error.lock().ok().and_then(|e| e.clone())
+    }
+
     async fn take_signal(&self, signal: Signal, caller: &Caller) -> Result<Signalled, SignalFailure> {
         let journal = self.journal.as_ref().ok_or(SignalFailure::NoJournal)?;
         let _one_at_a_time = self.signalling.lock().await;
+        // Signals for ids the directory lacks are kept for agents yet to come, but not without
+        // bound: a flood of them would grow the overlay and the journal for ever.
+        let snap = self.store.current();
+        if signal.value != crate::signals::Value::Cleared
+            && !knows(&snap, signal.field, &signal.target)
+            && !self.live.has(signal.field, &signal.target)
+        {
+            let live = self.unknown_signals(&snap);
+            let cap = self.settings.max_unknown_signals;
+            if live >= cap {
+                return Err(SignalFailure::TooManyUnknown { target: signal.target.clone(), live, cap });
+            }
+        }
+        drop(snap);
         let seq = tokio::task::block_in_place(|| journal.append(&signal))?;
         self.live.apply(&signal);
         self.live.quiesce().await;
@@ -144,21 +235,28 @@ impl Service {
         // A signal's record waits for room whatever the overflow policy: signals are rare and
         // the signal already holds.
         let _ = self.audit.submit_waiting(audit::body(&record)).await;
-        if let Err(e) = tokio::task::block_in_place(|| journal.compact_if_needed(&self.live)) {
-            tracing::warn!(error = %e, "signal journal compaction failed; it will be retried");
-        }
+        let compacted = tokio::task::block_in_place(|| journal.compact_if_needed(&self.live));
+        self.note_journal_upkeep(compacted.err().map(|e| e.to_string()));
         Ok(Signalled { seq, signal, unknown_target })
+    }
+
+    /// Records the outcome of the journal's upkeep: an error is logged once, not per signal
+    /// (a read-only state folder fails every compaction), and shown in Status until it clears.
+    fn note_journal_upkeep(&self, error: Option<String>) {
+        let Ok(mut slot) = self.journal_error.lock() else { return };
+        match (&*slot, &error) {
+            (None, Some(e)) => {
+                tracing::error!(error = %e, "signal journal compaction failed; retried with later signals")
+            }
+            (Some(_), None) => tracing::info!("signal journal compaction succeeds again"),
+            _ => {}
+        }
+        *slot = error;
     }
 
     /// True if the signal names an agent, blueprint or sponsor the served directory lacks.
     pub fn unknown_target(&self, snap: &Snapshot, signal: &Signal) -> bool {
-        use crate::signals::Field;
-        let d = &snap.bundle.directory;
-        match signal.field {
-            Field::AgentEnabled | Field::AgentRisk => snap.agent(&signal.target).is_none(),
-            Field::BlueprintEnabled => !d.blueprints.iter().any(|b| b.id == signal.target),
-            Field::SponsorActive => !d.sponsors.iter().any(|s| s.id == signal.target),
-        }
+        !knows(snap, signal.field, &signal.target)
     }
 
     /// Reloads the bundle and records the outcome, to the end even if the caller goes away.
@@ -230,5 +328,14 @@ impl Service {
     /// False when the service must not take traffic: audit writes fail and the policy is deny.
     pub fn serving(&self) -> bool {
         self.audit.healthy() || self.audit.config().on_full != audit::OnFull::Deny
+    }
+}
+
+/// True if the directory of `snap` has the agent, blueprint or sponsor that `field` is about.
+fn knows(snap: &Snapshot, field: Field, target: &str) -> bool {
+    match field {
+        Field::AgentEnabled | Field::AgentRisk => snap.agent(target).is_some(),
+        Field::BlueprintEnabled => snap.blueprint(target).is_some(),
+        Field::SponsorActive => snap.sponsor(target).is_some(),
     }
 }

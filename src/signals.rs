@@ -47,10 +47,12 @@ pub enum SignalKind {
     ConfirmCompromised,
     ConfirmSafe,
     DismissRisk,
+    /// Removes a live value: the directory's value applies again.
+    Clear,
 }
 
 impl SignalKind {
-    pub const ALL: [SignalKind; 10] = [
+    pub const ALL: [SignalKind; 11] = [
         SignalKind::DisableAgent,
         SignalKind::EnableAgent,
         SignalKind::DisableBlueprint,
@@ -61,6 +63,7 @@ impl SignalKind {
         SignalKind::ConfirmCompromised,
         SignalKind::ConfirmSafe,
         SignalKind::DismissRisk,
+        SignalKind::Clear,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +78,7 @@ impl SignalKind {
             SignalKind::ConfirmCompromised => "confirm_compromised",
             SignalKind::ConfirmSafe => "confirm_safe",
             SignalKind::DismissRisk => "dismiss_risk",
+            SignalKind::Clear => "clear",
         }
     }
 }
@@ -100,6 +104,12 @@ pub enum Field {
 }
 
 impl Field {
+    pub const ALL: [Field; 4] = [Field::AgentEnabled, Field::AgentRisk, Field::BlueprintEnabled, Field::SponsorActive];
+
+    pub fn parse(s: &str) -> Option<Field> {
+        Field::ALL.into_iter().find(|f| f.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Field::AgentEnabled => "agent_enabled",
@@ -110,12 +120,13 @@ impl Field {
     }
 }
 
-/// A value a signal sets: a flag or a risk level.
+/// A value a signal sets: a flag, a risk level, or none (the live value is removed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Value {
     Flag(bool),
     Risk(RiskLevel),
+    Cleared,
 }
 
 impl std::fmt::Display for Value {
@@ -123,6 +134,7 @@ impl std::fmt::Display for Value {
         match self {
             Value::Flag(b) => write!(f, "{b}"),
             Value::Risk(r) => write!(f, "{r}"),
+            Value::Cleared => f.write_str("cleared"),
         }
     }
 }
@@ -139,6 +151,9 @@ pub struct Signal {
     pub at: DateTime<Utc>,
 }
 
+/// Longest reason a signal may carry, in bytes.
+pub const MAX_REASON_LEN: usize = 4096;
+
 /// A signal that cannot be taken: names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("field `{field}`: {message}")]
@@ -152,16 +167,7 @@ impl Signal {
     pub fn new(kind: &str, target: &str, risk: &str, reason: &str, actor: &str) -> Result<Signal, SignalError> {
         let err = |field, message: String| SignalError { field, message };
         let kind = SignalKind::from_str(kind).map_err(|m| err("kind", m))?;
-        let target = target.trim();
-        if target.is_empty() {
-            return Err(err("target", "is required: the agent, blueprint or sponsor id".into()));
-        }
-        if target.len() > crate::request::MAX_ID_LEN || target.chars().any(char::is_control) {
-            return Err(err("target", "is not an id".into()));
-        }
-        if reason.len() > 4096 || actor.len() > crate::request::MAX_ID_LEN {
-            return Err(err(if reason.len() > 4096 { "reason" } else { "actor" }, "is too long".into()));
-        }
+        check_text(target, reason, actor)?;
         let (field, value) = match kind {
             SignalKind::DisableAgent => (Field::AgentEnabled, Value::Flag(false)),
             SignalKind::EnableAgent => (Field::AgentEnabled, Value::Flag(true)),
@@ -176,6 +182,9 @@ impl Signal {
                     err("risk", format!("unknown risk level `{risk}`: expected one of none, low, medium, high"))
                 })?;
                 (Field::AgentRisk, Value::Risk(level))
+            }
+            SignalKind::Clear => {
+                return Err(err("kind", "`clear` names the live value to remove: see Signal::clear".into()));
             }
         };
         if kind != SignalKind::SetRisk && !risk.is_empty() {
@@ -192,9 +201,48 @@ impl Signal {
         })
     }
 
+    /// A signal that removes the live value `field` of `target`.
+    pub fn clear(field: Field, target: &str, reason: &str, actor: &str) -> Result<Signal, SignalError> {
+        check_text(target, reason, actor)?;
+        Ok(Signal {
+            kind: SignalKind::Clear,
+            field,
+            target: target.to_string(),
+            value: Value::Cleared,
+            reason: reason.to_string(),
+            actor: if actor.is_empty() { "unknown".into() } else { actor.to_string() },
+            at: Utc::now(),
+        })
+    }
+
     fn mark(&self) -> Mark {
         Mark { by: self.actor.clone(), reason: self.reason.clone(), at: self.at }
     }
+}
+
+/// Checks a signal's target, reason and actor.
+pub fn check_text(target: &str, reason: &str, actor: &str) -> Result<(), SignalError> {
+    let err = |field, message: String| SignalError { field, message };
+    if target.is_empty() {
+        return Err(err("target", "is required: the agent, blueprint or sponsor id".into()));
+    }
+    // As for a request's ids: taken as sent, never trimmed, and no id has whitespace.
+    if target.len() > crate::request::MAX_ID_LEN || target.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(err(
+            "target",
+            format!("is not an id: at most {} bytes, no whitespace or control characters", crate::request::MAX_ID_LEN),
+        ));
+    }
+    for (field, text, max) in [("reason", reason, MAX_REASON_LEN), ("actor", actor, crate::request::MAX_ID_LEN)] {
+        if text.len() > max {
+            return Err(err(field, format!("is longer than {max} bytes")));
+        }
+        // Reasons and actors are printed to terminals and logs: no escape sequences or line breaks.
+        if text.chars().any(char::is_control) {
+            return Err(err(field, "must not contain control characters (escapes, line breaks, tabs)".into()));
+        }
+    }
+    Ok(())
 }
 
 /// A live value borrowed from the overlay (a shard read lock: keep it briefly).
@@ -259,6 +307,22 @@ impl Overlay {
         }
     }
 
+    fn remove<T>(&self, map: &DashMap<String, Live<T>>, id: &str) {
+        if map.remove(id).is_some() {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// True if `field` of `id` has a live value.
+    pub fn has(&self, field: Field, id: &str) -> bool {
+        match field {
+            Field::AgentEnabled => self.agent_enabled.contains_key(id),
+            Field::AgentRisk => self.agent_risk.contains_key(id),
+            Field::BlueprintEnabled => self.blueprint_enabled.contains_key(id),
+            Field::SponsorActive => self.sponsor_active.contains_key(id),
+        }
+    }
+
     pub fn set_agent_enabled(&self, id: &str, live: Live<bool>) {
         self.put(&self.agent_enabled, id, live);
     }
@@ -279,6 +343,10 @@ impl Overlay {
     pub fn apply(&self, s: &Signal) {
         let flag = |v: Value| matches!(v, Value::Flag(true));
         match (s.field, s.value) {
+            (Field::AgentEnabled, Value::Cleared) => self.remove(&self.agent_enabled, &s.target),
+            (Field::AgentRisk, Value::Cleared) => self.remove(&self.agent_risk, &s.target),
+            (Field::BlueprintEnabled, Value::Cleared) => self.remove(&self.blueprint_enabled, &s.target),
+            (Field::SponsorActive, Value::Cleared) => self.remove(&self.sponsor_active, &s.target),
             (Field::AgentRisk, Value::Risk(level)) => {
                 self.set_agent_risk(&s.target, Live { value: level, mark: s.mark() })
             }
@@ -290,6 +358,17 @@ impl Overlay {
             // INVARIANT: Signal::new pairs AgentRisk with a risk value only.
             (Field::AgentRisk, Value::Flag(_)) => {}
         }
+    }
+
+    /// How many live values satisfy `keep` (nothing is copied).
+    pub fn count(&self, keep: impl Fn(Field, &str) -> bool) -> usize {
+        fn of<T>(map: &DashMap<String, Live<T>>, field: Field, keep: &impl Fn(Field, &str) -> bool) -> usize {
+            map.iter().filter(|e| keep(field, e.key())).count()
+        }
+        of(&self.agent_enabled, Field::AgentEnabled, &keep)
+            + of(&self.agent_risk, Field::AgentRisk, &keep)
+            + of(&self.blueprint_enabled, Field::BlueprintEnabled, &keep)
+            + of(&self.sponsor_active, Field::SponsorActive, &keep)
     }
 
     /// Every live value, as the signals that set it (sorted by field, then target).
@@ -434,7 +513,9 @@ impl Journal {
                             overlay.apply(&entry.signal);
                             last_seq = last_seq.max(entry.seq);
                             replayed.applied += 1;
-                            replayed.skipped.push((i, format!("a torn fragment before signal #{} was skipped", entry.seq)));
+                            replayed
+                                .skipped
+                                .push((i, format!("a torn fragment before signal #{} was skipped", entry.seq)));
                         }
                         None => {
                             replayed.skipped.push((i, e.to_string()));
@@ -586,12 +667,18 @@ mod tests {
     fn signals_check_their_fields() {
         let e = |k: &str, t: &str, r: &str| Signal::new(k, t, r, "", "").unwrap_err().to_string();
         assert!(e("disable", "a", "").starts_with("field `kind`: unknown signal `disable`: expected one of"));
-        assert_eq!(e("disable_agent", " ", ""), "field `target`: is required: the agent, blueprint or sponsor id");
+        assert!(e("disable_agent", " ", "").starts_with("field `target`: is not an id"));
         assert_eq!(
             e("set_risk", "a", "severe"),
             "field `risk`: unknown risk level `severe`: expected one of none, low, medium, high"
         );
         assert_eq!(e("disable_agent", "a", "high"), "field `risk`: applies only to set_risk, not disable_agent");
+        assert!(e("disable_agent", " a", "").starts_with("field `target`: is not an id"));
+        let control = |reason: &str, actor: &str| Signal::new("disable_agent", "a", "", reason, actor).unwrap_err();
+        assert_eq!(control("leak\x1b[2J", "").field, "reason");
+        assert_eq!(control("two\nlines", "").field, "reason");
+        assert_eq!(control("", "bob\r").field, "actor");
+        assert_eq!(control(&"x".repeat(MAX_REASON_LEN + 1), "").field, "reason");
         let s = signal("confirm_compromised", "a", "");
         assert_eq!((s.field, s.value), (Field::AgentRisk, Value::Risk(RiskLevel::High)));
     }

@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub types: EntityTypes,
     pub authorizer: Authorizer,
     agents: HashMap<String, AgentEntry>,
+    blueprints: HashMap<String, usize>,
+    sponsors: HashMap<String, usize>,
     /// A resource by its id or any of its audiences.
     resources: HashMap<String, usize>,
     resource_uids: Vec<EntityUid>,
@@ -102,6 +104,8 @@ impl Snapshot {
             types,
             authorizer: Authorizer::new(),
             agents,
+            blueprints,
+            sponsors,
             resources,
             resource_uids,
             actions,
@@ -110,6 +114,14 @@ impl Snapshot {
 
     pub fn agent(&self, id: &str) -> Option<(&Agent, &AgentEntry)> {
         self.agents.get(id).map(|e| (&self.bundle.directory.agents[e.index], e))
+    }
+
+    pub fn blueprint(&self, id: &str) -> Option<&Blueprint> {
+        self.blueprints.get(id).map(|&i| &self.bundle.directory.blueprints[i])
+    }
+
+    pub fn sponsor(&self, id: &str) -> Option<&Sponsor> {
+        self.sponsors.get(id).map(|&i| &self.bundle.directory.sponsors[i])
     }
 
     pub fn blueprint_of(&self, entry: &AgentEntry) -> &Blueprint {

@@ -48,7 +48,8 @@ async fn an_acknowledged_signal_survives_a_full_disk_and_a_restart() {
     let long = "x".repeat(3000);
     let mut failed = None;
     for i in 0..40 {
-        let request = pb::SignalRequest { risk: "low".into(), ..signal("set_risk", "ag-code-02", &format!("{i} {long}")) };
+        let request =
+            pb::SignalRequest { risk: "low".into(), ..signal("set_risk", "ag-code-02", &format!("{i} {long}")) };
         if let Err(status) = admin.signal(request).await {
             failed = Some(status);
             break;
@@ -159,4 +160,178 @@ fn an_open_admin_port_is_refused_off_loopback() {
     ] {
         assert!(matches!(try_serve(&args, &env), Started::Listening), "{args:?} {env:?}");
     }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        copy_sample(&dir.path().join("policies"));
+        Env { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        arg(&self.dir.path().join(name))
+    }
+
+    fn start(&self, extra: &[&str]) -> Server {
+        let (policies, audit, state) = (self.path("policies"), self.path("audit.jsonl"), self.path("state"));
+        let mut args = vec!["--policies", &policies, "--audit", &audit, "--state", &state, "--no-watch"];
+        args.extend_from_slice(extra);
+        Server::start(&args)
+    }
+}
+
+fn admin_cli(server: &Server, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_agentca"))
+        .args(["admin", "--server", &server.addr])
+        .args(args)
+        .env_remove("AGENTCA_ADMIN_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_signals_are_paged_capped_and_cleared() {
+    let env = Env::new();
+    // 1,100 signals for agents yet to come, with long reasons: more than one 4 MiB message.
+    let reason = "r".repeat(4000);
+    let mut journal = String::new();
+    for i in 0..1100 {
+        let line = serde_json::json!({"seq": i + 1, "kind": "disable_agent", "field": "agent_enabled",
+            "target": format!("ag-future-{i:04}"), "value": false, "reason": reason, "actor": "risk-engine",
+            "at": "2026-11-27T09:00:00Z"});
+        journal.push_str(&format!("{line}\n"));
+    }
+    std::fs::create_dir_all(env.dir.path().join("state")).unwrap();
+    std::fs::write(env.dir.path().join("state/signals.jsonl"), journal).unwrap();
+    let server = env.start(&["--max-unknown-signals", "1100"]);
+    let mut admin = server.admin().await;
+    // The cap: one more unknown target is refused, saying why; known ids and updates still go.
+    let refused = admin.signal(signal("disable_agent", "ag-future-x", "")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("1100") && refused.message().contains("admin clear"), "{refused:?}");
+    admin.signal(signal("disable_agent", "ag-future-0001", "again")).await.unwrap();
+    admin.signal(signal("disable_agent", "ag-mail-01", "")).await.unwrap();
+
+    // Pages: each under the limits, together every signal once, in order.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_signals(pb::ListSignalsRequest { page_size: 0, page_token: token.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.signals.len() <= 500);
+        assert_eq!(page.total, 1101);
+        seen.extend(page.signals.into_iter().map(|s| (s.field, s.target)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 1101);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, seen);
+    let small = admin.list_signals(pb::ListSignalsRequest { page_size: 7, page_token: String::new() }).await.unwrap();
+    assert_eq!(small.into_inner().signals.len(), 7);
+    let bad =
+        admin.list_signals(pb::ListSignalsRequest { page_size: 0, page_token: "nonsense".into() }).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    // The command line pages too.
+    let out = admin_cli(&server, &["list"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1101);
+
+    // An admin removes signals: the cap has room again, and the directory's value is back.
+    let out = admin_cli(&server, &["clear", "ag-future-0000", "--reason", "stale"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    admin.signal(signal("disable_agent", "ag-future-x", "")).await.unwrap();
+    let d = server.decisions().await.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.unwrap();
+    assert!(!is_allow(&d.into_inner()));
+    let cleared = admin
+        .signal(pb::SignalRequest { field: "agent_enabled".into(), ..signal("clear", "ag-mail-01", "false alarm") })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.signal.unwrap().value, "cleared");
+    let d = server.decisions().await.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.unwrap();
+    let d = d.into_inner();
+    assert!(is_allow(&d), "{d:?}");
+    let none = admin.signal(signal("clear", "ag-mail-01", "")).await.unwrap_err();
+    assert_eq!(none.code(), tonic::Code::NotFound);
+    let status = admin.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (status.live_signals, status.unknown_target_signals, status.max_unknown_target_signals),
+        (1100, 1100, 1100)
+    );
+
+    // Clears are journaled: a restart keeps them.
+    drop(server);
+    let server = env.start(&["--max-unknown-signals", "1100"]);
+    let d = server.decisions().await.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.unwrap();
+    assert!(is_allow(&d.into_inner()), "{}", server.log());
+    let mut admin = server.admin().await;
+    assert_eq!(admin.status(pb::StatusRequest {}).await.unwrap().into_inner().live_signals, 1100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_compaction_is_one_error_in_status_not_a_warning_per_signal() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.dir.path().join("state/signals.jsonl.compact")).unwrap();
+    let server = env.start(&["--journal-compact-after", "2"]);
+    let mut admin = server.admin().await;
+    for i in 0..12 {
+        admin
+            .signal(signal(if i % 2 == 0 { "disable_agent" } else { "enable_agent" }, "ag-mail-01", ""))
+            .await
+            .unwrap();
+    }
+    let status = admin.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert!(status.signals_error.contains("signals.jsonl"), "{status:?}");
+    assert_eq!(server.log().matches("compaction failed").count(), 1, "{}", server.log());
+    let out = admin_cli(&server, &["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SIGNALS ERROR"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_never_reach_a_terminal() {
+    let env = Env::new();
+    // A journal from before reasons were checked, holding an escape sequence and a line break.
+    std::fs::create_dir_all(env.dir.path().join("state")).unwrap();
+    let line = serde_json::json!({"seq": 1, "kind": "disable_agent", "field": "agent_enabled", "target": "ag-mail-01",
+        "value": false, "reason": "\u{1b}[2Jowned\nFAKE LINE", "actor": "x\u{7}", "at": "2026-11-27T09:00:00Z"});
+    std::fs::write(env.dir.path().join("state/signals.jsonl"), format!("{line}\n")).unwrap();
+    let server = env.start(&[]);
+    let out = admin_cli(&server, &["list"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+    assert_eq!(text.lines().count(), 1, "{text:?}");
+    assert!(text.contains("\\u{1b}[2Jowned\\nFAKE LINE"), "{text:?}");
+
+    // New signals with control characters are refused, naming the field.
+    let mut admin = server.admin().await;
+    for (reason, actor, field) in
+        [("a\u{1b}[31m", "ok", "reason"), ("two\nlines", "ok", "reason"), ("", "bob\r", "actor")]
+    {
+        let e = admin
+            .signal(pb::SignalRequest { actor: actor.into(), ..signal("disable_agent", "ag-mail-02", reason) })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with(&format!("field `{field}`")), "{e:?}");
+    }
+    // An id is taken as sent: whitespace is refused by Signal and Evaluate alike.
+    let e = admin.signal(signal("disable_agent", " ag-mail-02", "")).await.unwrap_err();
+    assert!(e.message().starts_with("field `target`"), "{e:?}");
+    let e = server.decisions().await.evaluate(token_request("ag-mail-02 ", "graph", "Mail.Read")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("field `agent`"), "{e:?}");
 }

@@ -145,7 +145,7 @@ async fn signals_survive_sigkill_restarts_and_reloads() {
     let mut admin = server.admin().await;
     assert_eq!(admin.reload(pb::ReloadRequest {}).await.unwrap().into_inner().outcome, "swapped");
     assert_eq!(decide(&server, "ag-mail-01").await.reasons[0].code, "agent_disabled");
-    let listed = admin.list_signals(pb::ListSignalsRequest {}).await.unwrap().into_inner().signals;
+    let listed = admin.list_signals(pb::ListSignalsRequest::default()).await.unwrap().into_inner().signals;
     let fields: Vec<(String, String, String)> =
         listed.iter().map(|s| (s.field.clone(), s.target.clone(), s.value.clone())).collect();
     assert_eq!(
@@ -186,7 +186,7 @@ async fn a_blueprint_cascades_to_present_and_future_agents() {
     assert_eq!(admin.reload(pb::ReloadRequest {}).await.unwrap().into_inner().outcome, "swapped");
     assert_eq!(decide(&server, "ag-mail-03").await.reasons[0].code, "blueprint_disabled");
     assert_eq!(decide(&server, "ag-code-03").await.reasons[0].code, "agent_disabled");
-    let listed = admin.list_signals(pb::ListSignalsRequest {}).await.unwrap().into_inner().signals;
+    let listed = admin.list_signals(pb::ListSignalsRequest::default()).await.unwrap().into_inner().signals;
     assert!(listed.iter().all(|s| !s.unknown_target), "{listed:?}");
 
     admin.signal(signal("enable_blueprint", "bp-mail")).await.unwrap();
@@ -305,8 +305,9 @@ async fn concurrent_signals_and_compaction_keep_what_was_acknowledged() {
         t.await.unwrap();
     }
     let listed = |s: Vec<pb::LiveSignal>| s.into_iter().map(|s| (s.field, s.target, s.value)).collect::<Vec<_>>();
-    let before =
-        listed(server.admin().await.list_signals(pb::ListSignalsRequest {}).await.unwrap().into_inner().signals);
+    let before = listed(
+        server.admin().await.list_signals(pb::ListSignalsRequest::default()).await.unwrap().into_inner().signals,
+    );
     assert_eq!(before.len(), 10);
     for (t, target) in targets.iter().enumerate() {
         // Each target's last disable/enable and risk, in the order they were acknowledged.
@@ -321,7 +322,8 @@ async fn concurrent_signals_and_compaction_keep_what_was_acknowledged() {
     server.signal("KILL");
     server.wait();
     let server = Server::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let after =
-        listed(server.admin().await.list_signals(pb::ListSignalsRequest {}).await.unwrap().into_inner().signals);
+    let after = listed(
+        server.admin().await.list_signals(pb::ListSignalsRequest::default()).await.unwrap().into_inner().signals,
+    );
     assert_eq!(before, after);
 }

@@ -47,6 +47,15 @@ enum AdminCommand {
     ConfirmSafe(Target),
     /// Dismiss an agent's risk: it becomes none.
     DismissRisk(Target),
+    /// Remove the live signals of an agent, blueprint or sponsor: the directory's values apply again.
+    Clear {
+        id: String,
+        /// Only this live value.
+        #[arg(long, value_parser = ["agent_enabled", "agent_risk", "blueprint_enabled", "sponsor_active"])]
+        field: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// The live signals in force.
     List,
     /// The served revision, reload errors, audit counters.
@@ -88,6 +97,7 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
         risk: String::new(),
         reason: t.reason.clone(),
         actor: args.actor.clone(),
+        field: String::new(),
     };
     let request = match &args.command {
         AdminCommand::DisableAgent(t) => signal("disable_agent", t),
@@ -105,13 +115,22 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
             risk: level.clone(),
             reason: reason.clone(),
             actor: args.actor.clone(),
+            field: String::new(),
+        },
+        AdminCommand::Clear { id, field, reason } => pb::SignalRequest {
+            kind: "clear".into(),
+            target: id.clone(),
+            risk: String::new(),
+            reason: reason.clone(),
+            actor: args.actor.clone(),
+            field: field.clone().unwrap_or_default(),
         },
         AdminCommand::List => {
             let list = admin.list().await?;
-            if list.signals.is_empty() {
+            if list.is_empty() {
                 println!("no live signals");
             }
-            for s in list.signals {
+            for s in list {
                 print_signal(&s);
             }
             return Ok(exit::OK);
@@ -143,7 +162,13 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
                     if a.error.is_empty() { String::new() } else { format!(", ERROR: {}", a.error) }
                 );
             }
-            println!("live signals   {}", s.live_signals);
+            println!(
+                "live signals   {} ({} for ids the directory lacks; at most {})",
+                s.live_signals, s.unknown_target_signals, s.max_unknown_target_signals
+            );
+            if !s.signals_error.is_empty() {
+                println!("SIGNALS ERROR  {}", printable(&s.signals_error));
+            }
             return Ok(exit::OK);
         }
         AdminCommand::Reload => {
@@ -169,6 +194,22 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
 
 fn print_signal(s: &pb::LiveSignal) {
     let unknown = if s.unknown_target { " (not in the served directory)" } else { "" };
-    let reason = if s.reason.is_empty() { String::new() } else { format!(": {}", s.reason) };
-    println!("{} {} = {}{unknown}, by {} at {}{reason}", s.field, s.target, s.value, s.actor, s.at);
+    let reason = if s.reason.is_empty() { String::new() } else { format!(": {}", printable(&s.reason)) };
+    println!(
+        "{} {} = {}{unknown}, by {} at {}{reason}",
+        printable(&s.field),
+        printable(&s.target),
+        printable(&s.value),
+        printable(&s.actor),
+        printable(&s.at)
+    );
+}
+
+/// Text from a server, with control characters escaped: a reason must not drive the terminal.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(s.chars().flat_map(char::escape_default).collect())
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
 }

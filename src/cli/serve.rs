@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::audit::{self, Audit, Durability, OnFull, Target};
 use crate::grpc;
-use crate::service::Service;
+use crate::service::{Service, Settings};
 use crate::signals::{Journal, Overlay};
 use crate::snapshot::Store;
 
@@ -40,6 +40,13 @@ pub struct ServeArgs {
     /// Compact the signal journal once it holds this many more lines than live signals.
     #[arg(long, default_value_t = 10_000, hide = true)]
     journal_compact_after: u64,
+    /// Refuse a request whose `time` is further than this many seconds from the server's
+    /// clock (off by default: the caller's clock is trusted).
+    #[arg(long, value_name = "SECONDS")]
+    max_clock_skew: Option<u32>,
+    /// Most live signals for ids the served directory does not know (agents yet to come).
+    #[arg(long, default_value_t = 10_000)]
+    max_unknown_signals: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_message_bytes: usize,
@@ -102,7 +109,9 @@ fn check_admin_access(args: &ServeArgs) -> Result<(), String> {
     let from_env = std::env::var_os("AGENTCA_ADMIN_TOKEN").is_some_and(|v| v.is_empty());
     match args.admin_token.as_deref() {
         Some(t) if t.trim().is_empty() => {
-            return Err("the admin token is empty: give a token (--admin-token or AGENTCA_ADMIN_TOKEN), or none at all".into());
+            return Err(
+                "the admin token is empty: give a token (--admin-token or AGENTCA_ADMIN_TOKEN), or none at all".into(),
+            );
         }
         Some(t) if t.chars().any(char::is_control) || t.contains(' ') => {
             return Err("the admin token must not contain spaces or control characters".into());
@@ -161,7 +170,11 @@ async fn serve(args: ServeArgs) -> u8 {
             return exit::FAILURE;
         }
     };
-    let service = Service::new(store, live, Some(journal), audit);
+    let settings = Settings {
+        max_clock_skew: args.max_clock_skew.map(|s| chrono::TimeDelta::seconds(i64::from(s))),
+        max_unknown_signals: args.max_unknown_signals,
+    };
+    let service = Service::new(store, live, Some(journal), audit, settings);
     service.loaded().await;
 
     let listener = match TcpListener::bind(args.listen).await {

@@ -6,7 +6,7 @@ use chrono::{SecondsFormat, Utc};
 use tonic::{Request, Response, Status};
 
 use crate::service::{Service, SignalFailure};
-use crate::signals::Signal;
+use crate::signals::{Field, Signal};
 use crate::snapshot::Reloaded;
 
 use super::pb;
@@ -71,6 +71,9 @@ impl pb::admin_service_server::AdminService for Admin {
                 seq: stats.seq,
             }),
             live_signals: self.service.live.len() as u64,
+            unknown_target_signals: self.service.unknown_signals(&snap) as u64,
+            max_unknown_target_signals: self.service.settings.max_unknown_signals as u64,
+            signals_error: self.service.journal_error().unwrap_or_default(),
         }))
     }
 
@@ -101,6 +104,31 @@ impl pb::admin_service_server::AdminService for Admin {
     async fn signal(&self, request: Request<pb::SignalRequest>) -> Result<Response<pb::SignalResponse>, Status> {
         let caller = super::caller(&request, "grpc");
         let r = request.into_inner();
+        if r.kind == "clear" {
+            if !r.risk.is_empty() {
+                return Err(Status::invalid_argument("field `risk`: applies only to set_risk, not clear"));
+            }
+            let field = match r.field.as_str() {
+                "" => None,
+                f => Some(Field::parse(f).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "field `field`: unknown live value `{}`: expected one of agent_enabled, agent_risk, blueprint_enabled, sponsor_active",
+                        f.escape_default()
+                    ))
+                })?),
+            };
+            let done = self.service.clear(&r.target, field, &r.reason, &r.actor, caller).await.map_err(failure)?;
+            // INVARIANT: `clear` answers at least one signal or an error.
+            let last = done.last().ok_or_else(|| Status::internal("nothing was cleared"))?;
+            return Ok(Response::new(pb::SignalResponse {
+                seq: last.seq,
+                signal: Some(live_signal(&last.signal, last.unknown_target)),
+                unknown_target: last.unknown_target,
+            }));
+        }
+        if !r.field.is_empty() {
+            return Err(Status::invalid_argument(format!("field `field`: applies only to clear, not {}", r.kind)));
+        }
         let signal = Signal::new(&r.kind, &r.target, &r.risk, &r.reason, &r.actor)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         match self.service.signal(signal, caller).await {
@@ -109,21 +137,41 @@ impl pb::admin_service_server::AdminService for Admin {
                 signal: Some(live_signal(&done.signal, done.unknown_target)),
                 unknown_target: done.unknown_target,
             })),
-            Err(e @ SignalFailure::NoJournal) => Err(Status::failed_precondition(e.to_string())),
-            Err(e) => Err(Status::unavailable(e.to_string())),
+            Err(e) => Err(failure(e)),
         }
     }
 
     async fn list_signals(
         &self,
-        _: Request<pb::ListSignalsRequest>,
+        request: Request<pb::ListSignalsRequest>,
     ) -> Result<Response<pb::ListSignalsResponse>, Status> {
+        let r = request.into_inner();
+        let size = match r.page_size {
+            0 => MAX_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        // The token is the last (field, target) of the previous page: entries are sorted by it.
+        let after = match r.page_token.as_str() {
+            "" => None,
+            token => Some(
+                token
+                    .split_once('/')
+                    .filter(|(f, _)| Field::parse(f).is_some())
+                    .ok_or_else(|| Status::invalid_argument("field `page_token`: not a token this server gave"))?,
+            ),
+        };
         let snap = self.service.store.current();
-        let signals = self
-            .service
-            .live
-            .entries()
+        let entries = self.service.live.entries();
+        let total = entries.len() as u64;
+        let start = after.map_or(0, |key| entries.partition_point(|(f, t, ..)| (f.as_str(), t.as_str()) <= key));
+        let page: Vec<_> = entries.into_iter().skip(start).take(size + 1).collect();
+        let next_page_token = match page.get(size) {
+            Some(_) => page.get(size - 1).map(|(f, t, ..)| format!("{}/{t}", f.as_str())).unwrap_or_default(),
+            None => String::new(),
+        };
+        let signals = page
             .into_iter()
+            .take(size)
             .map(|(field, target, value, mark)| {
                 let signal = Signal {
                     kind: crate::signals::SignalKind::SetRisk,
@@ -138,7 +186,21 @@ impl pb::admin_service_server::AdminService for Admin {
                 live_signal(&signal, unknown)
             })
             .collect();
-        Ok(Response::new(pb::ListSignalsResponse { signals }))
+        Ok(Response::new(pb::ListSignalsResponse { signals, next_page_token, total }))
+    }
+}
+
+/// Most signals in one ListSignals page: at the longest reason, actor and target a page
+/// stays well under the default 4 MiB message limit.
+const MAX_PAGE: usize = 500;
+
+fn failure(e: SignalFailure) -> Status {
+    match e {
+        SignalFailure::NoJournal => Status::failed_precondition(e.to_string()),
+        SignalFailure::Invalid(e) => Status::invalid_argument(e.to_string()),
+        SignalFailure::TooManyUnknown { .. } => Status::resource_exhausted(e.to_string()),
+        SignalFailure::NothingToClear(_) => Status::not_found(e.to_string()),
+        SignalFailure::Journal(_) | SignalFailure::Aborted => Status::unavailable(e.to_string()),
     }
 }
 

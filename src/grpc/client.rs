@@ -60,9 +60,25 @@ impl Admin {
         Ok(self.client.signal(r).await?.into_inner())
     }
 
-    pub async fn list(&mut self) -> Result<pb::ListSignalsResponse, ClientError> {
-        let r = self.request(pb::ListSignalsRequest {});
+    /// One page of the live signals.
+    pub async fn list_page(&mut self, page_token: String) -> Result<pb::ListSignalsResponse, ClientError> {
+        let r = self.request(pb::ListSignalsRequest { page_size: 0, page_token });
         Ok(self.client.list_signals(r).await?.into_inner())
+    }
+
+    /// Every live signal, page after page.
+    pub async fn list(&mut self) -> Result<Vec<pb::LiveSignal>, ClientError> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self.list_page(token.clone()).await?;
+            all.extend(page.signals);
+            // A token that does not move on would loop for ever.
+            if page.next_page_token.is_empty() || page.next_page_token == token {
+                return Ok(all);
+            }
+            token = page.next_page_token;
+        }
     }
 
     pub async fn status(&mut self) -> Result<pb::StatusResponse, ClientError> {
