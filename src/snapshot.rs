@@ -39,6 +39,8 @@ pub struct Snapshot {
     agents: HashMap<String, AgentEntry>,
     blueprints: HashMap<String, usize>,
     sponsors: HashMap<String, usize>,
+    /// A resource by one of its audiences only.
+    audiences: HashMap<String, usize>,
     /// A resource by its id or any of its audiences.
     resources: HashMap<String, usize>,
     resource_uids: Vec<EntityUid>,
@@ -86,10 +88,12 @@ impl Snapshot {
             );
         }
         let mut resources = HashMap::new();
+        let mut audiences = HashMap::new();
         for (i, r) in dir.resources.iter().enumerate() {
             resources.insert(r.id.clone(), i);
             for aud in &r.audiences {
                 resources.entry(aud.clone()).or_insert(i);
+                audiences.entry(aud.clone()).or_insert(i);
             }
         }
         let resource_uids = dir.resources.iter().map(|r| EntityTypes::uid(&types.resource, &r.id)).collect();
@@ -107,6 +111,7 @@ impl Snapshot {
             blueprints,
             sponsors,
             resources,
+            audiences,
             resource_uids,
             actions,
         })
@@ -135,6 +140,11 @@ impl Snapshot {
     /// A resource by its id or one of its audiences, with its entity id.
     pub fn resource(&self, name: &str) -> Option<(&Resource, &EntityUid)> {
         self.resources.get(name).map(|&i| (&self.bundle.directory.resources[i], &self.resource_uids[i]))
+    }
+
+    /// The resource that has `audience` among its audiences (an id does not count).
+    pub fn resource_by_audience(&self, audience: &str) -> Option<&Resource> {
+        self.audiences.get(audience).map(|&i| &self.bundle.directory.resources[i])
     }
 
     pub fn action_uid(&self, action: Action) -> &EntityUid {

@@ -213,3 +213,80 @@ fn test_prints_each_failure_with_what_it_got() {
     let stdout = text(&out.stdout).replace(cases.path().to_str().unwrap(), "CASES");
     golden("test-failures.txt", &stdout);
 }
+
+/// Runs `agentca ARGS` with standard output a pipe nobody reads any more.
+fn with_closed_stdout(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_agentca"))
+        .args(args)
+        .current_dir(root())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let audit = tempfile::tempdir().unwrap();
+    let log = audit.path().join("a.jsonl");
+    agentca(&["eval", "--request", "examples/request.json", "--audit", log.to_str().unwrap()]);
+    for args in [
+        vec!["validate"],
+        vec!["eval", "--request", "examples/request.json"],
+        vec!["eval", "--explain", "--request", "examples/request.json"],
+        vec!["test"],
+        vec!["audit", "verify", log.to_str().unwrap()],
+    ] {
+        let out = with_closed_stdout(&args);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {}", text(&out.stderr));
+        assert!(!text(&out.stderr).contains("panicked"), "{args:?}: {}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn hostile_requests_are_bad_input_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let cases = [
+        (
+            write("dup.json", r#"{"agent": "ag-mail-01", "resource": "graph", "agent": "ag-mail-02"}"#),
+            "duplicate key `agent`",
+        ),
+        (
+            write("leap.json", r#"{"agent": "ag-mail-01", "resource": "graph", "time": "2016-12-31T23:59:60Z"}"#),
+            "field `time`",
+        ),
+        (write("space.json", r#"{"agent": "ag-mail-01 ", "resource": "graph"}"#), "field `agent`"),
+        (write("big.json", &format!("{{\"agent\": \"{}\"}}", "a".repeat(2 << 20))), "larger than the limit"),
+        ("/dev/zero".to_string(), "not a regular file"),
+    ];
+    for (path, want) in cases {
+        let out = agentca(&["eval", "--request", &path]);
+        assert_eq!(out.status.code(), Some(1), "{path}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(want), "{path}: {}", text(&out.stderr));
+    }
+    // Standard input is capped too.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentca"))
+        .args(["eval", "--request", "-"])
+        .current_dir(root())
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+    assert!(stderr.contains("larger than the limit"), "{stderr}");
+    // Duplicate keys in a test case file are refused too.
+    let cases = write("cases.json", r#"[{"name": "x", "expect": "allow", "expect": "deny", "request": {}}]"#);
+    let out = agentca(&["test", &cases]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("duplicate key `expect`"), "{}", text(&out.stdout));
+}

@@ -87,6 +87,22 @@ async fn ext_authz_allows_and_denies_like_call_api() {
     let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
     assert_eq!(body["reasons"][0]["policy"], "block-high-risk-agents");
 
+    // A host that is only a resource's id names nothing, and no client header names one.
+    for host in ["tickets", "tickets:443"] {
+        let mut request = check(Some("ag-support-01"), host, "GET", "/v1/tickets/42", &[]);
+        let http = request.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap();
+        http.headers.insert("x-agentca-resource".into(), "tickets".into());
+        let by_id = client.check(request).await.unwrap().into_inner();
+        let Some(HttpResponse::DeniedResponse(d)) = by_id.http_response else { panic!("{host}: {by_id:?}") };
+        let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+        assert_eq!(body["reasons"][0]["code"], "unknown_resource", "{host}: {body}");
+    }
+    // The audience with its scheme, or with a port, does.
+    for host in ["https://tickets.contoso.com", "tickets.contoso.com:443"] {
+        let ok = client.check(check(Some("ag-support-01"), host, "GET", "/v1/tickets/42", &[])).await.unwrap();
+        assert_eq!(ok.into_inner().status.unwrap().code, 0, "{host}");
+    }
+
     // No agent at all is a bad request, not a decision.
     let bad = client.check(check(None, "tickets.contoso.com", "GET", "/", &[])).await.unwrap().into_inner();
     let Some(HttpResponse::DeniedResponse(d)) = bad.http_response else { panic!("{bad:?}") };
@@ -95,7 +111,7 @@ async fn ext_authz_allows_and_denies_like_call_api() {
 
     let log = std::fs::read_to_string(&audit).unwrap();
     let checks: Vec<&str> = log.lines().filter(|l| l.contains("\"via\":\"envoy\"")).collect();
-    assert_eq!(checks.len(), 3);
+    assert_eq!(checks.len(), 7);
     assert!(checks[0].contains("\"action\":\"call_api\"") && checks[0].contains("\"path\":\"/v1/tickets/42\""));
     assert!(checks[0].contains("\"request_id\":\"envoy-req-1\""));
 }

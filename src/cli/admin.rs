@@ -76,14 +76,14 @@ pub fn run(args: AdminArgs) -> u8 {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("agentca: cannot start the runtime: {e}");
+            errln!("agentca: cannot start the runtime: {e}");
             return exit::FAILURE;
         }
     };
     match runtime.block_on(send(args)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("agentca: {e}");
+            errln!("agentca: {e}");
             exit::FAILURE
         }
     }
@@ -128,7 +128,7 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
         AdminCommand::List => {
             let list = admin.list().await?;
             if list.is_empty() {
-                println!("no live signals");
+                outln!("no live signals");
             }
             for s in list {
                 print_signal(&s);
@@ -137,20 +137,22 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
         }
         AdminCommand::Status => {
             let s = admin.status().await?;
-            println!("revision       {}", s.revision);
-            println!("loaded at      {} ({} ms) from {}", s.loaded_at, s.load_ms, s.policies_dir);
-            println!("directory      {} policies, {} agents", s.policies, s.agents);
+            outln!("revision       {}", s.revision);
+            outln!("loaded at      {} ({} ms) from {}", s.loaded_at, s.load_ms, s.policies_dir);
+            outln!("directory      {} policies, {} agents", s.policies, s.agents);
             if !s.last_reload_error.is_empty() {
-                println!(
+                outln!(
                     "STALE          since {} ({} s): the last reload failed at {}:",
-                    s.stale_since, s.stale_seconds, s.last_reload_error_at
+                    s.stale_since,
+                    s.stale_seconds,
+                    s.last_reload_error_at
                 );
                 for line in s.last_reload_error.lines() {
-                    println!("  {line}");
+                    outln!("  {line}");
                 }
             }
             if let Some(a) = s.audit {
-                println!(
+                outln!(
                     "audit          {} ({}, on full: {}): seq {}, {} written, {} waited, {} refused{}",
                     a.sink,
                     a.durability,
@@ -162,12 +164,14 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
                     if a.error.is_empty() { String::new() } else { format!(", ERROR: {}", a.error) }
                 );
             }
-            println!(
+            outln!(
                 "live signals   {} ({} for ids the directory lacks; at most {})",
-                s.live_signals, s.unknown_target_signals, s.max_unknown_target_signals
+                s.live_signals,
+                s.unknown_target_signals,
+                s.max_unknown_target_signals
             );
             if !s.signals_error.is_empty() {
-                println!("SIGNALS ERROR  {}", printable(&s.signals_error));
+                outln!("SIGNALS ERROR  {}", printable(&s.signals_error));
             }
             return Ok(exit::OK);
         }
@@ -175,18 +179,18 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
             let r = admin.reload().await?;
             match r.outcome.as_str() {
                 "failed" => {
-                    println!("reload failed; still serving {}:\n{}", r.revision, r.error);
+                    outln!("reload failed; still serving {}:\n{}", r.revision, r.error);
                     return Ok(exit::FAILURE);
                 }
-                "unchanged" => println!("unchanged: {}", r.revision),
-                _ => println!("swapped {} -> {}", r.previous_revision, r.revision),
+                "unchanged" => outln!("unchanged: {}", r.revision),
+                _ => outln!("swapped {} -> {}", r.previous_revision, r.revision),
             }
             return Ok(exit::OK);
         }
     };
     let done = admin.signal(request).await?;
     if let Some(s) = &done.signal {
-        print!("journaled as #{}: ", done.seq);
+        out!("journaled as #{}: ", done.seq);
         print_signal(s);
     }
     Ok(exit::OK)
@@ -195,7 +199,7 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
 fn print_signal(s: &pb::LiveSignal) {
     let unknown = if s.unknown_target { " (not in the served directory)" } else { "" };
     let reason = if s.reason.is_empty() { String::new() } else { format!(": {}", printable(&s.reason)) };
-    println!(
+    outln!(
         "{} {} = {}{unknown}, by {} at {}{reason}",
         printable(&s.field),
         printable(&s.target),

@@ -9,7 +9,7 @@ use super::exit;
 pub fn verify_files(paths: &[PathBuf], partial: bool) -> u8 {
     match verify(paths) {
         Ok(v) if !v.from_genesis && !partial => {
-            println!(
+            outln!(
                 "broken: the chain starts at seq {} and not at the first record: {} records before it are missing \
                  (pass --partial if older files were removed on purpose)",
                 v.first_seq,
@@ -23,14 +23,17 @@ pub fn verify_files(paths: &[PathBuf], partial: bool) -> u8 {
             } else {
                 format!("from seq {}", v.first_seq)
             };
-            println!(
+            outln!(
                 "intact: {} records, seq {}..{} ({start}); last hash {}",
-                v.records, v.first_seq, v.last_seq, v.last_hash
+                v.records,
+                v.first_seq,
+                v.last_seq,
+                v.last_hash
             );
             exit::OK
         }
         Err(broken) => {
-            println!("broken: {broken}");
+            outln!("broken: {broken}");
             exit::FAILURE
         }
     }

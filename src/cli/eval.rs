@@ -1,6 +1,5 @@
 //! `agentca eval`: one decision, offline, as JSON (What If), optionally explained per policy.
 
-use std::io::Read;
 use std::path::Path;
 
 use chrono::Utc;
@@ -16,7 +15,7 @@ pub fn run(dir: &Path, request_path: &str, with_explain: bool, audit: Option<&st
     let request = match read_request(request_path) {
         Ok(r) => r,
         Err(message) => {
-            eprintln!("agentca: invalid request: {message}");
+            errln!("agentca: invalid request: {message}");
             return exit::FAILURE;
         }
     };
@@ -36,7 +35,7 @@ pub fn run(dir: &Path, request_path: &str, with_explain: bool, audit: Option<&st
     let mut out = match serde_json::to_value(&decision) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("agentca: cannot print the decision: {e}");
+            errln!("agentca: cannot print the decision: {e}");
             return exit::FAILURE;
         }
     };
@@ -44,9 +43,9 @@ pub fn run(dir: &Path, request_path: &str, with_explain: bool, audit: Option<&st
         map.insert("explain".into(), serde_json::to_value(explain(&snap, &live, &request)).unwrap_or(Value::Null));
     }
     match serde_json::to_string_pretty(&out) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => outln!("{text}"),
         Err(e) => {
-            eprintln!("agentca: cannot print the decision: {e}");
+            errln!("agentca: cannot print the decision: {e}");
             return exit::FAILURE;
         }
     }
@@ -55,14 +54,14 @@ pub fn run(dir: &Path, request_path: &str, with_explain: bool, audit: Option<&st
 
 /// Reads and validates a request from a file or standard input.
 pub(super) fn read_request(path: &str) -> Result<Request, String> {
+    let limit = crate::input::MAX_REQUEST_BYTES;
     let text = if path == "-" {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|e| format!("cannot read standard input: {e}"))?;
-        s
+        crate::input::read_capped(std::io::stdin().lock(), limit).map_err(|e| format!("standard input {e}"))?
     } else {
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read `{path}`: {e}"))?
+        crate::input::read_file(Path::new(path), limit).map_err(|e| format!("`{path}` {e}"))?
     };
-    let value: Value = serde_json::from_str(&text).map_err(|e| format!("`{path}` is not JSON: {e}"))?;
+    // A key given twice (`"agent"` twice) is refused: which one was meant cannot be known.
+    let value: Value = crate::input::parse_json(&text).map_err(|e| format!("`{path}` is not JSON: {e}"))?;
     parse_request(&value)
 }
 

@@ -37,7 +37,7 @@ pub fn run(args: GenerateArgs) -> u8 {
     };
     match write_bundle(&args.out, &params) {
         Ok(summary) => {
-            println!(
+            outln!(
                 "wrote {} policies and {} agents to {} ({} files)",
                 summary.policies,
                 summary.agents,
@@ -45,14 +45,16 @@ pub fn run(args: GenerateArgs) -> u8 {
                 summary.files.len()
             );
             let p = &summary.probe;
-            println!(
+            outln!(
                 "a request to try: {{\"agent\": \"{}\", \"resource\": \"{}\", \"scopes\": {:?}}}",
-                p.agent, p.resource, p.scopes
+                p.agent,
+                p.resource,
+                p.scopes
             );
             exit::OK
         }
         Err(e) => {
-            eprintln!("agentca: cannot write the bundle to `{}`: {e}", args.out.display());
+            errln!("agentca: cannot write the bundle to `{}`: {e}", args.out.display());
             exit::FAILURE
         }
     }

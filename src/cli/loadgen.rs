@@ -40,7 +40,7 @@ pub fn run_load(args: LoadArgs) -> u8 {
     let text = match std::fs::read_to_string(&args.request) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("agentca: cannot read `{}`: {e}", args.request.display());
+            errln!("agentca: cannot read `{}`: {e}", args.request.display());
             return exit::FAILURE;
         }
     };
@@ -48,12 +48,12 @@ pub fn run_load(args: LoadArgs) -> u8 {
         Ok(v) => match RawRequest::from_json(&v) {
             Ok(raw) => pb::EvaluateRequest::from(raw),
             Err(e) => {
-                eprintln!("agentca: invalid request `{}`: {e}", args.request.display());
+                errln!("agentca: invalid request `{}`: {e}", args.request.display());
                 return exit::FAILURE;
             }
         },
         Err(e) => {
-            eprintln!("agentca: `{}` is not JSON: {e}", args.request.display());
+            errln!("agentca: `{}` is not JSON: {e}", args.request.display());
             return exit::FAILURE;
         }
     };
@@ -68,7 +68,7 @@ pub fn run_load(args: LoadArgs) -> u8 {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("agentca: cannot start the runtime: {e}");
+            errln!("agentca: cannot start the runtime: {e}");
             return exit::FAILURE;
         }
     };
@@ -80,7 +80,7 @@ pub fn run_load(args: LoadArgs) -> u8 {
                 Some(r)
             }
             Err(e) => {
-                eprintln!("agentca: {e}");
+                errln!("agentca: {e}");
                 return exit::FAILURE;
             }
         },
@@ -89,7 +89,7 @@ pub fn run_load(args: LoadArgs) -> u8 {
         Ok(r) => {
             print_report(&format!("target   {}", args.target), &r);
             if let Some(b) = baseline {
-                println!(
+                outln!(
                     "target / baseline: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
                     r.per_second / b.per_second.max(f64::EPSILON),
                     r.p50_us as f64 / b.p50_us.max(1) as f64,
@@ -99,20 +99,29 @@ pub fn run_load(args: LoadArgs) -> u8 {
             if r.errors == 0 { exit::OK } else { exit::FAILURE }
         }
         Err(e) => {
-            eprintln!("agentca: {e}");
+            errln!("agentca: {e}");
             exit::FAILURE
         }
     }
 }
 
 fn print_report(label: &str, r: &crate::grpc::load::LoadReport) {
-    println!(
+    outln!(
         "{label}: {} requests in {:.1} s: {:.0} req/s; latency p50 {} us, p90 {} us, p99 {} us, max {} us; \
          {} allow, {} deny, {} errors",
-        r.requests, r.seconds, r.per_second, r.p50_us, r.p90_us, r.p99_us, r.max_us, r.allows, r.denies, r.errors
+        r.requests,
+        r.seconds,
+        r.per_second,
+        r.p50_us,
+        r.p90_us,
+        r.p99_us,
+        r.max_us,
+        r.allows,
+        r.denies,
+        r.errors
     );
     if let Some(e) = &r.first_error {
-        println!("{label}: first error: {e}");
+        outln!("{label}: first error: {e}");
     }
 }
 
@@ -126,7 +135,7 @@ pub fn run_noop(args: NoopArgs) -> u8 {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("agentca: cannot start the runtime: {e}");
+            errln!("agentca: cannot start the runtime: {e}");
             return exit::FAILURE;
         }
     };
@@ -134,11 +143,11 @@ pub fn run_noop(args: NoopArgs) -> u8 {
         let listener = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("agentca: cannot listen on {}: {e}", args.listen);
+                errln!("agentca: cannot listen on {}: {e}", args.listen);
                 return exit::FAILURE;
             }
         };
-        eprintln!("agentca noop listening on {}", listener.local_addr().map_or(args.listen, |a| a));
+        errln!("agentca noop listening on {}", listener.local_addr().map_or(args.listen, |a| a));
         match serve_noop(listener, async {
             let _ = tokio::signal::ctrl_c().await;
         })
@@ -146,7 +155,7 @@ pub fn run_noop(args: NoopArgs) -> u8 {
         {
             Ok(()) => exit::OK,
             Err(e) => {
-                eprintln!("agentca: {e}");
+                errln!("agentca: {e}");
                 exit::FAILURE
             }
         }

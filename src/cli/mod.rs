@@ -1,5 +1,23 @@
 //! The `agentca` command line: flags become checked values here, then each command runs.
 
+/// Prints a line to standard output (see `write_stdout`).
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Prints to standard output (see `write_stdout`).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!($($arg)*)) };
+}
+
+/// Prints a line to standard error; a closed standard error is ignored, never a panic.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod admin;
 mod audit;
 mod eval;
@@ -131,12 +149,31 @@ pub fn run() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// How a command ends when its standard output is closed (`agentca eval … | head -c1`):
+/// quietly, with the status of a process that SIGPIPE ended (128 + 13), so that no script
+/// mistakes a cut-off answer for success (an `eval` exit 0 means allow).
+pub const EXIT_CLOSED_STDOUT: i32 = 141;
+
+/// Writes to standard output. A reader that went away ends the command quietly (status
+/// 141); any other write error (a full disk) ends it with a message and status 1.
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(EXIT_CLOSED_STDOUT);
+        }
+        errln!("agentca: cannot write to standard output: {e}");
+        std::process::exit(i32::from(exit::FAILURE));
+    }
+}
+
 /// An audit log for the offline commands: every record fsynced before the command goes on.
 fn offline_audit(target: Option<&str>) -> Result<Option<crate::audit::Audit>, u8> {
     let Some(target) = target else { return Ok(None) };
     let config = crate::audit::Config::new(crate::audit::Target::parse(target));
     crate::audit::Audit::start(config).map(Some).map_err(|e| {
-        eprintln!("agentca: {e}");
+        errln!("agentca: {e}");
         exit::FAILURE
     })
 }
@@ -152,7 +189,7 @@ fn audit_decision(
     let caller = crate::audit::Caller { peer: None, identity: std::env::var("USER").ok(), via: "cli" };
     let record = crate::audit::DecisionRecord::new(snap, request, decision, &caller);
     audit.submit_blocking(crate::audit::body(&record)).map_err(|e| {
-        eprintln!("agentca: audit: {e}");
+        errln!("agentca: audit: {e}");
         exit::FAILURE
     })
 }
@@ -167,8 +204,8 @@ fn load(dir: &std::path::Path) -> Result<Snapshot, u8> {
 
 fn print_bundle_errors(dir: &std::path::Path, errors: &BundleErrors) {
     for e in &errors.0 {
-        eprintln!("error: {e}");
+        errln!("error: {e}");
     }
     let n = errors.0.len();
-    eprintln!("agentca: bundle `{}` is invalid: {n} error{}", dir.display(), if n == 1 { "" } else { "s" });
+    errln!("agentca: bundle `{}` is invalid: {n} error{}", dir.display(), if n == 1 { "" } else { "s" });
 }

@@ -96,7 +96,7 @@ pub fn run(args: ServeArgs) -> u8 {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("agentca: cannot start the runtime: {e}");
+            errln!("agentca: cannot start the runtime: {e}");
             return exit::FAILURE;
         }
     };
@@ -135,7 +135,7 @@ fn check_admin_access(args: &ServeArgs) -> Result<(), String> {
 
 async fn serve(args: ServeArgs) -> u8 {
     if let Err(message) = check_admin_access(&args) {
-        eprintln!("agentca: {message}");
+        errln!("agentca: {message}");
         return exit::FAILURE;
     }
     let dir = args.bundle.policies.clone();
@@ -149,7 +149,7 @@ async fn serve(args: ServeArgs) -> u8 {
     let audit = match Audit::start(args.audit.config()) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("agentca: {e}");
+            errln!("agentca: {e}");
             return exit::FAILURE;
         }
     };
@@ -166,7 +166,7 @@ async fn serve(args: ServeArgs) -> u8 {
             journal
         }
         Err(e) => {
-            eprintln!("agentca: {e}");
+            errln!("agentca: {e}");
             return exit::FAILURE;
         }
     };
@@ -180,7 +180,7 @@ async fn serve(args: ServeArgs) -> u8 {
     let listener = match TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("agentca: cannot listen on {}: {e}", args.listen);
+            errln!("agentca: cannot listen on {}: {e}", args.listen);
             return exit::FAILURE;
         }
     };
@@ -191,7 +191,7 @@ async fn serve(args: ServeArgs) -> u8 {
         tracing::warn!("AdminService has no token: anyone who can reach {addr} may send signals (set --admin-token)");
     }
     // Tests and scripts wait for this line.
-    eprintln!("agentca listening on {addr}");
+    errln!("agentca listening on {addr}");
 
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
     let _watch = if args.no_watch {
@@ -235,7 +235,7 @@ async fn serve(args: ServeArgs) -> u8 {
             exit::OK
         }
         Err(e) => {
-            eprintln!("agentca: {e}");
+            errln!("agentca: {e}");
             exit::FAILURE
         }
     }

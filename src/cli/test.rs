@@ -32,7 +32,7 @@ pub fn run(dir: &Path, files: &[PathBuf], verbose: bool, audit: Option<&str>) ->
         let cases = match read_cases(file) {
             Ok(c) => c,
             Err(message) => {
-                println!("FAIL {}: {message}", file.display());
+                outln!("FAIL {}: {message}", file.display());
                 failed += 1;
                 continue;
             }
@@ -44,22 +44,22 @@ pub fn run(dir: &Path, files: &[PathBuf], verbose: bool, audit: Option<&str>) ->
                 Ok(summary) => {
                     passed += 1;
                     if verbose {
-                        println!("ok   {}: {name}: {summary}", file.display());
+                        outln!("ok   {}: {name}: {summary}", file.display());
                     }
                 }
                 Err(why) => {
                     failed += 1;
-                    println!("FAIL {}: {name}: {why}", file.display());
+                    outln!("FAIL {}: {name}: {why}", file.display());
                 }
             }
         }
     }
     if passed + failed == 0 {
-        println!("no test cases found in {}", if files.is_empty() { "tests/*.json".to_string() } else { list(&files) });
-        println!("0 passed, 0 failed");
+        outln!("no test cases found in {}", if files.is_empty() { "tests/*.json".to_string() } else { list(&files) });
+        outln!("0 passed, 0 failed");
         return exit::FAILURE;
     }
-    println!("{passed} passed, {failed} failed");
+    outln!("{passed} passed, {failed} failed");
     if failed == 0 { exit::OK } else { exit::FAILURE }
 }
 
@@ -82,8 +82,8 @@ fn default_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn read_cases(file: &Path) -> Result<Vec<Value>, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read: {e}"))?;
-    match serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))? {
+    let text = crate::input::read_file(file, crate::input::MAX_TEST_FILE_BYTES).map_err(|e| e.to_string())?;
+    match crate::input::parse_json(&text).map_err(|e| format!("not JSON: {e}"))? {
         Value::Array(cases) => Ok(cases),
         _ => Err("expected a JSON array of test cases".into()),
     }

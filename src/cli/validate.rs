@@ -13,11 +13,11 @@ pub fn run(dir: &Path) -> u8 {
     };
     let b = &snap.bundle;
     for w in &b.warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
     let count = |state| b.policies.iter().filter(|p| p.state == state).count();
     let d = &b.directory;
-    println!(
+    outln!(
         "bundle `{}` is valid: {} policies ({} on, {} report-only, {} off), {} agents, {} blueprints, {} sponsors, {} users, {} resources, {} named locations",
         dir.display(),
         b.policies.len(),
@@ -32,8 +32,8 @@ pub fn run(dir: &Path) -> u8 {
         b.locations.len(),
     );
     for id in &snap.index.unreachable {
-        println!("note: policy `{id}` can never apply: its scope names no agent, blueprint, sponsor or resource");
+        outln!("note: policy `{id}` can never apply: its scope names no agent, blueprint, sponsor or resource");
     }
-    println!("revision {}", snap.revision);
+    outln!("revision {}", snap.revision);
     exit::OK
 }

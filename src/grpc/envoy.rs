@@ -3,9 +3,10 @@
 //!
 //! The agent comes from the route's `context_extensions.agent`, else the `x-agent-id` header,
 //! which the gateway must set from the caller's authenticated identity (and strip from what
-//! clients send). The resource comes from `context_extensions.resource`, else the request's
-//! host (matched against the resources' ids and audiences, with and without `https://`):
-//! never from a header a client could set. Allow answers OK with `x-agentca-decision-id`
+//! clients send). The resource comes from `context_extensions.resource` (the route's own
+//! configuration), else the request's host matched against the resources' audiences only
+//! (`HOST` or `https://HOST`, with and without its port): never from a header a client could
+//! set, and a host that merely equals a resource id names no resource. Allow answers OK with `x-agentca-decision-id`
 //! added upstream; deny answers 403 with the reasons as JSON; a malformed request answers 400.
 
 use std::sync::Arc;
@@ -55,16 +56,19 @@ fn raw_request(check: &CheckRequest) -> (RawRequest, Option<String>) {
     (raw, host)
 }
 
-/// A host names a resource by id or audience, bare or as `https://host`.
+/// A host names a resource by one of its audiences, bare or as `https://host`. A host that
+/// names none stays as `https://host`, an audience no resource has: an unknown resource.
 fn resolve_host(snap: &Snapshot, host: &str) -> String {
     let bare =
         host.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
-    for candidate in [host.to_string(), format!("https://{host}"), bare.to_string(), format!("https://{bare}")] {
-        if let Some((resource, _)) = snap.resource(&candidate) {
+    let candidates = [host.to_string(), format!("https://{host}"), bare.to_string(), format!("https://{bare}")];
+    for candidate in &candidates {
+        if let Some(resource) = snap.resource_by_audience(candidate) {
             return resource.id.clone();
         }
     }
-    host.to_string()
+    let [_, as_audience, ..] = candidates;
+    as_audience
 }
 
 #[tonic::async_trait]
