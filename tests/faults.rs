@@ -335,3 +335,124 @@ async fn control_characters_never_reach_a_terminal() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("field `agent`"), "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cannot_lock_new_clients_out() {
+    // A low descriptor limit, and more idle sockets than it allows: they are closed once idle,
+    // and a real client gets through.
+    let env = Env::new();
+    let (policies, state) = (env.path("policies"), env.path("state"));
+    let script = format!(
+        "ulimit -n 48 && exec {} serve --listen 127.0.0.1:0 --policies {policies} --audit off --state {state} \
+         --no-watch --idle-timeout-ms 400",
+        env!("CARGO_BIN_EXE_agentca")
+    );
+    let server = Server::start_command(std::process::Command::new("sh").args(["-c", &script]));
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(&server.addr).await.unwrap());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let attempt = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            let channel = tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await.ok()?;
+            let mut client = pb::decision_service_client::DecisionServiceClient::new(channel);
+            client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.ok()
+        })
+        .await;
+        if let Ok(Some(d)) = attempt {
+            assert!(is_allow(&d.into_inner()));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "locked out:\n{}", server.log());
+    }
+    // The idle ones were closed by the server: past its HTTP/2 settings, each reads the end.
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), idle[0].read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "an idle connection is still open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_the_limits_are_shed_and_admin_still_answers() {
+    // The audit log is a FIFO nobody reads: once its buffer is full, every decision waits for
+    // its record, so the calls in flight stay in flight.
+    let env = Env::new();
+    let fifo = env.dir.path().join("audit.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // A reader that opens the FIFO (the server's open for writing waits for one) and reads
+    // nothing until told to drain it.
+    let (drain, drained) = std::sync::mpsc::channel::<()>();
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut reader = std::fs::File::open(fifo).unwrap();
+            let _ = drained.recv();
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut reader, &mut sink);
+        })
+    };
+    let (policies, state, audit) = (env.path("policies"), env.path("state"), arg(&fifo));
+    let server = Server::start(&[
+        "--policies",
+        &policies,
+        "--state",
+        &state,
+        "--audit",
+        &audit,
+        "--no-watch",
+        "--max-in-flight",
+        "4",
+        "--max-batch-items-in-flight",
+        "10",
+    ]);
+    let mut client = server.decisions().await;
+    // A batch larger than the items allowed in flight is refused whole, at once.
+    let batch = |n: usize| pb::EvaluateBatchRequest {
+        requests: (0..n).map(|_| token_request("ag-mail-01", "graph", "Mail.Read")).collect(),
+    };
+    let e = client.evaluate_batch(batch(11)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-batch-items-in-flight"), "{e:?}");
+
+    // Fill the FIFO until decisions wait, then hold four in flight.
+    let mut waiting = Vec::new();
+    let mut shed = None;
+    for _ in 0..400 {
+        let mut c = client.clone();
+        let call = tokio::spawn(async move { c.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await });
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        if call.is_finished() {
+            match call.await.unwrap() {
+                Ok(_) => continue,
+                Err(status) => {
+                    shed = Some(status);
+                    break;
+                }
+            }
+        }
+        waiting.push(call);
+    }
+    let shed = shed.expect("no call was shed");
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+    assert!(shed.message().contains("--max-in-flight"), "{shed:?}");
+    assert!(waiting.len() >= 4, "{}", waiting.len());
+
+    // The kill switch is not locked out by the flood: admin calls have their own allowance.
+    let status =
+        tokio::time::timeout(std::time::Duration::from_secs(5), server.admin().await.status(pb::StatusRequest {}))
+            .await
+            .expect("Status waited behind the decisions")
+            .unwrap();
+    assert!(status.into_inner().revision.starts_with("sha256:"));
+
+    // Drain the FIFO: every waiting call is answered, and each one decided.
+    drain.send(()).unwrap();
+    for call in waiting {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(20), call).await.unwrap().unwrap();
+        let d = d.unwrap_or_else(|s| panic!("{s:?}"));
+        assert!(is_allow(&d.into_inner()));
+    }
+    drop(server);
+    reader.join().unwrap();
+}

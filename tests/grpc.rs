@@ -119,10 +119,11 @@ async fn bad_input_names_the_field_and_unknown_agents_are_denied() {
     assert!(!is_allow(&d));
     assert_eq!(d.reasons[0].code, "unknown_agent");
 
-    // A message past the size limit is refused by the transport, not decided.
+    // A message past the size limit is a resource limit (RESOURCE_EXHAUSTED), not decided.
     let huge = pb::EvaluateRequest { scopes: vec!["x".repeat(1024); 5000], ..token_request("ag-mail-01", "graph", "") };
     let status = client.evaluate(huge).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("message length too large"), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,9 +47,60 @@ pub struct ServeArgs {
     /// Most live signals for ids the served directory does not know (agents yet to come).
     #[arg(long, default_value_t = 10_000)]
     max_unknown_signals: usize,
-    /// Largest gRPC message accepted or sent, in bytes.
+    /// Largest gRPC message accepted or sent, in bytes (one larger is RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_message_bytes: usize,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What one caller can take; the defaults hold about 2 GB (README, "Limits").
+#[derive(Debug, clap::Args)]
+pub struct LimitArgs {
+    /// Open connections; more are closed as soon as they are accepted. Keep it under `ulimit -n`.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    #[arg(long, default_value_t = 128)]
+    max_streams_per_connection: u32,
+    /// Decision calls in flight; more are answered RESOURCE_EXHAUSTED at once.
+    #[arg(long, default_value_t = 128)]
+    max_in_flight: usize,
+    /// Admin, health and reflection calls in flight (apart from decisions, so a flood of
+    /// decisions cannot lock the kill switch out).
+    #[arg(long, default_value_t = 16)]
+    max_admin_in_flight: usize,
+    /// EvaluateBatch items in flight across all batches; a batch past it is RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 20_000)]
+    max_batch_items_in_flight: usize,
+    /// Close a connection that has had no call for this many seconds (0: never).
+    #[arg(long, default_value_t = 120)]
+    idle_timeout_secs: u64,
+    /// Send an HTTP/2 PING this often (seconds), and close the connection if it is not
+    /// answered within `--keepalive-timeout-secs`.
+    #[arg(long, default_value_t = 30)]
+    keepalive_interval_secs: u64,
+    #[arg(long, default_value_t = 10)]
+    keepalive_timeout_secs: u64,
+    /// As `--idle-timeout-secs`, in milliseconds (for tests).
+    #[arg(long, hide = true)]
+    idle_timeout_ms: Option<u64>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> grpc::limits::Limits {
+        let idle = self.idle_timeout_ms.map_or(Duration::from_secs(self.idle_timeout_secs), Duration::from_millis);
+        grpc::limits::Limits {
+            max_connections: self.max_connections,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_in_flight: self.max_in_flight,
+            max_admin_in_flight: self.max_admin_in_flight,
+            max_batch_items_in_flight: self.max_batch_items_in_flight,
+            idle_timeout: (!idle.is_zero()).then_some(idle),
+            keepalive_interval: Duration::from_secs(self.keepalive_interval_secs.max(1)),
+            keepalive_timeout: Duration::from_secs(self.keepalive_timeout_secs.max(1)),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -224,7 +275,11 @@ async fn serve(args: ServeArgs) -> u8 {
         })
     };
 
-    let options = grpc::Options { max_message_bytes: args.max_message_bytes, admin_token: args.admin_token.clone() };
+    let options = grpc::Options {
+        max_message_bytes: args.max_message_bytes,
+        admin_token: args.admin_token.clone(),
+        limits: args.limits.limits(),
+    };
     let result = grpc::serve(listener, service.clone(), options, shutdown_signal()).await;
     reloader.abort();
     // Calls in flight are finished; make every record durable before exiting.

@@ -8,15 +8,17 @@ use crate::request::RawRequest;
 use crate::service::{MAX_BATCH, Service};
 
 use super::convert::item_error;
+use super::limits::BatchItems;
 use super::pb;
 
 pub struct Decisions {
     service: Arc<Service>,
+    batch_items: BatchItems,
 }
 
 impl Decisions {
-    pub fn new(service: Arc<Service>) -> Self {
-        Decisions { service }
+    pub fn new(service: Arc<Service>, batch_items: BatchItems) -> Self {
+        Decisions { service, batch_items }
     }
 }
 
@@ -43,6 +45,12 @@ impl pb::decision_service_server::DecisionService for Decisions {
                 requests.len()
             )));
         }
+        // Batches are where memory goes: their items in flight are bounded across all callers.
+        let Some(_room) = self.batch_items.try_take(requests.len()) else {
+            return Err(Status::resource_exhausted(
+                "the server is at its limit of batch items in flight (--max-batch-items-in-flight): retry with backoff",
+            ));
+        };
         let raws = requests.into_iter().map(RawRequest::from).collect();
         let results = self
             .service

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use super::client::{ClientError, connect};
@@ -157,9 +156,12 @@ pub async fn serve_noop(
         revision: "sha256:noop".into(),
         ..pb::Decision::default()
     };
+    // The same accepted-socket options as `serve` (TCP_NODELAY, keepalive), so that the floor
+    // and the server differ only in what they do per call.
+    let limits = super::limits::Limits::default();
+    let incoming = super::limits::incoming(listener, &limits, std::sync::Arc::default());
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(pb::decision_service_server::DecisionServiceServer::new(Noop { answer }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -6,15 +6,14 @@ pub mod client;
 mod convert;
 mod decision;
 mod envoy;
+pub mod limits;
 pub mod load;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -40,11 +39,12 @@ pub struct Options {
     pub max_message_bytes: usize,
     /// If set, AdminService calls need `authorization: Bearer <token>`.
     pub admin_token: Option<String>,
+    pub limits: limits::Limits,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_message_bytes: 4 * 1024 * 1024, admin_token: None }
+        Options { max_message_bytes: 4 * 1024 * 1024, admin_token: None, limits: limits::Limits::default() }
     }
 }
 
@@ -74,9 +74,11 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let limit = options.max_message_bytes;
-    let decisions = pb::decision_service_server::DecisionServiceServer::new(decision::Decisions::new(service.clone()))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    let batch_items = limits::BatchItems::new(options.limits.max_batch_items_in_flight);
+    let decisions =
+        pb::decision_service_server::DecisionServiceServer::new(decision::Decisions::new(service.clone(), batch_items))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
     let admin = tonic::service::interceptor::InterceptedService::new(
         pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(service.clone()))
             .max_decoding_message_size(limit)
@@ -89,16 +91,20 @@ pub async fn serve(
     // NOT_SERVING while audit writes fail under the `deny` overflow policy.
     let watcher = tokio::spawn(track_health(reporter, service.clone()));
 
+    let limits = &options.limits;
+    let shed = Arc::new(limits::Shed::default());
     let result = Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(limits::GuardLayer::new(limits, shed.clone()))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(decisions)
         .add_service(admin)
         .add_service(check)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(limits::incoming(listener, limits, shed), shutdown)
         .await;
     watcher.abort();
     result.map_err(ServeError::from)
@@ -126,5 +132,6 @@ async fn track_health(reporter: tonic_health::server::HealthReporter, service: A
 
 /// Who is calling: the peer address (and, once TLS is configured, its identity).
 fn caller<T>(request: &tonic::Request<T>, via: &'static str) -> Caller {
-    Caller { peer: request.remote_addr().map(|a: SocketAddr| a.to_string()), identity: None, via }
+    let peer = request.extensions().get::<limits::ConnInfo>().and_then(|c| c.remote).map(|a| a.to_string());
+    Caller { peer, identity: None, via }
 }

@@ -36,10 +36,15 @@ pub struct Server {
 impl Server {
     /// Starts `agentca serve --listen 127.0.0.1:0 ARGS…` and waits for its listening line.
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agentca"))
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agentca"));
+        command.arg("serve").args(["--listen", "127.0.0.1:0"]).args(args);
+        Server::start_command(&mut command)
+    }
+
+    /// Starts a server from `command` (say, a shell that sets limits and execs agentca) and
+    /// waits for its listening line.
+    pub fn start_command(command: &mut Command) -> Server {
+        let mut child = command
             .current_dir(root())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
