@@ -456,3 +456,59 @@ async fn calls_past_the_limits_are_shed_and_admin_still_answers() {
     drop(server);
     reader.join().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_never_sends_its_message_does_not_hold_a_place_for_ever() {
+    let env = Env::new();
+    let server = env.start(&["--max-in-flight", "2", "--call-timeout-ms", "1500"]);
+    // Two calls opened at the HTTP/2 level whose message never comes.
+    let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("{}/agentca.v1.DecisionService/Evaluate", server.url()))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        h2 = h2.ready().await.unwrap();
+        let (mut response, mut body) = h2.send_request(request, false).unwrap();
+        // Two bytes of the five-byte message prefix, then nothing more.
+        body.send_data(bytes::Bytes::from_static(&[0, 0]), false).unwrap();
+        // Polled once, the stream is opened on the wire.
+        assert!(futures::poll!(&mut response).is_pending());
+        held.push((response, body));
+    }
+    // While they hold both places (once their headers arrive), a call is shed ...
+    let mut client = server.decisions().await;
+    let started = std::time::Instant::now();
+    loop {
+        match client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => break,
+            Err(s) => panic!("{s:?}"),
+            Ok(_) => assert!(started.elapsed() < std::time::Duration::from_secs(1), "the held calls took no place"),
+        }
+    }
+    // ... and once the call timeout has ended them, calls go through again.
+    loop {
+        match client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {}
+            Err(s) => panic!("{s:?}"),
+            Ok(d) => {
+                assert!(is_allow(&d.into_inner()));
+                break;
+            }
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "the held calls never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The held calls were ended by the server.
+    for (response, _body) in held {
+        let response = response.await.unwrap();
+        let status = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+        assert!(status.is_some_and(|s| s != "0"), "{response:?}");
+    }
+}

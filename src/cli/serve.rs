@@ -85,6 +85,13 @@ pub struct LimitArgs {
     /// As `--idle-timeout-secs`, in milliseconds (for tests).
     #[arg(long, hide = true)]
     idle_timeout_ms: Option<u64>,
+    /// End a call not answered within this many seconds (DEADLINE_EXCEEDED): a caller that
+    /// opens a stream and never sends its message cannot hold a place in flight.
+    #[arg(long, default_value_t = 30)]
+    call_timeout_secs: u64,
+    /// As `--call-timeout-secs`, in milliseconds (for tests).
+    #[arg(long, hide = true)]
+    call_timeout_ms: Option<u64>,
 }
 
 impl LimitArgs {
@@ -97,6 +104,10 @@ impl LimitArgs {
             max_admin_in_flight: self.max_admin_in_flight,
             max_batch_items_in_flight: self.max_batch_items_in_flight,
             idle_timeout: (!idle.is_zero()).then_some(idle),
+            call_timeout: self
+                .call_timeout_ms
+                .map_or(Duration::from_secs(self.call_timeout_secs), Duration::from_millis)
+                .max(Duration::from_millis(1)),
             keepalive_interval: Duration::from_secs(self.keepalive_interval_secs.max(1)),
             keepalive_timeout: Duration::from_secs(self.keepalive_timeout_secs.max(1)),
         }

@@ -35,6 +35,9 @@ pub struct Limits {
     pub max_batch_items_in_flight: usize,
     /// A connection with no call for this long is closed (None: never).
     pub idle_timeout: Option<Duration>,
+    /// A call not answered within this is ended (DEADLINE_EXCEEDED), so a caller that opens a
+    /// stream and never sends its message cannot hold a place in flight for ever.
+    pub call_timeout: Duration,
     /// HTTP/2 PING interval, and how long to wait for its answer before closing.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
@@ -51,6 +54,7 @@ impl Default for Limits {
             max_admin_in_flight: 16,
             max_batch_items_in_flight: 20_000,
             idle_timeout: Some(Duration::from_secs(120)),
+            call_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
         }

@@ -95,6 +95,7 @@ pub async fn serve(
     let shed = Arc::new(limits::Shed::default());
     let result = Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
+        .timeout(limits.call_timeout)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(limits::GuardLayer::new(limits, shed.clone()))
