@@ -4,7 +4,7 @@
 //! a signal be acknowledged only once no decision taken before it is still on its way.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -472,6 +472,9 @@ pub struct Journal {
 
 pub const JOURNAL_FILE: &str = "signals.jsonl";
 
+/// Longest journal line read back: a signal's line is a few KiB at most.
+const MAX_LINE: u64 = 64 * 1024;
+
 impl Journal {
     /// Opens `DIR/signals.jsonl` and replays it into `overlay`. A torn or unreadable line is
     /// reported and skipped, never fatal.
@@ -483,15 +486,39 @@ impl Journal {
         let mut last_seq = 0;
         let mut lines = 0;
         let mut torn_tail = None;
-        if let Ok(f) = File::open(&path) {
+        let exists = match fs::metadata(&path) {
+            Ok(m) if m.is_file() => true,
+            Ok(_) => return Err(err(io::Error::other("not a regular file"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(err(e)),
+        };
+        if exists {
+            let f = File::open(&path).map_err(err)?;
             let mut offset = 0u64;
             let mut reader = BufReader::new(f);
             let mut line = Vec::new();
             let mut i = 0u64;
-            while reader.read_until(b'\n', &mut line).map_err(err)? > 0 {
+            while Read::by_ref(&mut reader).take(MAX_LINE + 1).read_until(b'\n', &mut line).map_err(err)? > 0 {
                 i += 1;
                 let start = offset;
                 offset += line.len() as u64;
+                if line.len() as u64 > MAX_LINE {
+                    // No signal is this long: skip to the end of the line, reading it in pieces.
+                    while !line.ends_with(b"\n") {
+                        line.clear();
+                        if Read::by_ref(&mut reader).take(MAX_LINE).read_until(b'\n', &mut line).map_err(err)? == 0 {
+                            break;
+                        }
+                        offset += line.len() as u64;
+                    }
+                    lines += 1;
+                    replayed.skipped.push((i, format!("the line is longer than {MAX_LINE} bytes")));
+                    if !line.ends_with(b"\n") {
+                        torn_tail = Some(start);
+                    }
+                    line.clear();
+                    continue;
+                }
                 // Only a last line without its newline is torn (a write a crash cut); a whole
                 // line that does not parse is skipped but kept.
                 let whole = line.ends_with(b"\n");
@@ -735,6 +762,32 @@ mod tests {
         assert_eq!(replayed.applied, 2);
         assert_eq!(overlay.agent_enabled("ag-1").map(|l| l.value), Some(false));
         assert_eq!(journal.append(&signal("enable_agent", "ag-3", "")).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_hostile_journal_is_an_error_or_skipped_never_read_for_ever() {
+        let dir = tempfile::tempdir().unwrap();
+        // A link to a device would be read for ever.
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join(JOURNAL_FILE)).unwrap();
+        let e = Journal::open(dir.path(), &Overlay::new()).err().unwrap();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
+        // An overlong line between two signals is skipped; both signals replay.
+        let (journal, _) = Journal::open(dir.path(), &Overlay::new()).unwrap();
+        journal.append(&signal("disable_agent", "ag-1", "")).unwrap();
+        drop(journal);
+        let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
+        f.write_all(&vec![b'x'; 300_000]).unwrap();
+        f.write_all(b"\n").unwrap();
+        drop(f);
+        let (journal, _) = Journal::open(dir.path(), &Overlay::new()).unwrap();
+        journal.append(&signal("disable_agent", "ag-2", "")).unwrap();
+        drop(journal);
+        let overlay = Overlay::new();
+        let (_, replayed) = Journal::open(dir.path(), &overlay).unwrap();
+        assert_eq!(replayed.applied, 2);
+        assert_eq!(replayed.skipped, vec![(2, "the line is longer than 65536 bytes".to_string())]);
+        assert_eq!(overlay.agent_enabled("ag-2").map(|l| l.value), Some(false));
     }
 
     #[test]
