@@ -5,9 +5,11 @@
 //! H = SHA-256(P ‖ the line up to and including `"prev_hash":"P"`, closed with `}`), hex.
 //! Editing, removing, reordering or cutting a record breaks the chain at that record.
 //! Nothing is dropped: a full queue waits or refuses (the caller then denies), as configured.
+//! A file deleted or moved under the writer is noticed and a new one continues the chain.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,6 +123,12 @@ pub enum Refused {
     Closed,
 }
 
+/// How long the writer waits before it retries a failed write.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// The most record bytes one group commit gathers.
+const BATCH_BYTES: usize = 4 << 20;
+
 /// Counters of the sink.
 #[derive(Debug, Default)]
 struct Stats {
@@ -130,6 +138,16 @@ struct Stats {
     seq: AtomicU64,
     failing: AtomicBool,
     error: Mutex<Option<String>>,
+    /// The last `recovery` note (file deleted or moved, writes that failed), with its time.
+    notice: Mutex<Option<String>>,
+}
+
+impl Stats {
+    fn set_notice(&self, time: DateTime<Utc>, note: &str) {
+        if let Ok(mut slot) = self.notice.lock() {
+            *slot = Some(format!("{}: {note}", time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
+        }
+    }
 }
 
 /// A snapshot of the counters.
@@ -140,11 +158,16 @@ pub struct AuditStats {
     pub refused: u64,
     pub seq: u64,
     pub error: Option<String>,
+    pub notice: Option<String>,
 }
+
+/// Answers the submitter: the record's seq once written.
+type Ack = oneshot::Sender<u64>;
+type Answer = oneshot::Receiver<u64>;
 
 enum Job {
     /// A record; its share of the byte budget (`room`) is returned once it is written.
-    Record { body: String, ack: Option<oneshot::Sender<u64>>, room: OwnedSemaphorePermit },
+    Record { body: String, ack: Option<Ack>, room: OwnedSemaphorePermit },
     /// Buffered mode: fsync what is written if the interval has passed.
     Tick,
     /// Write and fsync everything queued before, then answer.
@@ -174,19 +197,17 @@ impl Audit {
         };
         // A torn tail was cut: say so in the chain itself, before anything else is written.
         if let Some(note) = sink.recovered() {
+            let note = Note::new(note);
             let mut line = Vec::new();
-            let tail = append_record(
-                &mut line,
-                sink.last(),
-                &body(&RecoveryRecord { kind: "recovery", time: Utc::now(), note }),
-            );
+            let tail = append_record(&mut line, sink.last(), &note.body());
             sink.write(&line, true).map_err(|e| AuditError::Io { path: config.target.describe(), source: e })?;
             sink.set_last(tail);
             stats.written.fetch_add(1, Ordering::Relaxed);
+            stats.set_notice(note.time, &note.text);
         }
         stats.seq.store(sink.last().seq, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        let writer = Writer { sink, rx, stats: stats.clone(), config: config.clone() };
+        let writer = Writer { sink, rx, stats: stats.clone(), config: config.clone(), notes: Vec::new() };
         std::thread::Builder::new()
             .name("agentca-audit".into())
             .spawn(move || writer.run())
@@ -288,7 +309,7 @@ impl Audit {
         }
     }
 
-    fn ack(&self) -> (Option<oneshot::Sender<u64>>, Option<oneshot::Receiver<u64>>) {
+    fn ack(&self) -> (Option<Ack>, Option<Answer>) {
         match self.config.durability {
             Durability::Fsync | Durability::Written => {
                 let (tx, rx) = oneshot::channel();
@@ -322,6 +343,7 @@ impl Audit {
             refused: self.stats.refused.load(Ordering::Relaxed),
             seq: self.stats.seq.load(Ordering::Relaxed),
             error: self.stats.error.lock().ok().and_then(|e| e.clone()),
+            notice: self.stats.notice.lock().ok().and_then(|e| e.clone()),
         }
     }
 
@@ -351,6 +373,12 @@ enum Sink {
         recovered: Option<String>,
         /// The file was rotated away but the new one could not be opened yet.
         reopen: bool,
+        /// The open file's device and inode, to notice when `path` no longer names it (None for
+        /// a pipe or a device, which are neither rotated nor replaced).
+        id: Option<FileId>,
+        /// A failed append could not be cut back: the file must be cut to `len` before
+        /// anything else is appended.
+        cut: bool,
     },
 }
 
@@ -369,9 +397,19 @@ impl Sink {
                 last = read_tail(&mut f, rotated)?.0;
             }
         }
-        let len = file.metadata().map_err(err)?.len();
+        let meta = file.metadata().map_err(err)?;
         let last = last.unwrap_or(Tail { seq: 0, hash: GENESIS.into() });
-        Ok(Sink::File { path: path.to_path_buf(), file, len, max_bytes, last, recovered, reopen: false })
+        Ok(Sink::File {
+            path: path.to_path_buf(),
+            file,
+            len: meta.len(),
+            max_bytes,
+            last,
+            recovered,
+            reopen: false,
+            id: identity(&meta),
+            cut: false,
+        })
     }
 
     fn last(&self) -> &Tail {
@@ -387,6 +425,69 @@ impl Sink {
         }
     }
 
+    /// Notices that `path` no longer names the open file (deleted, moved away, or replaced by
+    /// logrotate's new empty file) and opens the file now at `path` to continue the chain, or
+    /// that the file was truncated from outside. Returns what happened, for a `recovery`
+    /// record: the caller writes it first.
+    fn ensure_current(&mut self) -> io::Result<Option<String>> {
+        let Sink::File { path, file, len, last, reopen, id, cut, .. } = self else { return Ok(None) };
+        // Mid-rotation the path is ours to create: `write` opens it.
+        let (Some(ours), false) = (*id, *reopen) else { return Ok(None) };
+        let now = match fs::metadata(&*path) {
+            Ok(meta) => identity(&meta),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            // Cannot tell (the folder cannot be searched): writes to the open file go on.
+            Err(_) => return Ok(None),
+        };
+        if now == Some(ours) {
+            // Still ours, but cut short from outside (logrotate's copytruncate): `len` must
+            // follow, or a cut after a failed append would pad the file with zeros.
+            let size = file.metadata()?.len();
+            if size >= *len {
+                return Ok(None);
+            }
+            let note = format!(
+                "`{}` was truncated from {} to {size} bytes while agentca had it open (as logrotate's copytruncate \
+                 does): records up to seq {} were in it, and a copy taken before may lack the last of them; this \
+                 file continues the chain from seq {}",
+                path.display(),
+                *len,
+                last.seq,
+                last.seq + 1
+            );
+            *len = size;
+            *cut = false;
+            return Ok(Some(note));
+        }
+        let fresh = open_continuing(path, last)?;
+        // The old file keeps what reached it: leave it whole and durable, in case it was moved.
+        let deleted = file.metadata().is_ok_and(|m| m.nlink() == 0);
+        let mut troubles = Vec::new();
+        if *cut && let Err(e) = file.set_len(*len) {
+            troubles.push(format!("a torn record at its end could not be cut: {e}"));
+        }
+        if let Err(e) = sync_file(file) {
+            troubles.push(format!("it could not be fsynced: {e}"));
+        }
+        sync_dir(path);
+        (*file, *len, *id, *cut) = (fresh.file, fresh.len, fresh.id, false);
+        let what = if deleted {
+            format!(
+                "`{}` was deleted while agentca had it open: records up to seq {} were written to the deleted file and are lost with it",
+                path.display(),
+                last.seq
+            )
+        } else {
+            format!(
+                "`{}` was moved or replaced while agentca had it open: records up to seq {} are in the old file, under its new name",
+                path.display(),
+                last.seq
+            )
+        };
+        let troubles = if troubles.is_empty() { String::new() } else { format!(" ({})", troubles.join("; ")) };
+        Ok(Some(format!("{what}{troubles}; this file continues the chain from seq {}", last.seq + 1)))
+    }
+
     /// Appends `lines` (whole records); on error the file is cut back to where it was.
     fn write(&mut self, lines: &[u8], sync: bool) -> io::Result<()> {
         match self {
@@ -395,20 +496,27 @@ impl Sink {
                 out.write_all(lines)?;
                 out.flush()
             }
-            Sink::File { path, file, len, max_bytes, reopen, .. } => {
+            Sink::File { path, file, len, max_bytes, last, reopen, id, cut, .. } => {
+                // INVARIANT: the file holds whole records up to `len`. A torn fragment past it
+                // (a failed append whose cut failed too) goes before anything else is appended
+                // or the file is rotated, so it never sits in the middle of the chain.
+                if *cut {
+                    file.set_len(*len)?;
+                    *cut = false;
+                }
                 let rotate = *max_bytes > 0 && *len > 0 && *len + lines.len() as u64 > *max_bytes;
-                if rotate && !*reopen && file.metadata()?.is_file() {
+                if rotate && !*reopen && id.is_some() {
                     sync_file(file)?;
                     let next = rotated_files(path).last().and_then(|p| rotation_number(path, p)).unwrap_or(0) + 1;
                     fs::rename(&*path, rotated_name(path, next))?;
                     *reopen = true;
                 }
-                // Separate from the rename, so that a failed open is retried without renaming again.
+                // Separate from the rename, so that a failed open is retried without renaming
+                // again; until it succeeds nothing is appended, to the rotated file or any other.
                 if *reopen {
-                    *file = OpenOptions::new().create(true).read(true).append(true).open(&*path)?;
+                    let fresh = open_continuing(path, last)?;
                     sync_dir(path);
-                    *len = 0;
-                    *reopen = false;
+                    (*file, *len, *id, *reopen) = (fresh.file, fresh.len, fresh.id, false);
                 }
                 let before = *len;
                 let result = file.write_all(lines).and_then(|()| if sync { sync_file(file) } else { Ok(()) });
@@ -418,8 +526,9 @@ impl Sink {
                         Ok(())
                     }
                     Err(e) => {
-                        // Never leave a torn record behind: the batch is retried whole.
-                        let _ = file.set_len(before);
+                        // Never leave a torn record behind: the batch is retried whole. If even
+                        // the cut fails, it is retried before the next append.
+                        *cut = file.set_len(before).is_err();
                         Err(e)
                     }
                 }
@@ -439,6 +548,43 @@ impl Sink {
             Sink::Stdout { last } | Sink::File { last, .. } => *last = tail,
         }
     }
+}
+
+/// A regular file's device and inode.
+type FileId = (u64, u64);
+
+/// The file an audit log goes on in, as `open_continuing` found it.
+struct Opened {
+    file: File,
+    len: u64,
+    id: Option<FileId>,
+}
+
+/// A regular file's device and inode; None for a pipe or a device.
+fn identity(meta: &fs::Metadata) -> Option<FileId> {
+    meta.is_file().then(|| (meta.dev(), meta.ino()))
+}
+
+/// Opens (creating it and its folder) the file at `path` to continue the chain after `last`:
+/// a new or empty file, or one whose last record is `last` (a copy put back). Anything else
+/// belongs to another chain and is not appended to.
+fn open_continuing(path: &Path, last: &Tail) -> io::Result<Opened> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.len() > 0 {
+        let continues = matches!(read_tail(&mut file, path), Ok((Some(tail), None)) if tail == *last);
+        if !continues {
+            return Err(io::Error::other(format!(
+                "`{}` holds records that do not end with this log's last record (seq {}): move it away so that a new file can be started",
+                path.display(),
+                last.seq
+            )));
+        }
+    }
+    Ok(Opened { file, len: meta.len(), id: identity(&meta) })
 }
 
 /// fsync; a pipe or device that cannot be synced (EINVAL) has nothing to sync.
@@ -555,90 +701,85 @@ struct Writer {
     rx: mpsc::Receiver<Job>,
     stats: Arc<Stats>,
     config: Arc<Config>,
+    /// `recovery` notes not yet written: they go first in the next write.
+    notes: Vec<Note>,
+}
+
+/// A record waiting in the writer.
+struct Entry {
+    body: String,
+    ack: Option<Ack>,
+    /// Its seq, once the batch is laid out.
+    seq: u64,
+    /// Its share of the queue's byte budget, returned once it is written.
+    _room: OwnedSemaphorePermit,
+}
+
+/// A `recovery` note: something the chain itself must say (a cut tail, a file replaced).
+struct Note {
+    time: DateTime<Utc>,
+    text: String,
+}
+
+impl Note {
+    fn new(text: String) -> Note {
+        Note { time: Utc::now(), text }
+    }
+
+    fn body(&self) -> String {
+        body(&RecoveryRecord { kind: "recovery", time: self.time, note: &self.text })
+    }
 }
 
 impl Writer {
     fn run(mut self) {
         let mut lines = Vec::with_capacity(1 << 16);
-        let mut acks = Vec::new();
-        let mut rooms = Vec::new();
+        let mut batch: Vec<Entry> = Vec::new();
         let mut flushes = Vec::new();
         let mut unsynced = false;
         let mut last_sync = Instant::now();
         let mut last_complaint: Option<Instant> = None;
         while let Some(job) = self.rx.blocking_recv() {
-            let mut next = Some(job);
-            let mut tail = self.sink.last().clone();
-            let mut count = 0u64;
             // Group commit: everything already queued goes out in this write.
-            while let Some(job) = next.take() {
-                match job {
-                    Job::Record { body, ack, room } => {
-                        tail = append_record(&mut lines, &tail, &body);
-                        count += 1;
-                        acks.extend(ack.map(|a| (a, tail.seq)));
-                        rooms.push(room);
-                    }
-                    Job::Tick => {}
-                    Job::Flush(done) => flushes.push(done),
-                }
-                if lines.len() < (4 << 20) {
-                    next = self.rx.try_recv().ok();
-                }
-            }
+            self.gather(job, &mut batch, &mut flushes);
             let sync_now = match self.config.durability {
-                Durability::Fsync => count > 0 || (!flushes.is_empty() && unsynced),
+                Durability::Fsync => !batch.is_empty() || (!flushes.is_empty() && unsynced),
                 Durability::Buffered | Durability::Written => {
                     !flushes.is_empty()
-                        || ((unsynced || count > 0) && last_sync.elapsed() >= self.config.flush_interval)
+                        || ((unsynced || !batch.is_empty()) && last_sync.elapsed() >= self.config.flush_interval)
                 }
             };
             // A failed write is retried until it succeeds: an accepted record is never dropped.
-            loop {
-                let result = if lines.is_empty() {
-                    if sync_now { self.sink.sync() } else { Ok(()) }
-                } else {
-                    self.sink.write(&lines, sync_now)
-                };
-                match result {
-                    Ok(()) => {
-                        if self.stats.failing.swap(false, Ordering::Relaxed) {
-                            tracing::info!("audit writes succeed again");
-                            last_complaint = None;
-                            if let Ok(mut e) = self.stats.error.lock() {
-                                *e = None;
-                            }
-                        }
-                        break;
-                    }
-                    Err(e) => {
-                        // Loud, but not a line every retry: the first failure, then every 10 s.
-                        if last_complaint.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
-                            tracing::error!(error = %e, "audit write failed; retrying until it succeeds");
-                            last_complaint = Some(Instant::now());
-                        }
-                        self.stats.failing.store(true, Ordering::Relaxed);
-                        if let Ok(mut slot) = self.stats.error.lock() {
-                            *slot = Some(e.to_string());
-                        }
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
+            while let Err(e) = self.attempt(&mut lines, &mut batch, sync_now) {
+                // Loud, but not a line every retry: the first failure, then every 10 s.
+                if last_complaint.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::error!(error = %e, "audit write failed; retrying until it succeeds");
+                    last_complaint = Some(Instant::now());
+                }
+                if let Ok(mut slot) = self.stats.error.lock() {
+                    *slot = Some(e.to_string());
+                }
+                self.stats.failing.store(true, Ordering::Relaxed);
+                std::thread::sleep(RETRY_AFTER);
+            }
+            if self.stats.failing.swap(false, Ordering::Relaxed) {
+                tracing::info!("audit writes succeed again");
+                last_complaint = None;
+                if let Ok(mut e) = self.stats.error.lock() {
+                    *e = None;
                 }
             }
-            if count > 0 {
-                self.sink.set_last(tail.clone());
-                self.stats.written.fetch_add(count, Ordering::Relaxed);
-                self.stats.seq.store(tail.seq, Ordering::Relaxed);
+            if !batch.is_empty() {
                 unsynced = !sync_now;
             }
             if sync_now {
                 unsynced = false;
                 last_sync = Instant::now();
             }
-            lines.clear();
-            rooms.clear();
-            for (ack, seq) in acks.drain(..) {
-                let _ = ack.send(seq);
+            for entry in batch.drain(..) {
+                if let Some(ack) = entry.ack {
+                    let _ = ack.send(entry.seq);
+                }
             }
             for done in flushes.drain(..) {
                 let _ = done.send(());
@@ -646,6 +787,55 @@ impl Writer {
         }
         // Every sender is gone: make what was written durable.
         let _ = self.sink.sync();
+    }
+
+    /// Takes `first` and what is already queued behind it, up to `BATCH_BYTES` of records.
+    fn gather(&mut self, first: Job, batch: &mut Vec<Entry>, flushes: &mut Vec<oneshot::Sender<()>>) {
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Record { body, ack, room } => {
+                    bytes += body.len();
+                    batch.push(Entry { body, ack, seq: 0, _room: room });
+                }
+                Job::Tick => {}
+                Job::Flush(done) => flushes.push(done),
+            }
+            if bytes < BATCH_BYTES {
+                next = self.rx.try_recv().ok();
+            }
+        }
+    }
+
+    /// One try at writing the pending notes and `batch`, laid out afresh after the chain's
+    /// current last record.
+    fn attempt(&mut self, lines: &mut Vec<u8>, batch: &mut [Entry], sync: bool) -> io::Result<()> {
+        if let Some(text) = self.sink.ensure_current()? {
+            tracing::warn!("audit log {text}");
+            let note = Note::new(text);
+            self.stats.set_notice(note.time, &note.text);
+            self.notes.push(note);
+        }
+        lines.clear();
+        let mut tail = self.sink.last().clone();
+        for note in &self.notes {
+            tail = append_record(lines, &tail, &note.body());
+        }
+        for entry in batch.iter_mut() {
+            tail = append_record(lines, &tail, &entry.body);
+            entry.seq = tail.seq;
+        }
+        if lines.is_empty() {
+            return if sync { self.sink.sync() } else { Ok(()) };
+        }
+        self.sink.write(lines, sync)?;
+        let records = self.notes.len() + batch.len();
+        self.notes.clear();
+        self.sink.set_last(tail.clone());
+        self.stats.written.fetch_add(records as u64, Ordering::Relaxed);
+        self.stats.seq.store(tail.seq, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -751,10 +941,10 @@ pub struct ReloadRecord<'a> {
 }
 
 #[derive(Serialize)]
-struct RecoveryRecord {
+struct RecoveryRecord<'a> {
     kind: &'static str,
     time: DateTime<Utc>,
-    note: String,
+    note: &'a str,
 }
 
 /// What `verify` found in an intact chain.
@@ -766,6 +956,9 @@ pub struct Verified {
     pub last_hash: String,
     /// True if the first record is the start of the chain (its prev_hash is the genesis).
     pub from_genesis: bool,
+    /// The note of the first record if it is a `recovery` record: it may say why the chain
+    /// does not start here (the file before it was deleted or moved).
+    pub first_note: Option<String>,
 }
 
 /// Where the chain breaks.
@@ -792,8 +985,14 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
     files.sort();
 
     let mut prev: Option<Tail> = None;
-    let mut verified =
-        Verified { records: 0, first_seq: 0, last_seq: 0, last_hash: String::new(), from_genesis: false };
+    let mut verified = Verified {
+        records: 0,
+        first_seq: 0,
+        last_seq: 0,
+        last_hash: String::new(),
+        from_genesis: false,
+        first_note: None,
+    };
     for (_, path) in files {
         let file = path.display().to_string();
         let reader = BufReader::new(File::open(path).map_err(|e| Broken {
@@ -807,8 +1006,12 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
             let line = line.map_err(|e| broken(format!("cannot read: {e}")))?;
             let tail = check_line(&line, prev.as_ref()).map_err(&broken)?;
             if prev.is_none() {
+                let first: Value = serde_json::from_slice(&line).unwrap_or_default();
                 verified.first_seq = tail.seq;
-                verified.from_genesis = line_prev_hash(&line).as_deref() == Some(GENESIS);
+                verified.from_genesis = first.get("prev_hash").and_then(Value::as_str) == Some(GENESIS);
+                verified.first_note = (first.get("kind").and_then(Value::as_str) == Some("recovery"))
+                    .then(|| first.get("note").and_then(Value::as_str).map(str::to_string))
+                    .flatten();
             }
             verified.records += 1;
             verified.last_seq = tail.seq;
@@ -817,10 +1020,6 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
         }
     }
     Ok(verified)
-}
-
-fn line_prev_hash(line: &[u8]) -> Option<String> {
-    serde_json::from_slice::<Value>(line).ok()?.get("prev_hash")?.as_str().map(str::to_string)
 }
 
 const HASH_SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;

@@ -1,5 +1,6 @@
-//! The audit chain: written, continued across restarts and rotation, tampered with, and a
-//! writer that stalls (a FIFO nobody reads) to fill the queue.
+//! The audit chain: written, continued across restarts and rotation, tampered with, a
+//! writer that stalls (a FIFO nobody reads) to fill the queue, and a file deleted, moved or
+//! truncated under the writer.
 
 use std::time::Duration;
 
@@ -249,4 +250,141 @@ fn written_mode_answers_once_the_record_is_in_the_file() {
         // Already in the file (page cache) when the submit returns, long before any fsync.
         assert_eq!(lines(&path).len(), i + 1);
     }
+}
+
+/// Runs `f` on a thread and fails the test if it has not finished by `limit`: a writer that
+/// hangs must fail the test, not hang the suite.
+fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what}: still blocked after {limit:?}"))
+}
+
+fn recovery_notes(path: &Path) -> Vec<String> {
+    lines(path)
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "recovery")
+        .map(|v| v["note"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_deleted_file_is_noticed_and_a_new_one_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    let audit = Audit::start(file_config(&path)).unwrap();
+    for i in 0..3 {
+        audit.submit_blocking(note(i)).unwrap();
+    }
+    fs::remove_file(&path).unwrap();
+    for i in 3..5 {
+        audit.submit_blocking(note(i)).unwrap();
+    }
+    assert!(path.exists(), "no new file at the path");
+    let l = lines(&path);
+    assert_eq!(l.len(), 3, "{l:?}");
+    let first: Value = serde_json::from_str(&l[0]).unwrap();
+    assert_eq!((first["kind"].as_str(), first["seq"].as_u64()), (Some("recovery"), Some(4)));
+    let said = first["note"].as_str().unwrap();
+    assert!(said.contains("was deleted while agentca had it open: records up to seq 3"), "{said}");
+    let v = verify_one(&path).unwrap();
+    assert_eq!((v.first_seq, v.last_seq, v.from_genesis), (4, 6, false));
+    assert_eq!(v.first_note.as_deref(), Some(said));
+    let stats = audit.stats();
+    assert!(stats.notice.as_deref().is_some_and(|n| n.ends_with(said)), "{stats:?}");
+    assert_eq!((stats.seq, stats.error), (6, None));
+}
+
+#[test]
+fn a_moved_file_stays_whole_and_the_new_one_continues_its_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    let moved = dir.path().join("d.jsonl.old");
+    let audit = Audit::start(file_config(&path)).unwrap();
+    for i in 0..3 {
+        audit.submit_blocking(note(i)).unwrap();
+    }
+    fs::rename(&path, &moved).unwrap();
+    for i in 3..5 {
+        audit.submit_blocking(note(i)).unwrap();
+    }
+    drop(audit);
+    assert_eq!(lines(&moved).len(), 3);
+    let said = &recovery_notes(&path)[0];
+    assert!(
+        said.contains("was moved or replaced while agentca had it open: records up to seq 3 are in the old file"),
+        "{said}"
+    );
+    // Alone, the new file is a chain that does not start at the genesis; with the old file, whole.
+    assert!(!verify_one(&path).unwrap().from_genesis);
+    let v = verify(&[path.clone(), moved]).unwrap();
+    assert_eq!((v.records, v.first_seq, v.last_seq, v.from_genesis), (6, 1, 6, true));
+}
+
+#[test]
+fn logrotate_create_is_followed_into_the_new_empty_file() {
+    // logrotate without copytruncate: the file is renamed and an empty one created in its place.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    let moved = dir.path().join("d.jsonl-20261125");
+    let audit = Audit::start(file_config(&path)).unwrap();
+    audit.submit_blocking(note(0)).unwrap();
+    fs::rename(&path, &moved).unwrap();
+    File::create(&path).unwrap();
+    audit.submit_blocking(note(1)).unwrap();
+    drop(audit);
+    assert_eq!(lines(&moved).len(), 1);
+    assert_eq!(lines(&path).len(), 2);
+    assert_eq!(verify(&[moved, path]).unwrap().records, 3);
+}
+
+#[test]
+fn logrotate_copytruncate_is_noticed_and_the_chain_goes_on_in_the_emptied_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    let copy = dir.path().join("d.jsonl.1");
+    let audit = Audit::start(file_config(&path)).unwrap();
+    for i in 0..3 {
+        audit.submit_blocking(note(i)).unwrap();
+    }
+    fs::copy(&path, &copy).unwrap();
+    OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+    audit.submit_blocking(note(3)).unwrap();
+    drop(audit);
+    let said = &recovery_notes(&path)[0];
+    assert!(said.contains("was truncated from") && said.contains("records up to seq 3 were in it"), "{said}");
+    assert_eq!(lines(&path).len(), 2);
+    let v = verify(&[copy, path]).unwrap();
+    assert_eq!((v.records, v.from_genesis), (5, true));
+}
+
+#[test]
+fn a_moved_file_then_rotation_neither_hangs_nor_loses_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    let moved = dir.path().join("elsewhere.jsonl");
+    let mut config = file_config(&path);
+    config.max_bytes = 600;
+    let audit = Audit::start(config).unwrap();
+    for i in 0..3 {
+        audit.submit_blocking(note(i)).unwrap();
+    }
+    fs::rename(&path, &moved).unwrap();
+    let audit = within(Duration::from_secs(20), "submits across a rotation after a move", move || {
+        for i in 3..25 {
+            audit.submit_blocking(note(i)).unwrap();
+        }
+        audit
+    });
+    assert_eq!(audit.stats().error, None);
+    drop(audit);
+    let mut files = rotated_files(&path);
+    assert!(files.len() >= 2, "{files:?}");
+    files.push(path.clone());
+    files.push(moved);
+    let v = verify(&files).unwrap();
+    assert_eq!((v.records, v.last_seq, v.from_genesis), (26, 26, true));
 }
