@@ -121,13 +121,19 @@ pub enum Refused {
     QueueFull,
     #[error("the audit log is closed")]
     Closed,
+    #[error("the audit log cannot be written")]
+    Unavailable,
 }
 
 /// How long the writer waits before it retries a failed write.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 
-/// The most record bytes one group commit gathers.
+/// The most record bytes one group commit gathers (an outage under `deny` gathers everything).
 const BATCH_BYTES: usize = 4 << 20;
+
+/// The field the writer adds to a record whose caller was answered deny (audit_unavailable)
+/// because the record could not be written in time.
+const ANSWERED_UNAVAILABLE: &str = "\"answered\":\"audit_unavailable\"";
 
 /// Counters of the sink.
 #[derive(Debug, Default)]
@@ -136,6 +142,9 @@ struct Stats {
     waited: AtomicU64,
     refused: AtomicU64,
     seq: AtomicU64,
+    /// Records accepted into the queue, and those of them written: the difference is pending.
+    accepted: AtomicU64,
+    landed: AtomicU64,
     failing: AtomicBool,
     error: Mutex<Option<String>>,
     /// The last `recovery` note (file deleted or moved, writes that failed), with its time.
@@ -157,17 +166,20 @@ pub struct AuditStats {
     pub waited: u64,
     pub refused: u64,
     pub seq: u64,
+    /// Records accepted and not yet written.
+    pub pending: u64,
     pub error: Option<String>,
     pub notice: Option<String>,
 }
 
-/// Answers the submitter: the record's seq once written.
-type Ack = oneshot::Sender<u64>;
-type Answer = oneshot::Receiver<u64>;
+/// Answers the submitter: the record's seq once written, or a refusal.
+type Ack = oneshot::Sender<Result<u64, Refused>>;
+type Answer = oneshot::Receiver<Result<u64, Refused>>;
 
 enum Job {
     /// A record; its share of the byte budget (`room`) is returned once it is written.
-    Record { body: String, ack: Option<Ack>, room: OwnedSemaphorePermit },
+    /// `refusable`: its caller is answered deny rather than kept waiting while writes fail.
+    Record { body: String, ack: Option<Ack>, room: OwnedSemaphorePermit, refusable: bool },
     /// Buffered mode: fsync what is written if the interval has passed.
     Tick,
     /// Write and fsync everything queued before, then answer.
@@ -199,7 +211,7 @@ impl Audit {
         if let Some(note) = sink.recovered() {
             let note = Note::new(note);
             let mut line = Vec::new();
-            let tail = append_record(&mut line, sink.last(), &note.body());
+            let tail = append_record(&mut line, sink.last(), &note.body(), "");
             sink.write(&line, true).map_err(|e| AuditError::Io { path: config.target.describe(), source: e })?;
             sink.set_last(tail);
             stats.written.fetch_add(1, Ordering::Relaxed);
@@ -250,13 +262,18 @@ impl Audit {
 
     async fn submit_with(&self, body: String, on_full: OnFull) -> Result<(), Refused> {
         let Some(tx) = &self.tx else { return Ok(()) };
+        let refusable = on_full == OnFull::Deny;
+        // While writes fail, a record would only wait behind the ones being retried.
+        if refusable && self.stats.failing.load(Ordering::Relaxed) {
+            return Err(self.refuse(Refused::Unavailable));
+        }
         let size = self.size_of(&body);
         let mut waited = false;
         let room = match self.bytes.clone().try_acquire_many_owned(size) {
             Ok(room) => room,
             Err(TryAcquireError::Closed) => return Err(Refused::Closed),
             Err(TryAcquireError::NoPermits) => match on_full {
-                OnFull::Deny => return Err(self.refuse()),
+                OnFull::Deny => return Err(self.refuse(Refused::QueueFull)),
                 OnFull::Wait => {
                     waited = true;
                     self.bytes.clone().acquire_many_owned(size).await.map_err(|_| Refused::Closed)?
@@ -264,30 +281,31 @@ impl Audit {
             },
         };
         let (ack, done) = self.ack();
-        let job = Job::Record { body, ack, room };
+        let job = Job::Record { body, ack, room, refusable };
         match tx.try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(Refused::Closed),
             Err(mpsc::error::TrySendError::Full(job)) => match on_full {
-                OnFull::Deny => return Err(self.refuse()),
+                OnFull::Deny => return Err(self.refuse(Refused::QueueFull)),
                 OnFull::Wait => {
                     waited = true;
                     tx.send(job).await.map_err(|_| Refused::Closed)?;
                 }
             },
         }
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         if waited {
             self.stats.waited.fetch_add(1, Ordering::Relaxed);
         }
         match done {
-            Some(done) => done.await.map(|_| ()).map_err(|_| Refused::Closed),
+            Some(done) => done.await.unwrap_or(Err(Refused::Closed)).map(|_| ()),
             None => Ok(()),
         }
     }
 
-    fn refuse(&self) -> Refused {
+    fn refuse(&self, why: Refused) -> Refused {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        Refused::QueueFull
+        why
     }
 
     /// A record's share of the byte budget (a record larger than the whole budget takes it all).
@@ -302,9 +320,10 @@ impl Audit {
         let room =
             futures::executor::block_on(self.bytes.clone().acquire_many_owned(size)).map_err(|_| Refused::Closed)?;
         let (ack, done) = self.ack();
-        tx.blocking_send(Job::Record { body, ack, room }).map_err(|_| Refused::Closed)?;
+        tx.blocking_send(Job::Record { body, ack, room, refusable: false }).map_err(|_| Refused::Closed)?;
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         match done {
-            Some(done) => done.blocking_recv().map(|_| ()).map_err(|_| Refused::Closed),
+            Some(done) => done.blocking_recv().unwrap_or(Err(Refused::Closed)).map(|_| ()),
             None => Ok(()),
         }
     }
@@ -342,6 +361,13 @@ impl Audit {
             waited: self.stats.waited.load(Ordering::Relaxed),
             refused: self.stats.refused.load(Ordering::Relaxed),
             seq: self.stats.seq.load(Ordering::Relaxed),
+            // The writer may count a record as landed a moment before its sender counts it as
+            // accepted: hence the saturating difference.
+            pending: self
+                .stats
+                .accepted
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.stats.landed.load(Ordering::Relaxed)),
             error: self.stats.error.lock().ok().and_then(|e| e.clone()),
             notice: self.stats.notice.lock().ok().and_then(|e| e.clone()),
         }
@@ -709,13 +735,16 @@ struct Writer {
 struct Entry {
     body: String,
     ack: Option<Ack>,
+    refusable: bool,
+    /// Its caller was answered deny (audit_unavailable) while the record could not be written.
+    refused: bool,
     /// Its seq, once the batch is laid out.
     seq: u64,
     /// Its share of the queue's byte budget, returned once it is written.
     _room: OwnedSemaphorePermit,
 }
 
-/// A `recovery` note: something the chain itself must say (a cut tail, a file replaced).
+/// A `recovery` note: something the chain itself must say (a cut tail, a file replaced, an outage).
 struct Note {
     time: DateTime<Utc>,
     text: String,
@@ -731,6 +760,40 @@ impl Note {
     }
 }
 
+/// Failed attempts to write the current batch.
+struct Outage {
+    since: DateTime<Utc>,
+    attempts: u64,
+    error: String,
+}
+
+impl Outage {
+    /// The note written after the batch once it lands.
+    fn note(&self, batch: &[Entry]) -> Note {
+        let (first, last) = (batch.first().map_or(0, |e| e.seq), batch.last().map_or(0, |e| e.seq));
+        let refused = batch.iter().filter(|e| e.refused).count();
+        let late = if first == last {
+            format!("record seq {first} was written late")
+        } else {
+            format!("records seq {first}..{last} were written late")
+        };
+        let answered = if refused == 0 {
+            String::new()
+        } else {
+            format!(
+                "; meanwhile the callers of {refused} of them were answered deny with audit_unavailable, not with \
+                 the decision recorded (those records carry {ANSWERED_UNAVAILABLE})"
+            )
+        };
+        Note::new(format!(
+            "audit writes failed from {} (failed attempts: {}; last error: {}); {late}{answered}",
+            self.since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            self.attempts,
+            self.error
+        ))
+    }
+}
+
 impl Writer {
     fn run(mut self) {
         let mut lines = Vec::with_capacity(1 << 16);
@@ -741,7 +804,7 @@ impl Writer {
         let mut last_complaint: Option<Instant> = None;
         while let Some(job) = self.rx.blocking_recv() {
             // Group commit: everything already queued goes out in this write.
-            self.gather(job, &mut batch, &mut flushes);
+            self.gather(job, &mut batch, &mut flushes, BATCH_BYTES);
             let sync_now = match self.config.durability {
                 Durability::Fsync => !batch.is_empty() || (!flushes.is_empty() && unsynced),
                 Durability::Buffered | Durability::Written => {
@@ -750,16 +813,30 @@ impl Writer {
                 }
             };
             // A failed write is retried until it succeeds: an accepted record is never dropped.
-            while let Err(e) = self.attempt(&mut lines, &mut batch, sync_now) {
+            let mut outage: Option<Outage> = None;
+            while let Err(e) = self.attempt(&mut lines, &mut batch, outage.as_ref(), sync_now) {
                 // Loud, but not a line every retry: the first failure, then every 10 s.
                 if last_complaint.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
                     tracing::error!(error = %e, "audit write failed; retrying until it succeeds");
                     last_complaint = Some(Instant::now());
                 }
+                let outage =
+                    outage.get_or_insert_with(|| Outage { since: Utc::now(), attempts: 0, error: String::new() });
+                outage.attempts += 1;
+                outage.error = e.to_string();
                 if let Ok(mut slot) = self.stats.error.lock() {
                     *slot = Some(e.to_string());
                 }
                 self.stats.failing.store(true, Ordering::Relaxed);
+                if self.config.on_full == OnFull::Deny {
+                    // Nobody waits on a write that fails: new submits are refused (`failing`),
+                    // and those already queued are taken in and answered now. Their records
+                    // stay in the batch and are written once writes succeed again.
+                    while let Ok(job) = self.rx.try_recv() {
+                        self.gather(job, &mut batch, &mut flushes, usize::MAX);
+                    }
+                    self.refuse_waiting(&mut batch);
+                }
                 std::thread::sleep(RETRY_AFTER);
             }
             if self.stats.failing.swap(false, Ordering::Relaxed) {
@@ -778,7 +855,7 @@ impl Writer {
             }
             for entry in batch.drain(..) {
                 if let Some(ack) = entry.ack {
-                    let _ = ack.send(entry.seq);
+                    let _ = ack.send(Ok(entry.seq));
                 }
             }
             for done in flushes.drain(..) {
@@ -789,28 +866,48 @@ impl Writer {
         let _ = self.sink.sync();
     }
 
-    /// Takes `first` and what is already queued behind it, up to `BATCH_BYTES` of records.
-    fn gather(&mut self, first: Job, batch: &mut Vec<Entry>, flushes: &mut Vec<oneshot::Sender<()>>) {
+    /// Takes `first` and what is already queued behind it, up to `max_bytes` of records.
+    fn gather(&mut self, first: Job, batch: &mut Vec<Entry>, flushes: &mut Vec<oneshot::Sender<()>>, max_bytes: usize) {
         let mut bytes = 0usize;
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
-                Job::Record { body, ack, room } => {
+                Job::Record { body, ack, room, refusable } => {
                     bytes += body.len();
-                    batch.push(Entry { body, ack, seq: 0, _room: room });
+                    batch.push(Entry { body, ack, refusable, refused: false, seq: 0, _room: room });
                 }
                 Job::Tick => {}
                 Job::Flush(done) => flushes.push(done),
             }
-            if bytes < BATCH_BYTES {
+            if bytes < max_bytes {
                 next = self.rx.try_recv().ok();
             }
         }
     }
 
-    /// One try at writing the pending notes and `batch`, laid out afresh after the chain's
-    /// current last record.
-    fn attempt(&mut self, lines: &mut Vec<u8>, batch: &mut [Entry], sync: bool) -> io::Result<()> {
+    /// Answers deny (audit_unavailable) to every caller that may be refused and still waits.
+    fn refuse_waiting(&self, batch: &mut [Entry]) {
+        for entry in batch.iter_mut().filter(|e| e.refusable) {
+            let Some(ack) = entry.ack.take() else { continue };
+            // Counted before the caller can see the answer (and look at the counters).
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            entry.refused = ack.send(Err(Refused::Unavailable)).is_ok();
+            if !entry.refused {
+                // The caller is gone: it was answered nothing.
+                self.stats.refused.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// One try at writing the pending notes and `batch` (and, after an outage, a note saying
+    /// so), laid out afresh after the chain's current last record.
+    fn attempt(
+        &mut self,
+        lines: &mut Vec<u8>,
+        batch: &mut [Entry],
+        outage: Option<&Outage>,
+        sync: bool,
+    ) -> io::Result<()> {
         if let Some(text) = self.sink.ensure_current()? {
             tracing::warn!("audit log {text}");
             let note = Note::new(text);
@@ -820,34 +917,46 @@ impl Writer {
         lines.clear();
         let mut tail = self.sink.last().clone();
         for note in &self.notes {
-            tail = append_record(lines, &tail, &note.body());
+            tail = append_record(lines, &tail, &note.body(), "");
         }
         for entry in batch.iter_mut() {
-            tail = append_record(lines, &tail, &entry.body);
+            tail = append_record(lines, &tail, &entry.body, if entry.refused { ANSWERED_UNAVAILABLE } else { "" });
             entry.seq = tail.seq;
+        }
+        let after = outage.filter(|_| !batch.is_empty()).map(|o| o.note(batch));
+        if let Some(note) = &after {
+            tail = append_record(lines, &tail, &note.body(), "");
         }
         if lines.is_empty() {
             return if sync { self.sink.sync() } else { Ok(()) };
         }
         self.sink.write(lines, sync)?;
-        let records = self.notes.len() + batch.len();
+        let records = self.notes.len() + batch.len() + usize::from(after.is_some());
         self.notes.clear();
         self.sink.set_last(tail.clone());
         self.stats.written.fetch_add(records as u64, Ordering::Relaxed);
+        self.stats.landed.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.stats.seq.store(tail.seq, Ordering::Relaxed);
+        if let Some(note) = after {
+            tracing::warn!("{}", note.text);
+            self.stats.set_notice(note.time, &note.text);
+        }
         Ok(())
     }
 }
 
-/// Appends one record line for `body` (a JSON object) after `prev`; returns the new tail.
-fn append_record(out: &mut Vec<u8>, prev: &Tail, body: &str) -> Tail {
+/// Appends one record line for `body` (a JSON object) and `extra` (fields the writer adds, or
+/// empty) after `prev`; returns the new tail.
+fn append_record(out: &mut Vec<u8>, prev: &Tail, body: &str, extra: &str) -> Tail {
     let seq = prev.seq + 1;
     let start = out.len();
     let inner = body.trim().strip_prefix('{').and_then(|b| b.strip_suffix('}')).unwrap_or("").trim();
     let _ = write!(out, "{{\"v\":{RECORD_VERSION},\"seq\":{seq},");
-    if !inner.is_empty() {
-        out.extend_from_slice(inner.as_bytes());
-        out.push(b',');
+    for fields in [inner, extra] {
+        if !fields.is_empty() {
+            out.extend_from_slice(fields.as_bytes());
+            out.push(b',');
+        }
     }
     let _ = write!(out, "\"prev_hash\":\"{}\"", prev.hash);
     let hash = chain_hash(&prev.hash, &out[start..]);

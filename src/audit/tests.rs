@@ -1,6 +1,6 @@
 //! The audit chain: written, continued across restarts and rotation, tampered with, a
-//! writer that stalls (a FIFO nobody reads) to fill the queue, and a file deleted, moved or
-//! truncated under the writer.
+//! writer that stalls (a FIFO nobody reads) to fill the queue, a file deleted or moved under
+//! the writer, and writes that fail (a full tmpfs, /dev/full) without tearing the chain.
 
 use std::time::Duration;
 
@@ -295,7 +295,7 @@ fn a_deleted_file_is_noticed_and_a_new_one_continues_the_chain() {
     assert_eq!(v.first_note.as_deref(), Some(said));
     let stats = audit.stats();
     assert!(stats.notice.as_deref().is_some_and(|n| n.ends_with(said)), "{stats:?}");
-    assert_eq!((stats.seq, stats.error), (6, None));
+    assert_eq!((stats.seq, stats.pending, stats.error), (6, 0, None));
 }
 
 #[test]
@@ -387,4 +387,188 @@ fn a_moved_file_then_rotation_neither_hangs_nor_loses_the_chain() {
     files.push(moved);
     let v = verify(&files).unwrap();
     assert_eq!((v.records, v.last_seq, v.from_genesis), (26, 26, true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_from_another_chain_is_refused_until_moved_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    let mut config = file_config(&path);
+    config.on_full = OnFull::Deny;
+    let audit = Audit::start(config).unwrap();
+    audit.submit(note(0)).await.unwrap();
+    // Another chain's file put in its place: appending to it would break both.
+    let (_other_dir, other) = tokio::task::block_in_place(|| chain_of(2));
+    fs::rename(&other, &path).unwrap();
+    let limit = Duration::from_secs(10);
+    // The waiting caller is refused after the first failed attempt; later ones at once.
+    let refused = tokio::time::timeout(limit, audit.submit(note(1))).await.expect("the caller was left waiting");
+    assert_eq!(refused, Err(Refused::Unavailable));
+    assert_eq!(audit.submit(note(2)).await, Err(Refused::Unavailable));
+    let stats = audit.stats();
+    assert_eq!(stats.refused, 2);
+    assert!(!audit.healthy());
+    assert!(stats.error.as_deref().is_some_and(|e| e.contains("move it away")), "{stats:?}");
+    // A signal's record waits; once the foreign file is moved away, everything lands.
+    let waiting = tokio::spawn({
+        let audit = audit.clone();
+        async move { audit.submit_waiting(note(3)).await }
+    });
+    fs::rename(&path, dir.path().join("foreign.jsonl")).unwrap();
+    tokio::time::timeout(limit, waiting).await.expect("the record never landed").unwrap().unwrap();
+    assert!(audit.healthy());
+    // The new file: why it starts here, the refused caller's record (kept, and saying how its
+    // caller was answered), the note on the outage right after it; the waiting record lands in
+    // that write or the next.
+    let records: Vec<Value> = lines(&path).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 4, "{records:#?}");
+    assert!(records[0]["note"].as_str().unwrap().contains("records up to seq 1"), "{records:#?}");
+    assert_eq!((records[1]["n"].as_u64(), records[1]["answered"].as_str()), (Some(1), Some("audit_unavailable")));
+    let outage = records.iter().position(|r| r["kind"] == "recovery" && r["seq"] != 2).unwrap();
+    let said = records[outage]["note"].as_str().unwrap();
+    assert!(said.starts_with("audit writes failed from "), "{said}");
+    assert!(said.contains("the callers of 1 of them were answered deny with audit_unavailable"), "{said}");
+    let waited = records.iter().find(|r| r["n"] == 3).unwrap();
+    assert_eq!(waited.get("answered"), None);
+    assert_eq!(audit.stats().notice.as_deref().map(|n| n.ends_with(said)), Some(true));
+    assert!(!verify_one(&path).unwrap().from_genesis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_deny_a_failing_write_refuses_its_waiting_caller_promptly() {
+    // /dev/full answers every write with ENOSPC, as a full disk does.
+    let mut config = Config::new(Target::File("/dev/full".into()));
+    config.on_full = OnFull::Deny;
+    let audit = Audit::start(config).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), audit.submit(note(0))).await;
+    assert_eq!(refused.expect("the caller was left waiting"), Err(Refused::Unavailable));
+    let at_once = tokio::time::timeout(Duration::from_millis(100), audit.submit(note(1))).await;
+    assert_eq!(at_once.expect("a new submit waited"), Err(Refused::Unavailable));
+    let stats = audit.stats();
+    assert_eq!((stats.refused, stats.pending, stats.written), (2, 1, 0), "{stats:?}");
+    assert!(stats.error.is_some_and(|e| e.contains("No space left on device")));
+}
+
+/// A small tmpfs mounted on a temporary folder (tests run as root here), unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// None (and the test skips) if it cannot be mounted.
+    fn mount(options: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out =
+            std::process::Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(dir.path()).output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!("skipped: cannot mount a tmpfs: {}", String::from_utf8_lossy(&o.stderr).trim());
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file until the tmpfs is full.
+    fn fill(&self, name: &str) -> PathBuf {
+        let path = self.path().join(name);
+        let mut f = File::create(&path).unwrap();
+        while f.write_all(&[b'x'; 512]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: the writer thread may still hold its file open for a moment.
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_is_cut_back_and_the_chain_stays_whole() {
+    let Some(fs) = Tmpfs::mount("size=64k") else { return };
+    let path = fs.path().join("d.jsonl");
+    let mut config = file_config(&path);
+    config.on_full = OnFull::Deny;
+    let audit = Audit::start(config.clone()).unwrap();
+    audit.submit(note(0)).await.unwrap();
+    let good = fs::metadata(&path).unwrap().len();
+    let filler = fs.fill("filler");
+    // Larger than what is left of the file's last page: part of it is written, then ENOSPC.
+    let big = format!("{{\"kind\":\"test\",\"text\":\"{}\"}}", "y".repeat(8192));
+    let refused = tokio::time::timeout(Duration::from_secs(10), audit.submit(big)).await.expect("left waiting");
+    assert_eq!(refused, Err(Refused::Unavailable));
+    // While the write keeps failing, the file holds exactly its whole records.
+    assert_eq!(fs::metadata(&path).unwrap().len(), good);
+    assert_eq!(verify_one(&path).unwrap().last_seq, 1);
+    fs::remove_file(filler).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), audit.submit_waiting(note(2))).await.expect("never landed").unwrap();
+    drop(audit);
+    let v = verify_one(&path).unwrap();
+    assert_eq!((v.records, v.from_genesis), (4, true), "the big record, the waiting one and the outage note");
+    // A restart finds nothing to cut.
+    let audit = Audit::start(config).unwrap();
+    assert!(audit.stats().notice.is_none());
+    assert_eq!(audit.stats().seq, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reopen_after_rotation_appends_nothing_until_a_file_opens() {
+    // Room for two files only: once the log is rotated, its new file cannot be created.
+    let Some(fs) = Tmpfs::mount("size=64k,nr_inodes=3") else { return };
+    let path = fs.path().join("d.jsonl");
+    let placeholder = fs.path().join("placeholder");
+    File::create(&placeholder).unwrap();
+    let mut config = file_config(&path);
+    config.max_bytes = 600;
+    config.on_full = OnFull::Deny;
+    let audit = Audit::start(config).unwrap();
+    let limit = Duration::from_secs(10);
+    let mut refused = None;
+    for i in 0..20 {
+        match tokio::time::timeout(limit, audit.submit(note(i))).await.expect("left waiting") {
+            Ok(()) => {}
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (at, e) = refused.expect("the rotation never failed");
+    assert_eq!(e, Refused::Unavailable);
+    assert!(!path.exists());
+    let rotated = rotated_files(&path);
+    assert_eq!(rotated.len(), 1);
+    let before = fs::read(&rotated[0]).unwrap();
+    assert_eq!(verify(&rotated).unwrap().last_seq, at as u64, "the rotated file ends whole");
+    // Retries go on and append nothing to the rotated file.
+    let waiting = tokio::spawn({
+        let audit = audit.clone();
+        async move { audit.submit_waiting(note(100)).await }
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1200), async {
+            while audit.stats().written == 0 || !waiting.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .is_err()
+    );
+    assert_eq!(fs::read(&rotated[0]).unwrap(), before);
+    fs::remove_file(placeholder).unwrap();
+    tokio::time::timeout(limit, waiting).await.expect("never landed").unwrap().unwrap();
+    let mut files = rotated_files(&path);
+    files.push(path.clone());
+    let v = verify(&files).unwrap();
+    assert_eq!((v.last_seq, v.from_genesis), (at as u64 + 3, true), "refused, waiting, outage note");
 }
