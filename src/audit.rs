@@ -553,8 +553,9 @@ impl Sink {
                     }
                     Err(e) => {
                         // Never leave a torn record behind: the batch is retried whole. If even
-                        // the cut fails, it is retried before the next append.
-                        *cut = file.set_len(before).is_err();
+                        // the cut fails, it is retried before the next append. A pipe or a
+                        // device cannot be cut (and would refuse it forever).
+                        *cut = id.is_some() && file.set_len(before).is_err();
                         Err(e)
                     }
                 }

@@ -447,6 +447,11 @@ async fn under_deny_a_failing_write_refuses_its_waiting_caller_promptly() {
     let stats = audit.stats();
     assert_eq!((stats.refused, stats.pending, stats.written), (2, 1, 0), "{stats:?}");
     assert!(stats.error.is_some_and(|e| e.contains("No space left on device")));
+    // Retries keep reporting the device's own error (a device cannot be cut back: no attempt).
+    let flushed = tokio::time::timeout(Duration::from_millis(1200), audit.flush()).await;
+    assert!(flushed.is_err(), "nothing can be flushed to /dev/full");
+    let error = audit.stats().error.unwrap_or_default();
+    assert!(error.contains("No space left on device"), "{error}");
 }
 
 /// A small tmpfs mounted on a temporary folder (tests run as root here), unmounted on drop.
