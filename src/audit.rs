@@ -5,9 +5,11 @@
 //! H = SHA-256(P ‖ the line up to and including `"prev_hash":"P"`, closed with `}`), hex.
 //! Editing, removing, reordering or cutting a record breaks the chain at that record.
 //! Nothing is dropped: a full queue waits or refuses (the caller then denies), as configured.
+//! A file deleted or moved under the writer is noticed and a new one continues the chain.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,7 +121,19 @@ pub enum Refused {
     QueueFull,
     #[error("the audit log is closed")]
     Closed,
+    #[error("the audit log cannot be written")]
+    Unavailable,
 }
+
+/// How long the writer waits before it retries a failed write.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// The most record bytes one group commit gathers (an outage under `deny` gathers everything).
+const BATCH_BYTES: usize = 4 << 20;
+
+/// The field the writer adds to a record whose caller was answered deny (audit_unavailable)
+/// because the record could not be written in time.
+const ANSWERED_UNAVAILABLE: &str = "\"answered\":\"audit_unavailable\"";
 
 /// Counters of the sink.
 #[derive(Debug, Default)]
@@ -128,8 +142,21 @@ struct Stats {
     waited: AtomicU64,
     refused: AtomicU64,
     seq: AtomicU64,
+    /// Records accepted into the queue, and those of them written: the difference is pending.
+    accepted: AtomicU64,
+    landed: AtomicU64,
     failing: AtomicBool,
     error: Mutex<Option<String>>,
+    /// The last `recovery` note (file deleted or moved, writes that failed), with its time.
+    notice: Mutex<Option<String>>,
+}
+
+impl Stats {
+    fn set_notice(&self, time: DateTime<Utc>, note: &str) {
+        if let Ok(mut slot) = self.notice.lock() {
+            *slot = Some(format!("{}: {note}", time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
+        }
+    }
 }
 
 /// A snapshot of the counters.
@@ -139,12 +166,20 @@ pub struct AuditStats {
     pub waited: u64,
     pub refused: u64,
     pub seq: u64,
+    /// Records accepted and not yet written.
+    pub pending: u64,
     pub error: Option<String>,
+    pub notice: Option<String>,
 }
+
+/// Answers the submitter: the record's seq once written, or a refusal.
+type Ack = oneshot::Sender<Result<u64, Refused>>;
+type Answer = oneshot::Receiver<Result<u64, Refused>>;
 
 enum Job {
     /// A record; its share of the byte budget (`room`) is returned once it is written.
-    Record { body: String, ack: Option<oneshot::Sender<u64>>, room: OwnedSemaphorePermit },
+    /// `refusable`: its caller is answered deny rather than kept waiting while writes fail.
+    Record { body: String, ack: Option<Ack>, room: OwnedSemaphorePermit, refusable: bool },
     /// Buffered mode: fsync what is written if the interval has passed.
     Tick,
     /// Write and fsync everything queued before, then answer.
@@ -174,19 +209,17 @@ impl Audit {
         };
         // A torn tail was cut: say so in the chain itself, before anything else is written.
         if let Some(note) = sink.recovered() {
+            let note = Note::new(note);
             let mut line = Vec::new();
-            let tail = append_record(
-                &mut line,
-                sink.last(),
-                &body(&RecoveryRecord { kind: "recovery", time: Utc::now(), note }),
-            );
+            let tail = append_record(&mut line, sink.last(), &note.body(), "");
             sink.write(&line, true).map_err(|e| AuditError::Io { path: config.target.describe(), source: e })?;
             sink.set_last(tail);
             stats.written.fetch_add(1, Ordering::Relaxed);
+            stats.set_notice(note.time, &note.text);
         }
         stats.seq.store(sink.last().seq, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        let writer = Writer { sink, rx, stats: stats.clone(), config: config.clone() };
+        let writer = Writer { sink, rx, stats: stats.clone(), config: config.clone(), notes: Vec::new() };
         std::thread::Builder::new()
             .name("agentca-audit".into())
             .spawn(move || writer.run())
@@ -229,13 +262,18 @@ impl Audit {
 
     async fn submit_with(&self, body: String, on_full: OnFull) -> Result<(), Refused> {
         let Some(tx) = &self.tx else { return Ok(()) };
+        let refusable = on_full == OnFull::Deny;
+        // While writes fail, a record would only wait behind the ones being retried.
+        if refusable && self.stats.failing.load(Ordering::Relaxed) {
+            return Err(self.refuse(Refused::Unavailable));
+        }
         let size = self.size_of(&body);
         let mut waited = false;
         let room = match self.bytes.clone().try_acquire_many_owned(size) {
             Ok(room) => room,
             Err(TryAcquireError::Closed) => return Err(Refused::Closed),
             Err(TryAcquireError::NoPermits) => match on_full {
-                OnFull::Deny => return Err(self.refuse()),
+                OnFull::Deny => return Err(self.refuse(Refused::QueueFull)),
                 OnFull::Wait => {
                     waited = true;
                     self.bytes.clone().acquire_many_owned(size).await.map_err(|_| Refused::Closed)?
@@ -243,30 +281,31 @@ impl Audit {
             },
         };
         let (ack, done) = self.ack();
-        let job = Job::Record { body, ack, room };
+        let job = Job::Record { body, ack, room, refusable };
         match tx.try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(Refused::Closed),
             Err(mpsc::error::TrySendError::Full(job)) => match on_full {
-                OnFull::Deny => return Err(self.refuse()),
+                OnFull::Deny => return Err(self.refuse(Refused::QueueFull)),
                 OnFull::Wait => {
                     waited = true;
                     tx.send(job).await.map_err(|_| Refused::Closed)?;
                 }
             },
         }
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         if waited {
             self.stats.waited.fetch_add(1, Ordering::Relaxed);
         }
         match done {
-            Some(done) => done.await.map(|_| ()).map_err(|_| Refused::Closed),
+            Some(done) => done.await.unwrap_or(Err(Refused::Closed)).map(|_| ()),
             None => Ok(()),
         }
     }
 
-    fn refuse(&self) -> Refused {
+    fn refuse(&self, why: Refused) -> Refused {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        Refused::QueueFull
+        why
     }
 
     /// A record's share of the byte budget (a record larger than the whole budget takes it all).
@@ -281,14 +320,15 @@ impl Audit {
         let room =
             futures::executor::block_on(self.bytes.clone().acquire_many_owned(size)).map_err(|_| Refused::Closed)?;
         let (ack, done) = self.ack();
-        tx.blocking_send(Job::Record { body, ack, room }).map_err(|_| Refused::Closed)?;
+        tx.blocking_send(Job::Record { body, ack, room, refusable: false }).map_err(|_| Refused::Closed)?;
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         match done {
-            Some(done) => done.blocking_recv().map(|_| ()).map_err(|_| Refused::Closed),
+            Some(done) => done.blocking_recv().unwrap_or(Err(Refused::Closed)).map(|_| ()),
             None => Ok(()),
         }
     }
 
-    fn ack(&self) -> (Option<oneshot::Sender<u64>>, Option<oneshot::Receiver<u64>>) {
+    fn ack(&self) -> (Option<Ack>, Option<Answer>) {
         match self.config.durability {
             Durability::Fsync | Durability::Written => {
                 let (tx, rx) = oneshot::channel();
@@ -321,7 +361,15 @@ impl Audit {
             waited: self.stats.waited.load(Ordering::Relaxed),
             refused: self.stats.refused.load(Ordering::Relaxed),
             seq: self.stats.seq.load(Ordering::Relaxed),
+            // The writer may count a record as landed a moment before its sender counts it as
+            // accepted: hence the saturating difference.
+            pending: self
+                .stats
+                .accepted
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.stats.landed.load(Ordering::Relaxed)),
             error: self.stats.error.lock().ok().and_then(|e| e.clone()),
+            notice: self.stats.notice.lock().ok().and_then(|e| e.clone()),
         }
     }
 
@@ -351,6 +399,12 @@ enum Sink {
         recovered: Option<String>,
         /// The file was rotated away but the new one could not be opened yet.
         reopen: bool,
+        /// The open file's device and inode, to notice when `path` no longer names it (None for
+        /// a pipe or a device, which are neither rotated nor replaced).
+        id: Option<FileId>,
+        /// A failed append could not be cut back: the file must be cut to `len` before
+        /// anything else is appended.
+        cut: bool,
     },
 }
 
@@ -369,9 +423,19 @@ impl Sink {
                 last = read_tail(&mut f, rotated)?.0;
             }
         }
-        let len = file.metadata().map_err(err)?.len();
+        let meta = file.metadata().map_err(err)?;
         let last = last.unwrap_or(Tail { seq: 0, hash: GENESIS.into() });
-        Ok(Sink::File { path: path.to_path_buf(), file, len, max_bytes, last, recovered, reopen: false })
+        Ok(Sink::File {
+            path: path.to_path_buf(),
+            file,
+            len: meta.len(),
+            max_bytes,
+            last,
+            recovered,
+            reopen: false,
+            id: identity(&meta),
+            cut: false,
+        })
     }
 
     fn last(&self) -> &Tail {
@@ -387,6 +451,69 @@ impl Sink {
         }
     }
 
+    /// Notices that `path` no longer names the open file (deleted, moved away, or replaced by
+    /// logrotate's new empty file) and opens the file now at `path` to continue the chain, or
+    /// that the file was truncated from outside. Returns what happened, for a `recovery`
+    /// record: the caller writes it first.
+    fn ensure_current(&mut self) -> io::Result<Option<String>> {
+        let Sink::File { path, file, len, last, reopen, id, cut, .. } = self else { return Ok(None) };
+        // Mid-rotation the path is ours to create: `write` opens it.
+        let (Some(ours), false) = (*id, *reopen) else { return Ok(None) };
+        let now = match fs::metadata(&*path) {
+            Ok(meta) => identity(&meta),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            // Cannot tell (the folder cannot be searched): writes to the open file go on.
+            Err(_) => return Ok(None),
+        };
+        if now == Some(ours) {
+            // Still ours, but cut short from outside (logrotate's copytruncate): `len` must
+            // follow, or a cut after a failed append would pad the file with zeros.
+            let size = file.metadata()?.len();
+            if size >= *len {
+                return Ok(None);
+            }
+            let note = format!(
+                "`{}` was truncated from {} to {size} bytes while agentca had it open (as logrotate's copytruncate \
+                 does): records up to seq {} were in it, and a copy taken before may lack the last of them; this \
+                 file continues the chain from seq {}",
+                path.display(),
+                *len,
+                last.seq,
+                last.seq + 1
+            );
+            *len = size;
+            *cut = false;
+            return Ok(Some(note));
+        }
+        let fresh = open_continuing(path, last)?;
+        // The old file keeps what reached it: leave it whole and durable, in case it was moved.
+        let deleted = file.metadata().is_ok_and(|m| m.nlink() == 0);
+        let mut troubles = Vec::new();
+        if *cut && let Err(e) = file.set_len(*len) {
+            troubles.push(format!("a torn record at its end could not be cut: {e}"));
+        }
+        if let Err(e) = sync_file(file) {
+            troubles.push(format!("it could not be fsynced: {e}"));
+        }
+        sync_dir(path);
+        (*file, *len, *id, *cut) = (fresh.file, fresh.len, fresh.id, false);
+        let what = if deleted {
+            format!(
+                "`{}` was deleted while agentca had it open: records up to seq {} were written to the deleted file and are lost with it",
+                path.display(),
+                last.seq
+            )
+        } else {
+            format!(
+                "`{}` was moved or replaced while agentca had it open: records up to seq {} are in the old file, under its new name",
+                path.display(),
+                last.seq
+            )
+        };
+        let troubles = if troubles.is_empty() { String::new() } else { format!(" ({})", troubles.join("; ")) };
+        Ok(Some(format!("{what}{troubles}; this file continues the chain from seq {}", last.seq + 1)))
+    }
+
     /// Appends `lines` (whole records); on error the file is cut back to where it was.
     fn write(&mut self, lines: &[u8], sync: bool) -> io::Result<()> {
         match self {
@@ -395,20 +522,27 @@ impl Sink {
                 out.write_all(lines)?;
                 out.flush()
             }
-            Sink::File { path, file, len, max_bytes, reopen, .. } => {
+            Sink::File { path, file, len, max_bytes, last, reopen, id, cut, .. } => {
+                // INVARIANT: the file holds whole records up to `len`. A torn fragment past it
+                // (a failed append whose cut failed too) goes before anything else is appended
+                // or the file is rotated, so it never sits in the middle of the chain.
+                if *cut {
+                    file.set_len(*len)?;
+                    *cut = false;
+                }
                 let rotate = *max_bytes > 0 && *len > 0 && *len + lines.len() as u64 > *max_bytes;
-                if rotate && !*reopen && file.metadata()?.is_file() {
+                if rotate && !*reopen && id.is_some() {
                     sync_file(file)?;
                     let next = rotated_files(path).last().and_then(|p| rotation_number(path, p)).unwrap_or(0) + 1;
                     fs::rename(&*path, rotated_name(path, next))?;
                     *reopen = true;
                 }
-                // Separate from the rename, so that a failed open is retried without renaming again.
+                // Separate from the rename, so that a failed open is retried without renaming
+                // again; until it succeeds nothing is appended, to the rotated file or any other.
                 if *reopen {
-                    *file = OpenOptions::new().create(true).read(true).append(true).open(&*path)?;
+                    let fresh = open_continuing(path, last)?;
                     sync_dir(path);
-                    *len = 0;
-                    *reopen = false;
+                    (*file, *len, *id, *reopen) = (fresh.file, fresh.len, fresh.id, false);
                 }
                 let before = *len;
                 let result = file.write_all(lines).and_then(|()| if sync { sync_file(file) } else { Ok(()) });
@@ -418,8 +552,10 @@ impl Sink {
                         Ok(())
                     }
                     Err(e) => {
-                        // Never leave a torn record behind: the batch is retried whole.
-                        let _ = file.set_len(before);
+                        // Never leave a torn record behind: the batch is retried whole. If even
+                        // the cut fails, it is retried before the next append. A pipe or a
+                        // device cannot be cut (and would refuse it forever).
+                        *cut = id.is_some() && file.set_len(before).is_err();
                         Err(e)
                     }
                 }
@@ -439,6 +575,43 @@ impl Sink {
             Sink::Stdout { last } | Sink::File { last, .. } => *last = tail,
         }
     }
+}
+
+/// A regular file's device and inode.
+type FileId = (u64, u64);
+
+/// The file an audit log goes on in, as `open_continuing` found it.
+struct Opened {
+    file: File,
+    len: u64,
+    id: Option<FileId>,
+}
+
+/// A regular file's device and inode; None for a pipe or a device.
+fn identity(meta: &fs::Metadata) -> Option<FileId> {
+    meta.is_file().then(|| (meta.dev(), meta.ino()))
+}
+
+/// Opens (creating it and its folder) the file at `path` to continue the chain after `last`:
+/// a new or empty file, or one whose last record is `last` (a copy put back). Anything else
+/// belongs to another chain and is not appended to.
+fn open_continuing(path: &Path, last: &Tail) -> io::Result<Opened> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.len() > 0 {
+        let continues = matches!(read_tail(&mut file, path), Ok((Some(tail), None)) if tail == *last);
+        if !continues {
+            return Err(io::Error::other(format!(
+                "`{}` holds records that do not end with this log's last record (seq {}): move it away so that a new file can be started",
+                path.display(),
+                last.seq
+            )));
+        }
+    }
+    Ok(Opened { file, len: meta.len(), id: identity(&meta) })
 }
 
 /// fsync; a pipe or device that cannot be synced (EINVAL) has nothing to sync.
@@ -555,90 +728,136 @@ struct Writer {
     rx: mpsc::Receiver<Job>,
     stats: Arc<Stats>,
     config: Arc<Config>,
+    /// `recovery` notes not yet written: they go first in the next write.
+    notes: Vec<Note>,
+}
+
+/// A record waiting in the writer.
+struct Entry {
+    body: String,
+    ack: Option<Ack>,
+    refusable: bool,
+    /// Its caller was answered deny (audit_unavailable) while the record could not be written.
+    refused: bool,
+    /// Its seq, once the batch is laid out.
+    seq: u64,
+    /// Its share of the queue's byte budget, returned once it is written.
+    _room: OwnedSemaphorePermit,
+}
+
+/// A `recovery` note: something the chain itself must say (a cut tail, a file replaced, an outage).
+struct Note {
+    time: DateTime<Utc>,
+    text: String,
+}
+
+impl Note {
+    fn new(text: String) -> Note {
+        Note { time: Utc::now(), text }
+    }
+
+    fn body(&self) -> String {
+        body(&RecoveryRecord { kind: "recovery", time: self.time, note: &self.text })
+    }
+}
+
+/// Failed attempts to write the current batch.
+struct Outage {
+    since: DateTime<Utc>,
+    attempts: u64,
+    error: String,
+}
+
+impl Outage {
+    /// The note written after the batch once it lands.
+    fn note(&self, batch: &[Entry]) -> Note {
+        let (first, last) = (batch.first().map_or(0, |e| e.seq), batch.last().map_or(0, |e| e.seq));
+        let refused = batch.iter().filter(|e| e.refused).count();
+        let late = if first == last {
+            format!("record seq {first} was written late")
+        } else {
+            format!("records seq {first}..{last} were written late")
+        };
+        let answered = if refused == 0 {
+            String::new()
+        } else {
+            format!(
+                "; meanwhile the callers of {refused} of them were answered deny with audit_unavailable, not with \
+                 the decision recorded (those records carry {ANSWERED_UNAVAILABLE})"
+            )
+        };
+        Note::new(format!(
+            "audit writes failed from {} (failed attempts: {}; last error: {}); {late}{answered}",
+            self.since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            self.attempts,
+            self.error
+        ))
+    }
 }
 
 impl Writer {
     fn run(mut self) {
         let mut lines = Vec::with_capacity(1 << 16);
-        let mut acks = Vec::new();
-        let mut rooms = Vec::new();
+        let mut batch: Vec<Entry> = Vec::new();
         let mut flushes = Vec::new();
         let mut unsynced = false;
         let mut last_sync = Instant::now();
         let mut last_complaint: Option<Instant> = None;
         while let Some(job) = self.rx.blocking_recv() {
-            let mut next = Some(job);
-            let mut tail = self.sink.last().clone();
-            let mut count = 0u64;
             // Group commit: everything already queued goes out in this write.
-            while let Some(job) = next.take() {
-                match job {
-                    Job::Record { body, ack, room } => {
-                        tail = append_record(&mut lines, &tail, &body);
-                        count += 1;
-                        acks.extend(ack.map(|a| (a, tail.seq)));
-                        rooms.push(room);
-                    }
-                    Job::Tick => {}
-                    Job::Flush(done) => flushes.push(done),
-                }
-                if lines.len() < (4 << 20) {
-                    next = self.rx.try_recv().ok();
-                }
-            }
+            self.gather(job, &mut batch, &mut flushes, BATCH_BYTES);
             let sync_now = match self.config.durability {
-                Durability::Fsync => count > 0 || (!flushes.is_empty() && unsynced),
+                Durability::Fsync => !batch.is_empty() || (!flushes.is_empty() && unsynced),
                 Durability::Buffered | Durability::Written => {
                     !flushes.is_empty()
-                        || ((unsynced || count > 0) && last_sync.elapsed() >= self.config.flush_interval)
+                        || ((unsynced || !batch.is_empty()) && last_sync.elapsed() >= self.config.flush_interval)
                 }
             };
             // A failed write is retried until it succeeds: an accepted record is never dropped.
-            loop {
-                let result = if lines.is_empty() {
-                    if sync_now { self.sink.sync() } else { Ok(()) }
-                } else {
-                    self.sink.write(&lines, sync_now)
-                };
-                match result {
-                    Ok(()) => {
-                        if self.stats.failing.swap(false, Ordering::Relaxed) {
-                            tracing::info!("audit writes succeed again");
-                            last_complaint = None;
-                            if let Ok(mut e) = self.stats.error.lock() {
-                                *e = None;
-                            }
-                        }
-                        break;
+            let mut outage: Option<Outage> = None;
+            while let Err(e) = self.attempt(&mut lines, &mut batch, outage.as_ref(), sync_now) {
+                // Loud, but not a line every retry: the first failure, then every 10 s.
+                if last_complaint.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::error!(error = %e, "audit write failed; retrying until it succeeds");
+                    last_complaint = Some(Instant::now());
+                }
+                let outage =
+                    outage.get_or_insert_with(|| Outage { since: Utc::now(), attempts: 0, error: String::new() });
+                outage.attempts += 1;
+                outage.error = e.to_string();
+                if let Ok(mut slot) = self.stats.error.lock() {
+                    *slot = Some(e.to_string());
+                }
+                self.stats.failing.store(true, Ordering::Relaxed);
+                if self.config.on_full == OnFull::Deny {
+                    // Nobody waits on a write that fails: new submits are refused (`failing`),
+                    // and those already queued are taken in and answered now. Their records
+                    // stay in the batch and are written once writes succeed again.
+                    while let Ok(job) = self.rx.try_recv() {
+                        self.gather(job, &mut batch, &mut flushes, usize::MAX);
                     }
-                    Err(e) => {
-                        // Loud, but not a line every retry: the first failure, then every 10 s.
-                        if last_complaint.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
-                            tracing::error!(error = %e, "audit write failed; retrying until it succeeds");
-                            last_complaint = Some(Instant::now());
-                        }
-                        self.stats.failing.store(true, Ordering::Relaxed);
-                        if let Ok(mut slot) = self.stats.error.lock() {
-                            *slot = Some(e.to_string());
-                        }
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
+                    self.refuse_waiting(&mut batch);
+                }
+                std::thread::sleep(RETRY_AFTER);
+            }
+            if self.stats.failing.swap(false, Ordering::Relaxed) {
+                tracing::info!("audit writes succeed again");
+                last_complaint = None;
+                if let Ok(mut e) = self.stats.error.lock() {
+                    *e = None;
                 }
             }
-            if count > 0 {
-                self.sink.set_last(tail.clone());
-                self.stats.written.fetch_add(count, Ordering::Relaxed);
-                self.stats.seq.store(tail.seq, Ordering::Relaxed);
+            if !batch.is_empty() {
                 unsynced = !sync_now;
             }
             if sync_now {
                 unsynced = false;
                 last_sync = Instant::now();
             }
-            lines.clear();
-            rooms.clear();
-            for (ack, seq) in acks.drain(..) {
-                let _ = ack.send(seq);
+            for entry in batch.drain(..) {
+                if let Some(ack) = entry.ack {
+                    let _ = ack.send(Ok(entry.seq));
+                }
             }
             for done in flushes.drain(..) {
                 let _ = done.send(());
@@ -647,17 +866,98 @@ impl Writer {
         // Every sender is gone: make what was written durable.
         let _ = self.sink.sync();
     }
+
+    /// Takes `first` and what is already queued behind it, up to `max_bytes` of records.
+    fn gather(&mut self, first: Job, batch: &mut Vec<Entry>, flushes: &mut Vec<oneshot::Sender<()>>, max_bytes: usize) {
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Record { body, ack, room, refusable } => {
+                    bytes += body.len();
+                    batch.push(Entry { body, ack, refusable, refused: false, seq: 0, _room: room });
+                }
+                Job::Tick => {}
+                Job::Flush(done) => flushes.push(done),
+            }
+            if bytes < max_bytes {
+                next = self.rx.try_recv().ok();
+            }
+        }
+    }
+
+    /// Answers deny (audit_unavailable) to every caller that may be refused and still waits.
+    fn refuse_waiting(&self, batch: &mut [Entry]) {
+        for entry in batch.iter_mut().filter(|e| e.refusable) {
+            let Some(ack) = entry.ack.take() else { continue };
+            // Counted before the caller can see the answer (and look at the counters).
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            entry.refused = ack.send(Err(Refused::Unavailable)).is_ok();
+            if !entry.refused {
+                // The caller is gone: it was answered nothing.
+                self.stats.refused.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// One try at writing the pending notes and `batch` (and, after an outage, a note saying
+    /// so), laid out afresh after the chain's current last record.
+    fn attempt(
+        &mut self,
+        lines: &mut Vec<u8>,
+        batch: &mut [Entry],
+        outage: Option<&Outage>,
+        sync: bool,
+    ) -> io::Result<()> {
+        if let Some(text) = self.sink.ensure_current()? {
+            tracing::warn!("audit log {text}");
+            let note = Note::new(text);
+            self.stats.set_notice(note.time, &note.text);
+            self.notes.push(note);
+        }
+        lines.clear();
+        let mut tail = self.sink.last().clone();
+        for note in &self.notes {
+            tail = append_record(lines, &tail, &note.body(), "");
+        }
+        for entry in batch.iter_mut() {
+            tail = append_record(lines, &tail, &entry.body, if entry.refused { ANSWERED_UNAVAILABLE } else { "" });
+            entry.seq = tail.seq;
+        }
+        let after = outage.filter(|_| !batch.is_empty()).map(|o| o.note(batch));
+        if let Some(note) = &after {
+            tail = append_record(lines, &tail, &note.body(), "");
+        }
+        if lines.is_empty() {
+            return if sync { self.sink.sync() } else { Ok(()) };
+        }
+        self.sink.write(lines, sync)?;
+        let records = self.notes.len() + batch.len() + usize::from(after.is_some());
+        self.notes.clear();
+        self.sink.set_last(tail.clone());
+        self.stats.written.fetch_add(records as u64, Ordering::Relaxed);
+        self.stats.landed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.seq.store(tail.seq, Ordering::Relaxed);
+        if let Some(note) = after {
+            tracing::warn!("{}", note.text);
+            self.stats.set_notice(note.time, &note.text);
+        }
+        Ok(())
+    }
 }
 
-/// Appends one record line for `body` (a JSON object) after `prev`; returns the new tail.
-fn append_record(out: &mut Vec<u8>, prev: &Tail, body: &str) -> Tail {
+/// Appends one record line for `body` (a JSON object) and `extra` (fields the writer adds, or
+/// empty) after `prev`; returns the new tail.
+fn append_record(out: &mut Vec<u8>, prev: &Tail, body: &str, extra: &str) -> Tail {
     let seq = prev.seq + 1;
     let start = out.len();
     let inner = body.trim().strip_prefix('{').and_then(|b| b.strip_suffix('}')).unwrap_or("").trim();
     let _ = write!(out, "{{\"v\":{RECORD_VERSION},\"seq\":{seq},");
-    if !inner.is_empty() {
-        out.extend_from_slice(inner.as_bytes());
-        out.push(b',');
+    for fields in [inner, extra] {
+        if !fields.is_empty() {
+            out.extend_from_slice(fields.as_bytes());
+            out.push(b',');
+        }
     }
     let _ = write!(out, "\"prev_hash\":\"{}\"", prev.hash);
     let hash = chain_hash(&prev.hash, &out[start..]);
@@ -751,10 +1051,10 @@ pub struct ReloadRecord<'a> {
 }
 
 #[derive(Serialize)]
-struct RecoveryRecord {
+struct RecoveryRecord<'a> {
     kind: &'static str,
     time: DateTime<Utc>,
-    note: String,
+    note: &'a str,
 }
 
 /// What `verify` found in an intact chain.
@@ -766,6 +1066,9 @@ pub struct Verified {
     pub last_hash: String,
     /// True if the first record is the start of the chain (its prev_hash is the genesis).
     pub from_genesis: bool,
+    /// The note of the first record if it is a `recovery` record: it may say why the chain
+    /// does not start here (the file before it was deleted or moved).
+    pub first_note: Option<String>,
 }
 
 /// Where the chain breaks.
@@ -792,8 +1095,14 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
     files.sort();
 
     let mut prev: Option<Tail> = None;
-    let mut verified =
-        Verified { records: 0, first_seq: 0, last_seq: 0, last_hash: String::new(), from_genesis: false };
+    let mut verified = Verified {
+        records: 0,
+        first_seq: 0,
+        last_seq: 0,
+        last_hash: String::new(),
+        from_genesis: false,
+        first_note: None,
+    };
     for (_, path) in files {
         let file = path.display().to_string();
         let reader = BufReader::new(File::open(path).map_err(|e| Broken {
@@ -807,8 +1116,12 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
             let line = line.map_err(|e| broken(format!("cannot read: {e}")))?;
             let tail = check_line(&line, prev.as_ref()).map_err(&broken)?;
             if prev.is_none() {
+                let first: Value = serde_json::from_slice(&line).unwrap_or_default();
                 verified.first_seq = tail.seq;
-                verified.from_genesis = line_prev_hash(&line).as_deref() == Some(GENESIS);
+                verified.from_genesis = first.get("prev_hash").and_then(Value::as_str) == Some(GENESIS);
+                verified.first_note = (first.get("kind").and_then(Value::as_str) == Some("recovery"))
+                    .then(|| first.get("note").and_then(Value::as_str).map(str::to_string))
+                    .flatten();
             }
             verified.records += 1;
             verified.last_seq = tail.seq;
@@ -817,10 +1130,6 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
         }
     }
     Ok(verified)
-}
-
-fn line_prev_hash(line: &[u8]) -> Option<String> {
-    serde_json::from_slice::<Value>(line).ok()?.get("prev_hash")?.as_str().map(str::to_string)
 }
 
 const HASH_SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;

@@ -142,6 +142,7 @@ impl Service {
                 let why = match refused {
                     Refused::QueueFull => "the audit log cannot keep up, so no decision can be recorded",
                     Refused::Closed => "the audit log is closed, so no decision can be recorded",
+                    Refused::Unavailable => "the audit log cannot be written, so no decision can be recorded",
                 };
                 Decision::deny(ReasonCode::AuditUnavailable, why, decision.revision, decision.request_id)
             }

@@ -1,13 +1,15 @@
 //! The audit log of a real server: killed with SIGKILL under load in fsync mode, every
 //! decision a client received is in the log and the chain verifies; tampering is caught by
-//! `agentca audit verify`; a stalled log under `deny` answers audit_unavailable.
+//! `agentca audit verify`; a stalled log under `deny` answers audit_unavailable; a file
+//! deleted or moved under the server is followed by a new one; a full disk refuses promptly
+//! and recovers with an intact chain; SIGTERM ends the server even while writes cannot finish.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use agentca::grpc::pb;
 use common::{Server, is_allow, token_request};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 fn verify(paths: &[&Path]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_agentca")).args(["audit", "verify"]).args(paths).output().unwrap();
@@ -220,17 +223,7 @@ async fn a_full_disk_is_loud_and_turns_health_not_serving_under_deny() {
         "--state",
         dir.path().join("state").to_str().unwrap(),
     ]);
-    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
-    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
-        if status.into_inner().status == not_serving {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "health never went NOT_SERVING:\n{}", server.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    health_becomes(&server, ServingStatus::NotServing).await;
     let mut admin = server.admin().await;
     let audit = admin.status(pb::StatusRequest {}).await.unwrap().into_inner().audit.unwrap();
     assert!(audit.error.contains("No space left on device"), "{audit:?}");
@@ -247,4 +240,260 @@ async fn a_full_disk_is_loud_and_turns_health_not_serving_under_deny() {
     }
     assert!(refused);
     assert!(server.log().contains("audit write failed"), "{}", server.log());
+}
+
+/// How long a call or a shutdown may take before the test calls it hung.
+const HUNG: Duration = Duration::from_secs(20);
+
+/// One decision, failing the test if it does not come back in time.
+async fn decide(
+    client: &mut pb::decision_service_client::DecisionServiceClient<tonic::transport::Channel>,
+    what: &str,
+) -> pb::Decision {
+    let call = client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read"));
+    match tokio::time::timeout(HUNG, call).await {
+        Ok(answer) => answer.unwrap().into_inner(),
+        Err(_) => panic!("{what}: no answer within {HUNG:?}"),
+    }
+}
+
+async fn audit_status(server: &Server) -> pb::AuditStatus {
+    let mut admin = server.admin().await;
+    admin.status(pb::StatusRequest {}).await.unwrap().into_inner().audit.unwrap()
+}
+
+/// Waits, on the health Watch stream, until the server reports `want`.
+async fn health_becomes(server: &Server, want: ServingStatus) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let mut stream =
+        health.watch(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let reached = tokio::time::timeout(HUNG, async {
+        while let Some(update) = stream.message().await.unwrap() {
+            if update.status == want as i32 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "health never became {want:?}:\n{}", server.log());
+}
+
+/// SIGTERM, then the exit code and the whole log; fails (and kills it) if it does not exit in time.
+fn terminate(mut server: Server) -> (Option<i32>, String) {
+    server.signal("TERM");
+    let pid = server.child.id();
+    let log = server.stderr.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(server.wait());
+    });
+    match rx.recv_timeout(HUNG) {
+        Ok(code) => (code, log.lock().unwrap().clone()),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("SIGTERM did not end the server within {HUNG:?}:\n{}", log.lock().unwrap());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_audit_file_is_noticed_and_a_new_one_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit/decisions.jsonl");
+    let server =
+        Server::start(&["--audit", audit.to_str().unwrap(), "--state", dir.path().join("state").to_str().unwrap()]);
+    let mut client = server.decisions().await;
+    for _ in 0..3 {
+        assert!(is_allow(&decide(&mut client, "before the delete").await));
+    }
+    std::fs::remove_file(&audit).unwrap();
+    for _ in 0..3 {
+        assert!(is_allow(&decide(&mut client, "after the delete").await));
+    }
+    assert!(audit.exists(), "no new file at the path:\n{}", server.log());
+
+    // Alone, the new file is a chain that does not start at its beginning, and says why.
+    let (code, out) = verify(&[&audit]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("the chain starts at seq 5 and not at the first record"), "{out}");
+    assert!(out.contains("its first record is a recovery record: `"), "{out}");
+    assert!(
+        out.contains("was deleted while agentca had it open: records up to seq 4 were written to the deleted file")
+    );
+    let partial = Command::new(env!("CARGO_BIN_EXE_agentca"))
+        .args(["audit", "verify", "--partial"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&partial.stdout);
+    assert_eq!(partial.status.code(), Some(0), "{out}");
+    assert!(out.starts_with("intact: 4 records, seq 5..8 (from seq 5)"), "{out}");
+
+    let status = audit_status(&server).await;
+    assert!(status.notice.contains("was deleted while agentca had it open"), "{status:?}");
+    assert_eq!((status.error.as_str(), status.seq), ("", 8), "{status:?}");
+    health_becomes(&server, ServingStatus::Serving).await;
+    assert!(server.log().contains("was deleted while agentca had it open"), "{}", server.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_audit_file_then_rotation_hangs_neither_calls_nor_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("decisions.jsonl");
+    let moved = dir.path().join("moved-away.jsonl");
+    let server = Server::start(&[
+        "--audit",
+        audit.to_str().unwrap(),
+        "--audit-max-bytes",
+        "4000",
+        "--state",
+        dir.path().join("state").to_str().unwrap(),
+    ]);
+    let mut client = server.decisions().await;
+    for _ in 0..2 {
+        decide(&mut client, "before the move").await;
+    }
+    std::fs::rename(&audit, &moved).unwrap();
+    // A decision record is about 1 KB: several rotations.
+    for _ in 0..20 {
+        assert!(is_allow(&decide(&mut client, "after the move").await));
+    }
+    assert!(audit_status(&server).await.notice.contains("was moved or replaced"));
+    let (code, log) = terminate(server);
+    assert_eq!(code, Some(0), "{log}");
+
+    let mut files: Vec<PathBuf> = agentca::audit::rotated_files(&audit);
+    assert!(files.len() >= 3, "{files:?}");
+    files.push(audit.clone());
+    files.push(moved);
+    let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let (code, out) = verify(&paths);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("intact: 24 records, seq 1..24 (from the start of the chain)"), "{out}");
+}
+
+/// A small tmpfs mounted on a temporary folder (tests run as root here), unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// None (and the test skips) if it cannot be mounted.
+    fn mount(options: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(dir.path()).output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!("skipped: cannot mount a tmpfs: {}", String::from_utf8_lossy(&o.stderr).trim());
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily, in case a server still holds a file in it.
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_deny_refuses_promptly_then_recovers_with_an_intact_chain() {
+    let Some(disk) = Tmpfs::mount("size=256k") else { return };
+    let state = tempfile::tempdir().unwrap();
+    let audit = disk.path().join("decisions.jsonl");
+    let server = Server::start(&[
+        "--audit",
+        audit.to_str().unwrap(),
+        "--audit-on-full",
+        "deny",
+        "--state",
+        state.path().to_str().unwrap(),
+    ]);
+    let mut client = server.decisions().await;
+    assert!(is_allow(&decide(&mut client, "before the disk fills").await));
+    let filler = disk.path().join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while std::io::Write::write_all(&mut f, &[b'x'; 4096]).is_ok() {}
+    }
+    // What is left of the file's last page takes a few records; then every call is refused,
+    // each in bounded time.
+    let mut refused = 0;
+    for _ in 0..50 {
+        let d = decide(&mut client, "on a full disk").await;
+        if !is_allow(&d) {
+            assert_eq!(d.reasons[0].code, "audit_unavailable", "{d:?}");
+            refused += 1;
+            if refused == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, 3, "the disk never filled:\n{}", server.log());
+    health_becomes(&server, ServingStatus::NotServing).await;
+    let status = audit_status(&server).await;
+    assert!(status.error.contains("No space left on device"), "{status:?}");
+    assert!(status.refused >= 3, "{status:?}");
+
+    std::fs::remove_file(&filler).unwrap();
+    health_becomes(&server, ServingStatus::Serving).await;
+    assert!(is_allow(&decide(&mut client, "after space is freed").await));
+    let status = audit_status(&server).await;
+    assert_eq!(status.error, "", "{status:?}");
+    assert!(status.notice.contains("audit writes failed from"), "{status:?}");
+    let (code, log) = terminate(server);
+    assert_eq!(code, Some(0), "{log}");
+
+    let (code, out) = verify(&[&audit]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("(from the start of the chain)"), "{out}");
+    // The first refused caller waited on its record: the record was kept, and says so.
+    let written = std::fs::read_to_string(&audit).unwrap();
+    assert!(written.contains("\"answered\":\"audit_unavailable\""), "{written}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_server_while_audit_writes_cannot_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    // A FIFO nobody reads: once its buffer is full, the writer blocks and calls wait (`wait`).
+    let fifo = dir.path().join("audit.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let server = Server::start(&[
+        "--audit",
+        fifo.to_str().unwrap(),
+        "--shutdown-grace-ms",
+        "500",
+        "--state",
+        dir.path().join("state").to_str().unwrap(),
+    ]);
+    let client = server.decisions().await;
+    let mut stuck = None;
+    for _ in 0..1000 {
+        let mut client = client.clone();
+        let mut call =
+            tokio::spawn(async move { client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await });
+        // A call that does not come back within 2 s waits on the stalled writer: keep it in flight.
+        if tokio::time::timeout(Duration::from_secs(2), &mut call).await.is_err() {
+            stuck = Some(call);
+            break;
+        }
+    }
+    let stuck = stuck.expect("the writer never stalled");
+    let (code, log) = terminate(server);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("calls still in flight after the shutdown grace period"), "{log}");
+    assert!(log.contains("records could not be written before exit; none of their decisions went out"), "{log}");
+    // The waiting caller was never answered with a decision.
+    assert!(stuck.await.unwrap().is_err());
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::audit::verify;
+use crate::audit::{Verified, verify};
 
 use super::exit;
 
@@ -15,6 +15,7 @@ pub fn verify_files(paths: &[PathBuf], partial: bool) -> u8 {
                 v.first_seq,
                 v.first_seq.saturating_sub(1)
             );
+            print_first_note(&v);
             exit::FAILURE
         }
         Ok(v) => {
@@ -30,11 +31,21 @@ pub fn verify_files(paths: &[PathBuf], partial: bool) -> u8 {
                 v.last_seq,
                 v.last_hash
             );
+            print_first_note(&v);
             exit::OK
         }
         Err(broken) => {
             outln!("broken: {broken}");
             exit::FAILURE
         }
+    }
+}
+
+/// A chain that does not start at its beginning may say why in its first record.
+fn print_first_note(v: &Verified) {
+    if !v.from_genesis
+        && let Some(note) = &v.first_note
+    {
+        println!("its first record is a recovery record: {note}");
     }
 }

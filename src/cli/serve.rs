@@ -52,6 +52,10 @@ pub struct ServeArgs {
     max_message_bytes: usize,
     #[command(flatten)]
     limits: LimitArgs,
+    /// On SIGTERM or ctrl-c: how long calls in flight get to finish, and then how long the
+    /// audit log gets to be written, in milliseconds (each).
+    #[arg(long, default_value_t = 10_000)]
+    shutdown_grace_ms: u64,
 }
 
 /// What one caller can take; the defaults hold about 2 GB (README, "Limits").
@@ -162,7 +166,11 @@ pub fn run(args: ServeArgs) -> u8 {
             return exit::FAILURE;
         }
     };
-    runtime.block_on(serve(args))
+    let code = runtime.block_on(serve(args));
+    // Calls cut at the end of the grace period may still be parked on the runtime: drop them
+    // rather than wait for them.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
 /// Refuses an admin port that anyone on the network could use: without a token, AdminService
@@ -291,20 +299,71 @@ async fn serve(args: ServeArgs) -> u8 {
         admin_token: args.admin_token.clone(),
         limits: args.limits.limits(),
     };
-    let result = grpc::serve(listener, service.clone(), options, shutdown_signal()).await;
+    let grace = Duration::from_millis(args.shutdown_grace_ms);
+    let (stopping, stopped) = tokio::sync::oneshot::channel();
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stopping.send(());
+    };
+    let serving = grpc::serve(listener, service.clone(), options, signal);
+    // Calls in flight get `grace` to finish after the signal. One still running then is most
+    // likely waiting on an audit write that cannot finish: it is dropped unanswered, so no
+    // decision goes out without its record.
+    let overdue = async {
+        if stopped.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    let result = tokio::select! {
+        result = serving => result,
+        () = overdue => {
+            tracing::error!(grace_ms = args.shutdown_grace_ms, "calls still in flight after the shutdown grace period: stopping without answering them");
+            Ok(())
+        }
+    };
     reloader.abort();
-    // Calls in flight are finished; make every record durable before exiting.
-    service.audit.flush().await;
+    // Make every record durable before exiting, within the grace period again.
+    let flushed = tokio::time::timeout(grace, service.audit.flush()).await.is_ok();
+    if !flushed {
+        report_unwritten(&service.audit);
+    }
     match result {
-        Ok(()) => {
+        Ok(()) if flushed => {
             tracing::info!("stopped");
             exit::OK
         }
+        Ok(()) => exit::FAILURE,
         Err(e) => {
             errln!("agentca: {e}");
             exit::FAILURE
         }
     }
+}
+
+/// Says how many records the audit log could not write before exit, and what that meant for
+/// their callers.
+fn report_unwritten(audit: &Audit) {
+    let stats = audit.stats();
+    let error = stats.error.as_deref().unwrap_or("none: the writer is stalled");
+    if stats.pending == 0 {
+        tracing::error!(%error, "audit log: the last records could not be fsynced before exit");
+        return;
+    }
+    let callers = match audit.config().durability {
+        Durability::Buffered => {
+            "with --audit-durability buffered their callers were already answered, so these decisions are not in the log"
+        }
+        Durability::Fsync | Durability::Written => {
+            "none of their decisions went out: their callers were left unanswered or denied with audit_unavailable"
+        }
+    };
+    tracing::error!(
+        records = stats.pending,
+        %error,
+        "audit log: {} records could not be written before exit; {callers}",
+        stats.pending
+    );
 }
 
 async fn shutdown_signal() {

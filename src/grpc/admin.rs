@@ -69,6 +69,7 @@ impl pb::admin_service_server::AdminService for Admin {
                 refused: stats.refused,
                 error: stats.error.unwrap_or_default(),
                 seq: stats.seq,
+                notice: stats.notice.unwrap_or_default(),
             }),
             live_signals: self.service.live.len() as u64,
             unknown_target_signals: self.service.unknown_signals(&snap) as u64,

@@ -31,6 +31,8 @@ pub struct Server {
     pub child: Child,
     pub addr: String,
     pub stderr: Arc<Mutex<String>>,
+    /// The thread reading stderr: it ends with the process's last line.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -56,7 +58,7 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -77,7 +79,7 @@ impl Server {
                 panic!("the server did not start:\n{}", log.lock().unwrap());
             }
         };
-        Server { child, addr, stderr: log }
+        Server { child, addr, stderr: log, reader: Some(reader) }
     }
 
     pub fn url(&self) -> String {
@@ -101,9 +103,13 @@ impl Server {
         assert!(status.success());
     }
 
-    /// Waits for the process to exit and returns its exit code.
+    /// Waits for the process to exit (and `log` to hold its last line); returns its exit code.
     pub fn wait(&mut self) -> Option<i32> {
-        self.child.wait().unwrap().code()
+        let code = self.child.wait().unwrap().code();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        code
     }
 
     pub fn log(&self) -> String {
