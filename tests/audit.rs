@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use agentca::grpc::pb;
-use common::{Server, is_allow, token_request};
+use common::{Server, Tmpfs, is_allow, token_request};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 fn verify(paths: &[&Path]) -> (Option<i32>, String) {
@@ -198,7 +198,8 @@ async fn a_stalled_log_under_deny_answers_audit_unavailable() {
         }
     }
     let (after, d) = refused.expect("the queue never filled");
-    assert!(after > 16, "refused after only {after} decisions");
+    // The queue holds 16: at least that many are accepted before one is refused.
+    assert!(after >= 16, "refused after only {after} decisions");
     assert_eq!(d.reasons.len(), 1);
     assert_eq!(d.reasons[0].code, "audit_unavailable");
     let mut admin = server.admin().await;
@@ -370,41 +371,6 @@ async fn a_moved_audit_file_then_rotation_hangs_neither_calls_nor_sigterm() {
     let (code, out) = verify(&paths);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.starts_with("intact: 24 records, seq 1..24 (from the start of the chain)"), "{out}");
-}
-
-/// A small tmpfs mounted on a temporary folder (tests run as root here), unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// None (and the test skips) if it cannot be mounted.
-    fn mount(options: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(dir.path()).output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            Ok(o) => {
-                eprintln!("skipped: cannot mount a tmpfs: {}", String::from_utf8_lossy(&o.stderr).trim());
-                None
-            }
-            Err(e) => {
-                eprintln!("skipped: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazily, in case a server still holds a file in it.
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

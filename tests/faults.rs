@@ -24,7 +24,7 @@ fn arg(p: &std::path::Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_signal_survives_a_full_disk_and_a_restart() {
-    let Some(disk) = Tmpfs::mount("64k") else { return };
+    let Some(disk) = Tmpfs::mount("size=64k") else { return };
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     copy_sample(&policies);

@@ -150,13 +150,12 @@ pub struct Tmpfs {
 }
 
 impl Tmpfs {
-    /// Mounts a tmpfs of `size` (e.g. "256k"); None, with the reason printed, where mounting
-    /// is not allowed (not root).
-    pub fn mount(size: &str) -> Option<Tmpfs> {
+    /// Mounts a tmpfs with `options` (e.g. "size=256k"); None, with the reason printed, where
+    /// mounting is not allowed (not root).
+    pub fn mount(options: &str) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.path().to_str().unwrap()])
-            .output();
+        let out =
+            Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs", dir.path().to_str().unwrap()]).output();
         match out {
             Ok(o) if o.status.success() => Some(Tmpfs { dir }),
             Ok(o) => {
