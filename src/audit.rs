@@ -1087,9 +1087,11 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
     for p in paths {
         let broken = |message: String| Broken { file: p.display().to_string(), line: 0, message };
         let f = File::open(p).map_err(|e| broken(format!("cannot read: {e}")))?;
-        let mut first = String::new();
-        BufReader::new(f).read_line(&mut first).map_err(|e| broken(format!("cannot read: {e}")))?;
-        let seq = serde_json::from_str::<Value>(&first).ok().and_then(|v| v.get("seq").and_then(Value::as_u64));
+        let mut first = Vec::new();
+        Read::take(BufReader::new(f), MAX_RECORD_BYTES)
+            .read_until(b'\n', &mut first)
+            .map_err(|e| broken(format!("cannot read: {e}")))?;
+        let seq = serde_json::from_slice::<Value>(&first).ok().and_then(|v| v.get("seq").and_then(Value::as_u64));
         files.push((seq.unwrap_or(u64::MAX), p));
     }
     files.sort();
@@ -1105,15 +1107,28 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
     };
     for (_, path) in files {
         let file = path.display().to_string();
-        let reader = BufReader::new(File::open(path).map_err(|e| Broken {
+        let mut reader = BufReader::new(File::open(path).map_err(|e| Broken {
             file: file.clone(),
             line: 0,
             message: e.to_string(),
         })?);
-        for (index, line) in reader.split(b'\n').enumerate() {
-            let line_no = index as u64 + 1;
+        let mut line = Vec::new();
+        for line_no in 1u64.. {
             let broken = |message: String| Broken { file: file.clone(), line: line_no, message };
-            let line = line.map_err(|e| broken(format!("cannot read: {e}")))?;
+            line.clear();
+            // A record is a few KiB: a longer "line" (a device, a hostile file) is never read whole.
+            let n = Read::take(&mut reader, MAX_RECORD_BYTES + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(|e| broken(format!("cannot read: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            if line.len() as u64 > MAX_RECORD_BYTES {
+                return Err(broken(format!("a line longer than {MAX_RECORD_BYTES} bytes is not a record")));
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
             let tail = check_line(&line, prev.as_ref()).map_err(&broken)?;
             if prev.is_none() {
                 let first: Value = serde_json::from_slice(&line).unwrap_or_default();
@@ -1131,6 +1146,9 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
     }
     Ok(verified)
 }
+
+/// Longest record `verify` reads.
+const MAX_RECORD_BYTES: u64 = 16 << 20;
 
 const HASH_SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
 

@@ -290,3 +290,10 @@ fn hostile_requests_are_bad_input_naming_the_problem() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stdout).contains("duplicate key `expect`"), "{}", text(&out.stdout));
 }
+
+#[test]
+fn audit_verify_never_reads_a_device_for_ever() {
+    let out = agentca(&["audit", "verify", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("is not a record"), "{}", text(&out.stdout));
+}
