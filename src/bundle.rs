@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use cedar_policy::{Effect, Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use cedar_policy::{Effect, Policy, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator};
 use ipnetwork::IpNetwork;
 use miette::Diagnostic;
 use serde::Serialize;
@@ -18,10 +18,14 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::directory::Directory;
+use crate::nesting;
 
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
 pub const DIRECTORY_FILE: &str = "directory.json";
 pub const LOCATIONS_FILE: &str = "locations.json";
+
+/// The stack of the thread that parses and validates the policies and the schema.
+const PARSE_STACK_BYTES: usize = 64 << 20;
 
 /// The three states of a Conditional Access policy (`@state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -209,13 +213,22 @@ impl Bundle {
         // of a large bundle) stays on this thread, whose memory the entities then reuse.
         let schema_file = display(SCHEMA_FILE);
         let (parsed, directory) = std::thread::scope(|scope| {
-            let parsed = scope.spawn(|| parse_and_validate(&schema_file, schema_src.as_deref(), &cedar_srcs));
+            // Cedar's parser recurses once per level of nesting, with large frames in a debug
+            // build: the nesting check keeps the depth bounded, and this stack holds that depth
+            // many times over. It is only address space until the parser touches it.
+            let parsed = std::thread::Builder::new()
+                .name("agentca-parse".into())
+                .stack_size(PARSE_STACK_BYTES)
+                .spawn_scoped(scope, || parse_and_validate(&schema_file, schema_src.as_deref(), &cedar_srcs));
             let directory = directory_src.as_deref().map(Directory::from_json_str);
-            (parsed.join(), directory)
+            let parsed = match parsed {
+                Ok(handle) => handle.join().map_err(|_| "the policy parser failed".to_string()),
+                Err(e) => Err(format!("cannot start the policy parser: {e}")),
+            };
+            (parsed, directory)
         });
-        let Ok(Parsed { schema, policies, errors: policy_errors, validation_errors, mut warnings }) = parsed else {
-            return Err(BundleError::in_file(&dir.display().to_string(), "the policy parser failed").into());
-        };
+        let Parsed { schema, policies, errors: policy_errors, validation_errors, mut warnings } =
+            parsed.map_err(|message| BundleError::in_file(&dir.display().to_string(), message))?;
         errors.extend(policy_errors);
         let directory = match directory {
             Some(Ok(d)) => {
@@ -261,18 +274,24 @@ struct Parsed {
 fn parse_and_validate(schema_file: &str, schema_src: Option<&str>, cedar_srcs: &[(String, String)]) -> Parsed {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    let schema = schema_src.and_then(|src| match Schema::from_cedarschema_str(src) {
-        Ok((schema, schema_warnings)) => {
-            warnings.extend(schema_warnings.map(|w| format!("{schema_file}: {w}")));
-            Some(schema)
-        }
-        Err(e) => {
-            errors.extend(diagnostic_errors(schema_file, src, &e));
-            None
+    let schema = schema_src.filter(|src| check_schema_nesting(schema_file, src, &mut errors)).and_then(|src| {
+        match Schema::from_cedarschema_str(src) {
+            Ok((schema, schema_warnings)) => {
+                warnings.extend(schema_warnings.map(|w| format!("{schema_file}: {w}")));
+                Some(schema)
+            }
+            Err(e) => {
+                errors.extend(diagnostic_errors(schema_file, src, &e));
+                None
+            }
         }
     });
     let mut policies = Vec::new();
     for (file, src) in cedar_srcs {
+        if let Err(e) = nesting::check_policies(src) {
+            errors.push(nesting_error(file, src, &e));
+            continue;
+        }
         match parse_policies(file, src) {
             Ok(parsed) => policies.extend(parsed),
             Err(errs) => errors.extend(errs),
@@ -285,6 +304,31 @@ fn parse_and_validate(schema_file: &str, schema_src: Option<&str>, cedar_srcs: &
         validate_policies(schema, &policies, &sources, &mut validation_errors, &mut warnings);
     }
     Parsed { schema, policies, errors, validation_errors, warnings }
+}
+
+/// True if the schema nests shallowly enough for Cedar to read it; otherwise says why in `errors`.
+fn check_schema_nesting(file: &str, src: &str, errors: &mut Vec<BundleError>) -> bool {
+    let checked = nesting::check_schema_text(src).and_then(|()| {
+        // Cedar's JSON form of the schema shows how common types use each other (the text
+        // alone does not). Reading it does not resolve them; if it fails, so does the real parse.
+        let json =
+            SchemaFragment::from_cedarschema_str(src).ok().and_then(|(fragment, _)| fragment.to_json_value().ok());
+        json.map_or(Ok(()), |json| nesting::check_schema_json(&json, src))
+    });
+    match checked {
+        Ok(()) => true,
+        Err(e) => {
+            errors.push(nesting_error(file, src, &e));
+            false
+        }
+    }
+}
+
+fn nesting_error(file: &str, src: &str, e: &nesting::NestingError) -> BundleError {
+    match e.offset() {
+        Some(offset) => BundleError::at(file, src, offset, e.to_string()),
+        None => BundleError::in_file(file, e.to_string()),
+    }
 }
 
 /// The `*.cedar` files of the folder, sorted. Hidden entries (a ConfigMap's `..data`) are skipped.
@@ -562,5 +606,109 @@ mod tests {
             parse_policies("f.cedar", "@id(\"a\")\npermit(principal, action, resource)\nwhen { principal.x == };")
                 .unwrap_err();
         assert_eq!((errs[0].line, errs[0].column), (Some(3), Some(23)), "{}", errs[0]);
+    }
+
+    /// A copy of the sample bundle (its files, not its tests) that a test may break.
+    fn sample() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+            }
+        }
+        dir
+    }
+
+    fn errors_of(dir: &Path) -> Vec<String> {
+        Bundle::load(dir).unwrap_err().0.iter().map(ToString::to_string).collect()
+    }
+
+    fn one_error(dir: &Path, file: &str) -> String {
+        let errors = errors_of(dir);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let prefix = format!("{}:", dir.join(file).display());
+        assert!(errors[0].starts_with(&prefix), "{} does not name {file}", errors[0]);
+        errors[0][prefix.len()..].trim().to_string()
+    }
+
+    const DEEP_POLICY: &str = "@id(\"deep\")\nforbid (principal, action, resource)\nwhen { ";
+
+    #[test]
+    fn deep_policies_are_errors_not_crashes() {
+        let dir = sample();
+        let p = dir.path();
+        let shapes = [
+            format!("{}true{}", "(".repeat(100_000), ")".repeat(100_000)),
+            format!("{}true", "if true then false else ".repeat(5_000)),
+            format!("{}{} == []", "[".repeat(50_000), "]".repeat(50_000)),
+            format!("{} == 1", vec!["1"; 100_000].join(" + ")),
+            format!("{}true", "!".repeat(100_000)),
+            format!("{}true{}", "!(".repeat(50_000), ")".repeat(50_000)),
+            format!("context{} == 1", ".a".repeat(100_000)),
+        ];
+        for shape in shapes {
+            fs::write(p.join("deep.cedar"), format!("{DEEP_POLICY}{shape} }};\n")).unwrap();
+            let message = one_error(p, "deep.cedar");
+            assert!(message.starts_with("3:"), "{message}");
+            assert!(message.contains(": nested too deeply: expressions may nest at most 256 levels"), "{message}");
+        }
+        // So many conditions nest too: Cedar joins them with `&&`.
+        let whens = format!("@id(\"deep\")\nforbid (principal, action, resource){};", " when { true }".repeat(10_000));
+        fs::write(p.join("deep.cedar"), whens).unwrap();
+        assert!(one_error(p, "deep.cedar").contains("nested too deeply"));
+    }
+
+    #[test]
+    fn policies_at_the_limit_load_and_index() {
+        // The deepest a parenthesised condition may be: Cedar's parser needs far more than a
+        // default thread's stack for it in a debug build.
+        let dir = sample();
+        let depth = nesting::MAX_NESTING - 3;
+        let src = format!("{DEEP_POLICY}{}true{} }};\n", "(".repeat(depth), ")".repeat(depth));
+        assert_eq!(nesting::policy_depth(&src), nesting::MAX_NESTING);
+        fs::write(dir.path().join("deep.cedar"), src).unwrap();
+        let bundle = Bundle::load(dir.path()).unwrap();
+        // Built and dropped on a thread with the stack of a tokio worker.
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || drop(crate::snapshot::Snapshot::from_bundle(bundle).unwrap()))
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn deep_schemas_are_errors_not_crashes() {
+        let dir = sample();
+        let p = dir.path();
+        let schema = fs::read_to_string(p.join(SCHEMA_FILE)).unwrap();
+        let lines = schema.lines().count();
+        let deep_set = format!("type Deep = {}String{};\n", "Set<".repeat(50_000), ">".repeat(50_000));
+        let deep_record = format!("type Deep = {}String{};\n", "{a: ".repeat(50_000), "}".repeat(50_000));
+        // The column of the 257th bracket: `Set<` and `{a: ` are four characters each.
+        for (deep, column) in [(deep_set, 13 + 4 * 256 + 3), (deep_record, 13 + 4 * 256)] {
+            fs::write(p.join(SCHEMA_FILE), format!("{schema}{deep}")).unwrap();
+            let message = one_error(p, SCHEMA_FILE);
+            assert_eq!(
+                message,
+                format!(
+                    "{}:{column}: nested too deeply: types may nest at most 256 levels (each bracket counts)",
+                    lines + 1
+                )
+            );
+        }
+        let chain: String = (0..2_000).map(|i| format!("type T{i} = Set<T{}>;\n", i + 1)).collect();
+        fs::write(p.join(SCHEMA_FILE), format!("{schema}{chain}type T2000 = Long;\n")).unwrap();
+        assert_eq!(
+            one_error(p, SCHEMA_FILE),
+            format!(
+                "{}:6: common type `T0` is nested too deeply: with the common types it uses, more than 256 levels",
+                lines + 1
+            )
+        );
+        let entities: String = (0..2_000).map(|i| format!("entity E{i} in [E{}];\n", i + 1)).collect();
+        fs::write(p.join(SCHEMA_FILE), format!("{schema}{entities}entity E2000;\n")).unwrap();
+        assert_eq!(one_error(p, SCHEMA_FILE), "too many entity types: 2006 (at most 1000)");
     }
 }
