@@ -18,6 +18,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::directory::Directory;
+use crate::input;
 use crate::nesting;
 
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
@@ -180,11 +181,13 @@ impl Bundle {
             BundleErrors::from(BundleError::in_file(&dir.display().to_string(), format!("cannot read the folder: {e}")))
         })?;
 
-        // Read everything first, in a fixed order, for the revision.
+        // Read everything first, in a fixed order, for the revision. An entry that is there but
+        // cannot be read (a dangling link, a folder, a FIFO) makes the bundle invalid: skipping it
+        // would serve a bundle without its forbids.
         let mut errors = Vec::new();
         let mut hasher = Sha256::new();
-        let mut read = |name: &str, required: bool, errors: &mut Vec<BundleError>| -> Option<String> {
-            match fs::read_to_string(dir.join(name)) {
+        let mut read = |name: &str, limit: u64, required: bool, errors: &mut Vec<BundleError>| -> Option<String> {
+            match input::read_file(&dir.join(name), limit) {
                 Ok(src) => {
                     // Length-prefixed so that moving bytes between files changes the revision.
                     hasher.update(name.as_bytes());
@@ -193,20 +196,22 @@ impl Bundle {
                     hasher.update(src.as_bytes());
                     Some(src)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => None,
+                Err(e) if e.is_not_found() && !required => None,
                 Err(e) => {
-                    errors.push(BundleError::in_file(&display(name), format!("cannot read: {e}")));
+                    errors.push(BundleError::in_file(&display(name), e.to_string()));
                     None
                 }
             }
         };
-        let schema_src = read(SCHEMA_FILE, true, &mut errors);
+        let schema_src = read(SCHEMA_FILE, input::MAX_SCHEMA_BYTES, true, &mut errors);
         let cedar_srcs: Vec<(String, String)> = cedar_files
             .iter()
-            .filter_map(|name| read(name, true, &mut errors).map(|src| (display(name), src)))
+            .filter_map(|name| {
+                read(name, input::MAX_POLICY_FILE_BYTES, true, &mut errors).map(|src| (display(name), src))
+            })
             .collect();
-        let directory_src = read(DIRECTORY_FILE, true, &mut errors);
-        let locations_src = read(LOCATIONS_FILE, false, &mut errors);
+        let directory_src = read(DIRECTORY_FILE, input::MAX_DIRECTORY_BYTES, true, &mut errors);
+        let locations_src = read(LOCATIONS_FILE, input::MAX_LOCATIONS_BYTES, false, &mut errors);
         let revision = format!("sha256:{}", hex::encode(hasher.finalize()));
 
         // The policies are parsed and validated beside the directory. The directory (the bulk
@@ -331,14 +336,14 @@ fn nesting_error(file: &str, src: &str, e: &nesting::NestingError) -> BundleErro
     }
 }
 
-/// The `*.cedar` files of the folder, sorted. Hidden entries (a ConfigMap's `..data`) are skipped.
+/// The `*.cedar` entries of the folder, sorted, whatever they are: one that is not a readable
+/// file is an error when it is read, not a policy file quietly left out. Hidden entries (a
+/// ConfigMap's `..data`, an editor's `.x.cedar.swp`) are skipped.
 fn list_cedar_files(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        // fs::metadata follows symlinks: a ConfigMap's files are links into `..data/`.
-        if name.ends_with(".cedar") && !name.starts_with('.') && fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".cedar") && !name.starts_with('.') {
             names.push(name);
         }
     }
@@ -630,6 +635,77 @@ mod tests {
         let prefix = format!("{}:", dir.join(file).display());
         assert!(errors[0].starts_with(&prefix), "{} does not name {file}", errors[0]);
         errors[0][prefix.len()..].trim().to_string()
+    }
+
+    #[test]
+    fn policy_entries_that_cannot_be_read_are_errors() {
+        use std::os::unix::fs::symlink;
+        let dir = sample();
+        let p = dir.path();
+        Bundle::load(p).unwrap();
+        symlink("nowhere.cedar", p.join("dangling.cedar")).unwrap();
+        assert_eq!(
+            one_error(p, "dangling.cedar"),
+            "cannot read: it is a link to `nowhere.cedar`, which does not exist"
+        );
+        fs::remove_file(p.join("dangling.cedar")).unwrap();
+        symlink("loop.cedar", p.join("loop.cedar")).unwrap();
+        assert!(one_error(p, "loop.cedar").starts_with("cannot read: "));
+        fs::remove_file(p.join("loop.cedar")).unwrap();
+        fs::create_dir(p.join("folder.cedar")).unwrap();
+        assert_eq!(one_error(p, "folder.cedar"), "cannot read: not a regular file");
+        fs::remove_dir(p.join("folder.cedar")).unwrap();
+        // A FIFO would block a reader until someone writes to it: it is refused unopened.
+        let status = std::process::Command::new("mkfifo").arg(p.join("fifo.cedar")).status().unwrap();
+        assert!(status.success());
+        assert_eq!(one_error(p, "fifo.cedar"), "cannot read: not a regular file");
+        fs::remove_file(p.join("fifo.cedar")).unwrap();
+        // Hidden entries are not policy files: an editor's swap file, a ConfigMap's `..data`.
+        symlink("nowhere", p.join(".hidden.cedar")).unwrap();
+        fs::create_dir(p.join("..2026_11_27")).unwrap();
+        symlink("..2026_11_27", p.join("..data")).unwrap();
+        Bundle::load(p).unwrap();
+    }
+
+    #[test]
+    fn bundle_files_that_cannot_be_read_are_errors() {
+        use std::os::unix::fs::symlink;
+        let dir = sample();
+        let p = dir.path();
+        fs::rename(p.join(DIRECTORY_FILE), p.join("real.json")).unwrap();
+        // Read forever, it would never end: a device is not a regular file.
+        symlink("/dev/zero", p.join(DIRECTORY_FILE)).unwrap();
+        assert_eq!(one_error(p, DIRECTORY_FILE), "cannot read: not a regular file");
+        fs::remove_file(p.join(DIRECTORY_FILE)).unwrap();
+        fs::rename(p.join("real.json"), p.join(DIRECTORY_FILE)).unwrap();
+
+        // locations.json may be absent, but a link to nowhere is not absence.
+        fs::remove_file(p.join(LOCATIONS_FILE)).unwrap();
+        assert!(Bundle::load(p).unwrap().locations.is_empty());
+        symlink("gone.json", p.join(LOCATIONS_FILE)).unwrap();
+        assert_eq!(one_error(p, LOCATIONS_FILE), "cannot read: it is a link to `gone.json`, which does not exist");
+        fs::remove_file(p.join(LOCATIONS_FILE)).unwrap();
+
+        fs::remove_file(p.join(SCHEMA_FILE)).unwrap();
+        fs::create_dir(p.join(SCHEMA_FILE)).unwrap();
+        assert_eq!(one_error(p, SCHEMA_FILE), "cannot read: not a regular file");
+    }
+
+    #[test]
+    fn bundle_files_are_capped() {
+        let dir = sample();
+        let p = dir.path();
+        // Sparse: the size is refused before a byte is read.
+        let huge = fs::File::create(p.join("huge.cedar")).unwrap();
+        huge.set_len(input::MAX_POLICY_FILE_BYTES + 1).unwrap();
+        assert_eq!(
+            one_error(p, "huge.cedar"),
+            format!("is larger than the limit of {} bytes", input::MAX_POLICY_FILE_BYTES)
+        );
+        fs::remove_file(p.join("huge.cedar")).unwrap();
+        let schema = fs::OpenOptions::new().append(true).open(p.join(SCHEMA_FILE)).unwrap();
+        schema.set_len(input::MAX_SCHEMA_BYTES + 1).unwrap();
+        assert_eq!(one_error(p, SCHEMA_FILE), format!("is larger than the limit of {} bytes", input::MAX_SCHEMA_BYTES));
     }
 
     const DEEP_POLICY: &str = "@id(\"deep\")\nforbid (principal, action, resource)\nwhen { ";
