@@ -81,7 +81,7 @@ impl Locations {
     }
 
     pub fn from_json_str(src: &str) -> Result<Locations, Vec<String>> {
-        let root: Value = serde_json::from_str(src).map_err(|e| vec![format!("{}:{}: {}", e.line(), e.column(), e)])?;
+        let root: Value = input::parse_json(src).map_err(|e| vec![format!("{}:{}: {}", e.line(), e.column(), e)])?;
         let Value::Object(map) = root else {
             return Err(vec!["expected an object of location names to lists of networks".into()]);
         };
@@ -706,6 +706,19 @@ mod tests {
         let schema = fs::OpenOptions::new().append(true).open(p.join(SCHEMA_FILE)).unwrap();
         schema.set_len(input::MAX_SCHEMA_BYTES + 1).unwrap();
         assert_eq!(one_error(p, SCHEMA_FILE), format!("is larger than the limit of {} bytes", input::MAX_SCHEMA_BYTES));
+    }
+
+    #[test]
+    fn duplicate_json_keys_are_errors() {
+        let err = Locations::from_json_str(r#"{"corp": ["10.0.0.0/8"], "corp": ["0.0.0.0/0"]}"#).unwrap_err();
+        assert!(err[0].starts_with("1:") && err[0].contains("duplicate key `corp`"), "{err:?}");
+        let dir = sample();
+        let path = dir.path().join(DIRECTORY_FILE);
+        let src = fs::read_to_string(&path).unwrap();
+        let (head, tail) = src.split_once("\"id\"").unwrap();
+        fs::write(&path, format!("{head}\"enabled\": false, \"enabled\": true, \"id\"{tail}")).unwrap();
+        let message = one_error(dir.path(), DIRECTORY_FILE);
+        assert!(message.contains("duplicate key `enabled`"), "{message}");
     }
 
     const DEEP_POLICY: &str = "@id(\"deep\")\nforbid (principal, action, resource)\nwhen { ";
