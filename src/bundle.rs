@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use cedar_policy::{Effect, Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use cedar_policy::{Effect, Policy, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator};
 use ipnetwork::IpNetwork;
 use miette::Diagnostic;
 use serde::Serialize;
@@ -18,10 +18,15 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::directory::Directory;
+use crate::input;
+use crate::nesting;
 
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
 pub const DIRECTORY_FILE: &str = "directory.json";
 pub const LOCATIONS_FILE: &str = "locations.json";
+
+/// The stack of the thread that parses and validates the policies and the schema.
+const PARSE_STACK_BYTES: usize = 64 << 20;
 
 /// The three states of a Conditional Access policy (`@state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -76,7 +81,7 @@ impl Locations {
     }
 
     pub fn from_json_str(src: &str) -> Result<Locations, Vec<String>> {
-        let root: Value = serde_json::from_str(src).map_err(|e| vec![format!("{}:{}: {}", e.line(), e.column(), e)])?;
+        let root: Value = input::parse_json(src).map_err(|e| vec![format!("{}:{}: {}", e.line(), e.column(), e)])?;
         let Value::Object(map) = root else {
             return Err(vec!["expected an object of location names to lists of networks".into()]);
         };
@@ -176,11 +181,13 @@ impl Bundle {
             BundleErrors::from(BundleError::in_file(&dir.display().to_string(), format!("cannot read the folder: {e}")))
         })?;
 
-        // Read everything first, in a fixed order, for the revision.
+        // Read everything first, in a fixed order, for the revision. An entry that is there but
+        // cannot be read (a dangling link, a folder, a FIFO) makes the bundle invalid: skipping it
+        // would serve a bundle without its forbids.
         let mut errors = Vec::new();
         let mut hasher = Sha256::new();
-        let mut read = |name: &str, required: bool, errors: &mut Vec<BundleError>| -> Option<String> {
-            match fs::read_to_string(dir.join(name)) {
+        let mut read = |name: &str, limit: u64, required: bool, errors: &mut Vec<BundleError>| -> Option<String> {
+            match input::read_file(&dir.join(name), limit) {
                 Ok(src) => {
                     // Length-prefixed so that moving bytes between files changes the revision.
                     hasher.update(name.as_bytes());
@@ -189,33 +196,44 @@ impl Bundle {
                     hasher.update(src.as_bytes());
                     Some(src)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => None,
+                Err(e) if e.is_not_found() && !required => None,
                 Err(e) => {
-                    errors.push(BundleError::in_file(&display(name), format!("cannot read: {e}")));
+                    errors.push(BundleError::in_file(&display(name), e.to_string()));
                     None
                 }
             }
         };
-        let schema_src = read(SCHEMA_FILE, true, &mut errors);
+        let schema_src = read(SCHEMA_FILE, input::MAX_SCHEMA_BYTES, true, &mut errors);
         let cedar_srcs: Vec<(String, String)> = cedar_files
             .iter()
-            .filter_map(|name| read(name, true, &mut errors).map(|src| (display(name), src)))
+            .filter_map(|name| {
+                read(name, input::MAX_POLICY_FILE_BYTES, true, &mut errors).map(|src| (display(name), src))
+            })
             .collect();
-        let directory_src = read(DIRECTORY_FILE, true, &mut errors);
-        let locations_src = read(LOCATIONS_FILE, false, &mut errors);
+        let directory_src = read(DIRECTORY_FILE, input::MAX_DIRECTORY_BYTES, true, &mut errors);
+        let locations_src = read(LOCATIONS_FILE, input::MAX_LOCATIONS_BYTES, false, &mut errors);
         let revision = format!("sha256:{}", hex::encode(hasher.finalize()));
 
         // The policies are parsed and validated beside the directory. The directory (the bulk
         // of a large bundle) stays on this thread, whose memory the entities then reuse.
         let schema_file = display(SCHEMA_FILE);
         let (parsed, directory) = std::thread::scope(|scope| {
-            let parsed = scope.spawn(|| parse_and_validate(&schema_file, schema_src.as_deref(), &cedar_srcs));
+            // Cedar's parser recurses once per level of nesting, with large frames in a debug
+            // build: the nesting check keeps the depth bounded, and this stack holds that depth
+            // many times over. It is only address space until the parser touches it.
+            let parsed = std::thread::Builder::new()
+                .name("agentca-parse".into())
+                .stack_size(PARSE_STACK_BYTES)
+                .spawn_scoped(scope, || parse_and_validate(&schema_file, schema_src.as_deref(), &cedar_srcs));
             let directory = directory_src.as_deref().map(Directory::from_json_str);
-            (parsed.join(), directory)
+            let parsed = match parsed {
+                Ok(handle) => handle.join().map_err(|_| "the policy parser failed".to_string()),
+                Err(e) => Err(format!("cannot start the policy parser: {e}")),
+            };
+            (parsed, directory)
         });
-        let Ok(Parsed { schema, policies, errors: policy_errors, validation_errors, mut warnings }) = parsed else {
-            return Err(BundleError::in_file(&dir.display().to_string(), "the policy parser failed").into());
-        };
+        let Parsed { schema, policies, errors: policy_errors, validation_errors, mut warnings } =
+            parsed.map_err(|message| BundleError::in_file(&dir.display().to_string(), message))?;
         errors.extend(policy_errors);
         let directory = match directory {
             Some(Ok(d)) => {
@@ -261,18 +279,24 @@ struct Parsed {
 fn parse_and_validate(schema_file: &str, schema_src: Option<&str>, cedar_srcs: &[(String, String)]) -> Parsed {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    let schema = schema_src.and_then(|src| match Schema::from_cedarschema_str(src) {
-        Ok((schema, schema_warnings)) => {
-            warnings.extend(schema_warnings.map(|w| format!("{schema_file}: {w}")));
-            Some(schema)
-        }
-        Err(e) => {
-            errors.extend(diagnostic_errors(schema_file, src, &e));
-            None
+    let schema = schema_src.filter(|src| check_schema_nesting(schema_file, src, &mut errors)).and_then(|src| {
+        match Schema::from_cedarschema_str(src) {
+            Ok((schema, schema_warnings)) => {
+                warnings.extend(schema_warnings.map(|w| format!("{schema_file}: {w}")));
+                Some(schema)
+            }
+            Err(e) => {
+                errors.extend(diagnostic_errors(schema_file, src, &e));
+                None
+            }
         }
     });
     let mut policies = Vec::new();
     for (file, src) in cedar_srcs {
+        if let Err(e) = nesting::check_policies(src) {
+            errors.push(nesting_error(file, src, &e));
+            continue;
+        }
         match parse_policies(file, src) {
             Ok(parsed) => policies.extend(parsed),
             Err(errs) => errors.extend(errs),
@@ -287,14 +311,39 @@ fn parse_and_validate(schema_file: &str, schema_src: Option<&str>, cedar_srcs: &
     Parsed { schema, policies, errors, validation_errors, warnings }
 }
 
-/// The `*.cedar` files of the folder, sorted. Hidden entries (a ConfigMap's `..data`) are skipped.
+/// True if the schema nests shallowly enough for Cedar to read it; otherwise says why in `errors`.
+fn check_schema_nesting(file: &str, src: &str, errors: &mut Vec<BundleError>) -> bool {
+    let checked = nesting::check_schema_text(src).and_then(|()| {
+        // Cedar's JSON form of the schema shows how common types use each other (the text
+        // alone does not). Reading it does not resolve them; if it fails, so does the real parse.
+        let json =
+            SchemaFragment::from_cedarschema_str(src).ok().and_then(|(fragment, _)| fragment.to_json_value().ok());
+        json.map_or(Ok(()), |json| nesting::check_schema_json(&json, src))
+    });
+    match checked {
+        Ok(()) => true,
+        Err(e) => {
+            errors.push(nesting_error(file, src, &e));
+            false
+        }
+    }
+}
+
+fn nesting_error(file: &str, src: &str, e: &nesting::NestingError) -> BundleError {
+    match e.offset() {
+        Some(offset) => BundleError::at(file, src, offset, e.to_string()),
+        None => BundleError::in_file(file, e.to_string()),
+    }
+}
+
+/// The `*.cedar` entries of the folder, sorted, whatever they are: one that is not a readable
+/// file is an error when it is read, not a policy file quietly left out. Hidden entries (a
+/// ConfigMap's `..data`, an editor's `.x.cedar.swp`) are skipped.
 fn list_cedar_files(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        // fs::metadata follows symlinks: a ConfigMap's files are links into `..data/`.
-        if name.ends_with(".cedar") && !name.starts_with('.') && fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".cedar") && !name.starts_with('.') {
             names.push(name);
         }
     }
@@ -562,5 +611,193 @@ mod tests {
             parse_policies("f.cedar", "@id(\"a\")\npermit(principal, action, resource)\nwhen { principal.x == };")
                 .unwrap_err();
         assert_eq!((errs[0].line, errs[0].column), (Some(3), Some(23)), "{}", errs[0]);
+    }
+
+    /// A copy of the sample bundle (its files, not its tests) that a test may break.
+    fn sample() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+            }
+        }
+        dir
+    }
+
+    fn errors_of(dir: &Path) -> Vec<String> {
+        Bundle::load(dir).unwrap_err().0.iter().map(ToString::to_string).collect()
+    }
+
+    fn one_error(dir: &Path, file: &str) -> String {
+        let errors = errors_of(dir);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let prefix = format!("{}:", dir.join(file).display());
+        assert!(errors[0].starts_with(&prefix), "{} does not name {file}", errors[0]);
+        errors[0][prefix.len()..].trim().to_string()
+    }
+
+    #[test]
+    fn policy_entries_that_cannot_be_read_are_errors() {
+        use std::os::unix::fs::symlink;
+        let dir = sample();
+        let p = dir.path();
+        Bundle::load(p).unwrap();
+        symlink("nowhere.cedar", p.join("dangling.cedar")).unwrap();
+        assert_eq!(
+            one_error(p, "dangling.cedar"),
+            "cannot read: it is a link to `nowhere.cedar`, which does not exist"
+        );
+        fs::remove_file(p.join("dangling.cedar")).unwrap();
+        symlink("loop.cedar", p.join("loop.cedar")).unwrap();
+        assert!(one_error(p, "loop.cedar").starts_with("cannot read: "));
+        fs::remove_file(p.join("loop.cedar")).unwrap();
+        fs::create_dir(p.join("folder.cedar")).unwrap();
+        assert_eq!(one_error(p, "folder.cedar"), "cannot read: not a regular file");
+        fs::remove_dir(p.join("folder.cedar")).unwrap();
+        // A FIFO would block a reader until someone writes to it: it is refused unopened.
+        let status = std::process::Command::new("mkfifo").arg(p.join("fifo.cedar")).status().unwrap();
+        assert!(status.success());
+        assert_eq!(one_error(p, "fifo.cedar"), "cannot read: not a regular file");
+        fs::remove_file(p.join("fifo.cedar")).unwrap();
+        // Hidden entries are not policy files: an editor's swap file, a ConfigMap's `..data`.
+        symlink("nowhere", p.join(".hidden.cedar")).unwrap();
+        fs::create_dir(p.join("..2026_11_27")).unwrap();
+        symlink("..2026_11_27", p.join("..data")).unwrap();
+        Bundle::load(p).unwrap();
+    }
+
+    #[test]
+    fn bundle_files_that_cannot_be_read_are_errors() {
+        use std::os::unix::fs::symlink;
+        let dir = sample();
+        let p = dir.path();
+        fs::rename(p.join(DIRECTORY_FILE), p.join("real.json")).unwrap();
+        // Read forever, it would never end: a device is not a regular file.
+        symlink("/dev/zero", p.join(DIRECTORY_FILE)).unwrap();
+        assert_eq!(one_error(p, DIRECTORY_FILE), "cannot read: not a regular file");
+        fs::remove_file(p.join(DIRECTORY_FILE)).unwrap();
+        fs::rename(p.join("real.json"), p.join(DIRECTORY_FILE)).unwrap();
+
+        // locations.json may be absent, but a link to nowhere is not absence.
+        fs::remove_file(p.join(LOCATIONS_FILE)).unwrap();
+        assert!(Bundle::load(p).unwrap().locations.is_empty());
+        symlink("gone.json", p.join(LOCATIONS_FILE)).unwrap();
+        assert_eq!(one_error(p, LOCATIONS_FILE), "cannot read: it is a link to `gone.json`, which does not exist");
+        fs::remove_file(p.join(LOCATIONS_FILE)).unwrap();
+
+        fs::remove_file(p.join(SCHEMA_FILE)).unwrap();
+        fs::create_dir(p.join(SCHEMA_FILE)).unwrap();
+        assert_eq!(one_error(p, SCHEMA_FILE), "cannot read: not a regular file");
+    }
+
+    #[test]
+    fn bundle_files_are_capped() {
+        let dir = sample();
+        let p = dir.path();
+        // Sparse: the size is refused before a byte is read.
+        let huge = fs::File::create(p.join("huge.cedar")).unwrap();
+        huge.set_len(input::MAX_POLICY_FILE_BYTES + 1).unwrap();
+        assert_eq!(
+            one_error(p, "huge.cedar"),
+            format!("is larger than the limit of {} bytes", input::MAX_POLICY_FILE_BYTES)
+        );
+        fs::remove_file(p.join("huge.cedar")).unwrap();
+        let schema = fs::OpenOptions::new().append(true).open(p.join(SCHEMA_FILE)).unwrap();
+        schema.set_len(input::MAX_SCHEMA_BYTES + 1).unwrap();
+        assert_eq!(one_error(p, SCHEMA_FILE), format!("is larger than the limit of {} bytes", input::MAX_SCHEMA_BYTES));
+    }
+
+    #[test]
+    fn duplicate_json_keys_are_errors() {
+        let err = Locations::from_json_str(r#"{"corp": ["10.0.0.0/8"], "corp": ["0.0.0.0/0"]}"#).unwrap_err();
+        assert!(err[0].starts_with("1:") && err[0].contains("duplicate key `corp`"), "{err:?}");
+        let dir = sample();
+        let path = dir.path().join(DIRECTORY_FILE);
+        let src = fs::read_to_string(&path).unwrap();
+        let (head, tail) = src.split_once("\"id\"").unwrap();
+        fs::write(&path, format!("{head}\"enabled\": false, \"enabled\": true, \"id\"{tail}")).unwrap();
+        let message = one_error(dir.path(), DIRECTORY_FILE);
+        assert!(message.contains("duplicate key `enabled`"), "{message}");
+    }
+
+    const DEEP_POLICY: &str = "@id(\"deep\")\nforbid (principal, action, resource)\nwhen { ";
+
+    #[test]
+    fn deep_policies_are_errors_not_crashes() {
+        let dir = sample();
+        let p = dir.path();
+        let shapes = [
+            format!("{}true{}", "(".repeat(100_000), ")".repeat(100_000)),
+            format!("{}true", "if true then false else ".repeat(5_000)),
+            format!("{}{} == []", "[".repeat(50_000), "]".repeat(50_000)),
+            format!("{} == 1", vec!["1"; 100_000].join(" + ")),
+            format!("{}true", "!".repeat(100_000)),
+            format!("{}true{}", "!(".repeat(50_000), ")".repeat(50_000)),
+            format!("context{} == 1", ".a".repeat(100_000)),
+        ];
+        for shape in shapes {
+            fs::write(p.join("deep.cedar"), format!("{DEEP_POLICY}{shape} }};\n")).unwrap();
+            let message = one_error(p, "deep.cedar");
+            assert!(message.starts_with("3:"), "{message}");
+            assert!(message.contains(": nested too deeply: expressions may nest at most 256 levels"), "{message}");
+        }
+        // So many conditions nest too: Cedar joins them with `&&`.
+        let whens = format!("@id(\"deep\")\nforbid (principal, action, resource){};", " when { true }".repeat(10_000));
+        fs::write(p.join("deep.cedar"), whens).unwrap();
+        assert!(one_error(p, "deep.cedar").contains("nested too deeply"));
+    }
+
+    #[test]
+    fn policies_at_the_limit_load_and_index() {
+        // The deepest a parenthesised condition may be: Cedar's parser needs far more than a
+        // default thread's stack for it in a debug build.
+        let dir = sample();
+        let depth = nesting::MAX_NESTING - 3;
+        let src = format!("{DEEP_POLICY}{}true{} }};\n", "(".repeat(depth), ")".repeat(depth));
+        assert_eq!(nesting::policy_depth(&src), nesting::MAX_NESTING);
+        fs::write(dir.path().join("deep.cedar"), src).unwrap();
+        let bundle = Bundle::load(dir.path()).unwrap();
+        // Built and dropped on a thread with the stack of a tokio worker.
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || drop(crate::snapshot::Snapshot::from_bundle(bundle).unwrap()))
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn deep_schemas_are_errors_not_crashes() {
+        let dir = sample();
+        let p = dir.path();
+        let schema = fs::read_to_string(p.join(SCHEMA_FILE)).unwrap();
+        let lines = schema.lines().count();
+        let deep_set = format!("type Deep = {}String{};\n", "Set<".repeat(50_000), ">".repeat(50_000));
+        let deep_record = format!("type Deep = {}String{};\n", "{a: ".repeat(50_000), "}".repeat(50_000));
+        // The column of the 257th bracket: `Set<` and `{a: ` are four characters each.
+        for (deep, column) in [(deep_set, 13 + 4 * 256 + 3), (deep_record, 13 + 4 * 256)] {
+            fs::write(p.join(SCHEMA_FILE), format!("{schema}{deep}")).unwrap();
+            let message = one_error(p, SCHEMA_FILE);
+            assert_eq!(
+                message,
+                format!(
+                    "{}:{column}: nested too deeply: types may nest at most 256 levels (each bracket counts)",
+                    lines + 1
+                )
+            );
+        }
+        let chain: String = (0..2_000).map(|i| format!("type T{i} = Set<T{}>;\n", i + 1)).collect();
+        fs::write(p.join(SCHEMA_FILE), format!("{schema}{chain}type T2000 = Long;\n")).unwrap();
+        assert_eq!(
+            one_error(p, SCHEMA_FILE),
+            format!(
+                "{}:6: common type `T0` is nested too deeply: with the common types it uses, more than 256 levels",
+                lines + 1
+            )
+        );
+        let entities: String = (0..2_000).map(|i| format!("entity E{i} in [E{}];\n", i + 1)).collect();
+        fs::write(p.join(SCHEMA_FILE), format!("{schema}{entities}entity E2000;\n")).unwrap();
+        assert_eq!(one_error(p, SCHEMA_FILE), "too many entity types: 2006 (at most 1000)");
     }
 }

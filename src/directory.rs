@@ -196,7 +196,7 @@ impl Default for EntityTypes {
 impl Directory {
     /// Parses `directory.json` and checks every reference.
     pub fn from_json_str(src: &str) -> Result<Directory, Vec<DirectoryError>> {
-        let root: Json = serde_json::from_str(src).map_err(|e| vec![syntax_error(&e)])?;
+        let root: Json = crate::input::parse_json(src).map_err(|e| vec![syntax_error(&e)])?;
         let Json::Object(mut root) = root else {
             return Err(vec![DirectoryError::Syntax(
                 "expected a JSON object with users, sponsors, blueprints, agents, resources".into(),

@@ -1081,6 +1081,19 @@ mod tests {
     }
 
     #[test]
+    fn generated_policies_nest_far_below_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = write_bundle(dir.path(), &small(11, 2000)).unwrap();
+        let deepest = summary
+            .files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "cedar"))
+            .map(|f| crate::nesting::policy_depth(&fs::read_to_string(f).unwrap()))
+            .max();
+        assert!(deepest.is_some_and(|d| d <= crate::nesting::MAX_NESTING / 16), "{deepest:?}");
+    }
+
+    #[test]
     fn the_probe_request_is_allowed_by_the_baseline() {
         let dir = tempfile::tempdir().unwrap();
         let summary = write_bundle(dir.path(), &small(3, BASELINE.len())).unwrap();

@@ -7,6 +7,7 @@
 //! Modules depend only on those above them in this list.
 //!
 //! - [`input`]: reading outside input safely: capped regular files, JSON without duplicate keys
+//! - [`nesting`]: how deeply Cedar text may nest, checked before Cedar parses it
 //! - [`directory`]: agents, blueprints, sponsors, users, resources, and their Cedar entities
 //! - [`bundle`]: reads a `policies/` folder: schema, policies, directory, locations, revision
 //! - [`request`]: the raw request, its validation, and the typed request
@@ -30,6 +31,7 @@ pub mod generate;
 pub mod grpc;
 pub mod index;
 pub mod input;
+pub mod nesting;
 pub mod request;
 pub mod service;
 pub mod signals;
