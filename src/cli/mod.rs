@@ -131,7 +131,25 @@ pub fn run() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let code = match cli.command {
+    // Every command runs where Cedar's evaluator has the room that `serve` gives its request
+    // threads, so that a deep policy decides offline exactly as it does when served.
+    let command =
+        std::thread::Builder::new().name("agentca".into()).stack_size(STACK).spawn(move || dispatch(cli.command));
+    match command.map(std::thread::JoinHandle::join) {
+        Ok(Ok(code)) => ExitCode::from(code),
+        Ok(Err(_)) => ExitCode::from(exit::FAILURE),
+        Err(e) => {
+            errln!("agentca: cannot start: {e}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+/// The stack of each thread that decides (the command's, and `serve`'s request threads).
+pub(crate) const STACK: usize = 32 << 20;
+
+fn dispatch(command: Command) -> u8 {
+    match command {
         Command::Serve(args) => serve::run(args),
         Command::Validate { bundle } => validate::run(&bundle.policies),
         Command::Eval { bundle, request, explain, audit } => {
@@ -145,8 +163,7 @@ pub fn run() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Loadgen(args) => loadgen::run_load(args),
         Command::NoopServe(args) => loadgen::run_noop(args),
-    };
-    ExitCode::from(code)
+    }
 }
 
 /// How a command ends when its standard output is closed (`agentca eval … | head -c1`):

@@ -159,7 +159,11 @@ impl AuditArgs {
 }
 
 pub fn run(args: ServeArgs) -> u8 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Cedar's evaluator guards its own recursion by the stack left: a larger stack than
+    // tokio's 2 MiB lets every policy the bundle's nesting limit accepts evaluate (the memory
+    // is reserved, not used, until a deep policy needs it).
+    let runtime = match tokio::runtime::Builder::new_multi_thread().thread_stack_size(super::STACK).enable_all().build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             errln!("agentca: cannot start the runtime: {e}");
