@@ -190,9 +190,11 @@ impl Service {
         self.live.count(|field, target| !knows(snap, field, target))
     }
 
-    /// The journal's upkeep error, if its last compaction failed.
+    /// The journal's upkeep error, if its last compaction failed, else the last thing that
+    /// happened to its file (deleted or replaced, and written anew).
     pub fn journal_error(&self) -> Option<String> {
-        self.journal_error.lock().ok().and_then(|e| e.clone())
+        let error = self.journal_error.lock().ok().and_then(|e| e.clone());
+        error.or_else(|| self.journal.as_ref().and_then(Journal::notice))
     }
 
     async fn take_signal(&self, signal: Signal, caller: &Caller) -> Result<Signalled, SignalFailure> {
@@ -212,7 +214,7 @@ impl Service {
             }
         }
         drop(snap);
-        let seq = tokio::task::block_in_place(|| journal.append(&signal))?;
+        let seq = tokio::task::block_in_place(|| journal.append(&signal, &self.live))?;
         self.live.apply(&signal);
         self.live.quiesce().await;
         let unknown_target = self.unknown_target(&self.store.current(), &signal);

@@ -468,6 +468,7 @@ pub struct Journal {
     /// Compact when the journal holds this many more lines than live values.
     compact_after: u64,
     lines: AtomicU64,
+    notice: Mutex<Option<String>>,
 }
 
 pub const JOURNAL_FILE: &str = "signals.jsonl";
@@ -564,7 +565,13 @@ impl Journal {
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(err)?;
         let len = file.metadata().map_err(err)?.len();
         let tail = Tail { file, seq: last_seq, len, torn: false };
-        let journal = Journal { path, file: Mutex::new(tail), compact_after: 10_000, lines: AtomicU64::new(lines) };
+        let journal = Journal {
+            path,
+            file: Mutex::new(tail),
+            compact_after: 10_000,
+            lines: AtomicU64::new(lines),
+            notice: Mutex::new(None),
+        };
         Ok((journal, replayed))
     }
 
@@ -580,10 +587,24 @@ impl Journal {
     /// Appends a signal and fsyncs it; returns its sequence number. On failure (a full disk)
     /// the journal is cut back to its last whole line, so that a restart replays exactly the
     /// signals that were acknowledged.
-    pub fn append(&self, signal: &Signal) -> Result<u64, JournalError> {
+    ///
+    /// If the journal at the path is no longer the file being appended to (deleted, moved or
+    /// replaced), it is first written anew from `overlay`, the live state it held: a signal is
+    /// acknowledged only once it is in the file that a restart will read.
+    pub fn append(&self, signal: &Signal, overlay: &Overlay) -> Result<u64, JournalError> {
         let err = |source| JournalError { path: self.path.display().to_string(), source };
         let mut guard = self.file.lock().map_err(|_| err(io::Error::other("journal lock poisoned")))?;
         let tail = &mut *guard;
+        if let Some(what) = self.gone(&tail.file) {
+            tracing::error!(journal = %self.path.display(), "the signal journal {what}: writing it anew from the live state");
+            self.rewrite(tail, overlay).map_err(err)?;
+            if let Ok(mut notice) = self.notice.lock() {
+                *notice = Some(format!(
+                    "{}: the signal journal {what}; it was written anew from the live state",
+                    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ));
+            }
+        }
         if tail.torn {
             cut_back(tail).map_err(err)?;
         }
@@ -617,9 +638,29 @@ impl Journal {
     pub fn compact(&self, overlay: &Overlay) -> Result<(), JournalError> {
         let err = |source| JournalError { path: self.path.display().to_string(), source };
         let mut guard = self.file.lock().map_err(|_| err(io::Error::other("journal lock poisoned")))?;
-        let tail = &mut *guard;
+        self.rewrite(&mut guard, overlay).map_err(err)
+    }
+
+    /// What happened to the journal file, if the path no longer leads to `file`.
+    fn gone(&self, file: &File) -> Option<&'static str> {
+        use std::os::unix::fs::MetadataExt;
+        let open = file.metadata().ok()?;
+        match fs::metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == (open.dev(), open.ino()) => None,
+            Ok(_) => Some("was replaced by another file"),
+            Err(_) => Some("was deleted or moved"),
+        }
+    }
+
+    /// The last thing that happened to the journal file itself, if anything did.
+    pub fn notice(&self) -> Option<String> {
+        self.notice.lock().ok().and_then(|n| n.clone())
+    }
+
+    /// Writes the journal anew from the overlay: aside, fsynced, renamed over the path.
+    fn rewrite(&self, tail: &mut Tail, overlay: &Overlay) -> io::Result<()> {
         let tmp = self.path.with_extension("jsonl.compact");
-        let mut out = File::create(&tmp).map_err(err)?;
+        let mut out = File::create(&tmp)?;
         let entries = overlay.entries();
         // The sequence moves on only once the compacted journal replaces the old one.
         let mut seq = tail.seq;
@@ -634,19 +675,19 @@ impl Journal {
                 at: mark.at,
             };
             seq += 1;
-            let mut line = serde_json::to_vec(&Entry { seq, signal }).map_err(|e| err(io::Error::other(e)))?;
+            let mut line = serde_json::to_vec(&Entry { seq, signal }).map_err(io::Error::other)?;
             line.push(b'\n');
-            out.write_all(&line).map_err(err)?;
+            out.write_all(&line)?;
         }
-        out.sync_all().map_err(err)?;
-        fs::rename(&tmp, &self.path).map_err(err)?;
+        out.sync_all()?;
+        fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent()
             && let Ok(d) = File::open(dir)
         {
             let _ = d.sync_all();
         }
-        let file = OpenOptions::new().append(true).open(&self.path).map_err(err)?;
-        let len = file.metadata().map_err(err)?.len();
+        let file = OpenOptions::new().append(true).open(&self.path)?;
+        let len = file.metadata()?.len();
         *tail = Tail { file, seq, len, torn: false };
         self.lines.store(entries.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -716,9 +757,9 @@ mod tests {
         let overlay = Overlay::new();
         let (journal, replayed) = Journal::open(dir.path(), &overlay).unwrap();
         assert_eq!(replayed, Replayed::default());
-        assert_eq!(journal.append(&signal("disable_agent", "ag-1", "")).unwrap(), 1);
-        assert_eq!(journal.append(&signal("set_risk", "ag-2", "medium")).unwrap(), 2);
-        assert_eq!(journal.append(&signal("disable_blueprint", "bp-x", "")).unwrap(), 3);
+        assert_eq!(journal.append(&signal("disable_agent", "ag-1", ""), &Overlay::new()).unwrap(), 1);
+        assert_eq!(journal.append(&signal("set_risk", "ag-2", "medium"), &Overlay::new()).unwrap(), 2);
+        assert_eq!(journal.append(&signal("disable_blueprint", "bp-x", ""), &Overlay::new()).unwrap(), 3);
         drop(journal);
         // A crash cut the last write.
         let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
@@ -734,7 +775,7 @@ mod tests {
         assert_eq!(overlay.agent_risk("ag-2").map(|l| l.value), Some(RiskLevel::Medium));
         assert_eq!(overlay.blueprint_enabled("bp-x").map(|l| l.value), Some(false));
         // The next signal goes on a line of its own and replays.
-        assert_eq!(journal.append(&signal("enable_agent", "ag-1", "")).unwrap(), 4);
+        assert_eq!(journal.append(&signal("enable_agent", "ag-1", ""), &Overlay::new()).unwrap(), 4);
         drop(journal);
         let overlay = Overlay::new();
         let (_, replayed) = Journal::open(dir.path(), &overlay).unwrap();
@@ -747,7 +788,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let overlay = Overlay::new();
         let (journal, _) = Journal::open(dir.path(), &overlay).unwrap();
-        journal.append(&signal("set_risk", "ag-2", "low")).unwrap();
+        journal.append(&signal("set_risk", "ag-2", "low"), &Overlay::new()).unwrap();
         drop(journal);
         // What a failed append left behind before appends were cut back.
         let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
@@ -761,7 +802,7 @@ mod tests {
         let (journal, replayed) = Journal::open(dir.path(), &overlay).unwrap();
         assert_eq!(replayed.applied, 2);
         assert_eq!(overlay.agent_enabled("ag-1").map(|l| l.value), Some(false));
-        assert_eq!(journal.append(&signal("enable_agent", "ag-3", "")).unwrap(), 3);
+        assert_eq!(journal.append(&signal("enable_agent", "ag-3", ""), &Overlay::new()).unwrap(), 3);
     }
 
     #[test]
@@ -774,20 +815,48 @@ mod tests {
         std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
         // An overlong line between two signals is skipped; both signals replay.
         let (journal, _) = Journal::open(dir.path(), &Overlay::new()).unwrap();
-        journal.append(&signal("disable_agent", "ag-1", "")).unwrap();
+        journal.append(&signal("disable_agent", "ag-1", ""), &Overlay::new()).unwrap();
         drop(journal);
         let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
         f.write_all(&vec![b'x'; 300_000]).unwrap();
         f.write_all(b"\n").unwrap();
         drop(f);
         let (journal, _) = Journal::open(dir.path(), &Overlay::new()).unwrap();
-        journal.append(&signal("disable_agent", "ag-2", "")).unwrap();
+        journal.append(&signal("disable_agent", "ag-2", ""), &Overlay::new()).unwrap();
         drop(journal);
         let overlay = Overlay::new();
         let (_, replayed) = Journal::open(dir.path(), &overlay).unwrap();
         assert_eq!(replayed.applied, 2);
         assert_eq!(replayed.skipped, vec![(2, "the line is longer than 65536 bytes".to_string())]);
         assert_eq!(overlay.agent_enabled("ag-2").map(|l| l.value), Some(false));
+    }
+
+    #[test]
+    fn a_deleted_or_moved_journal_is_written_anew_before_the_next_signal() {
+        for moved in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let overlay = Overlay::new();
+            let (journal, _) = Journal::open(dir.path(), &overlay).unwrap();
+            let s = signal("disable_agent", "ag-1", "");
+            journal.append(&s, &overlay).unwrap();
+            overlay.apply(&s);
+            let path = dir.path().join(JOURNAL_FILE);
+            if moved {
+                fs::rename(&path, dir.path().join("elsewhere.jsonl")).unwrap();
+            } else {
+                fs::remove_file(&path).unwrap();
+            }
+            let s = signal("disable_agent", "ag-2", "");
+            journal.append(&s, &overlay).unwrap();
+            overlay.apply(&s);
+            assert!(journal.notice().unwrap().contains("deleted or moved"), "{:?}", journal.notice());
+            drop(journal);
+            // A restart replays both: the one from before the loss and the one after.
+            let replayed = Overlay::new();
+            Journal::open(dir.path(), &replayed).unwrap();
+            assert_eq!(replayed.entries(), overlay.entries());
+            assert_eq!(replayed.len(), 2);
+        }
     }
 
     #[test]
@@ -798,7 +867,7 @@ mod tests {
         journal.compact_after = 10;
         for i in 0..30 {
             let s = signal(if i % 2 == 0 { "disable_agent" } else { "enable_agent" }, &format!("ag-{}", i % 3), "");
-            journal.append(&s).unwrap();
+            journal.append(&s, &overlay).unwrap();
             overlay.apply(&s);
             journal.compact_if_needed(&overlay).unwrap();
         }

@@ -512,3 +512,22 @@ async fn a_stream_that_never_sends_its_message_does_not_hold_a_place_for_ever() 
         assert!(status.is_some_and(|s| s != "0"), "{response:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_signal_journal_loses_no_acknowledged_signal() {
+    let env = Env::new();
+    let server = env.start(&[]);
+    let mut admin = server.admin().await;
+    admin.signal(signal("disable_agent", "ag-mail-02", "first")).await.unwrap();
+    std::fs::remove_file(env.dir.path().join("state/signals.jsonl")).unwrap();
+    admin.signal(signal("disable_agent", "ag-mail-01", "after the loss")).await.unwrap();
+    let status = admin.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert!(status.signals_error.contains("deleted or moved"), "{status:?}");
+    drop(server);
+    let server = env.start(&[]);
+    for agent in ["ag-mail-01", "ag-mail-02"] {
+        let d = server.decisions().await.evaluate(token_request(agent, "graph", "Mail.Read")).await.unwrap();
+        let d = d.into_inner();
+        assert_eq!(d.reasons[0].code, "agent_disabled", "{agent}: {d:?}");
+    }
+}
