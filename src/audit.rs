@@ -1,5 +1,6 @@
-//! The audit log: one JSON record per decision, signal and reload, hash-chained, appended by
-//! one writer thread (group commit), rotated by size, and verified by `agentca audit verify`.
+//! The audit log: one JSON record per line (bodies the service makes, see `records`),
+//! hash-chained, appended by one writer thread (group commit), rotated by size, and verified
+//! by `agentca audit verify`.
 //!
 //! A record is one line: `{"v":1,"seq":N,` + body + `,"prev_hash":"P","hash":"H"}` where
 //! H = SHA-256(P ‖ the line up to and including `"prev_hash":"P"`, closed with `}`), hex.
@@ -20,10 +21,6 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
-
-use crate::engine::Decision;
-use crate::request::Request;
-use crate::snapshot::Snapshot;
 
 /// The version of the record layout.
 pub const RECORD_VERSION: u32 = 1;
@@ -757,7 +754,7 @@ impl Note {
     }
 
     fn body(&self) -> String {
-        body(&RecoveryRecord { kind: "recovery", time: self.time, note: &self.text })
+        recovery_body(self.time, &self.text)
     }
 }
 
@@ -974,87 +971,19 @@ fn chain_hash(prev: &str, unclosed: &[u8]) -> String {
     hex::encode(h.finalize())
 }
 
-/// A record body as compact JSON.
-pub fn body<T: Serialize>(record: &T) -> String {
-    serde_json::to_string(record)
-        .unwrap_or_else(|e| format!("{{\"kind\":\"unserializable\",\"error\":{:?}}}", e.to_string()))
-}
-
-/// Who asked.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Caller {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
-    /// `grpc`, `envoy`, `cli`.
-    pub via: &'static str,
-}
-
-/// The record of one decision.
-#[derive(Serialize)]
-pub struct DecisionRecord<'a> {
-    pub kind: &'static str,
-    pub time: DateTime<Utc>,
-    pub decision_id: &'a str,
-    pub request_id: Option<&'a str>,
-    pub request: &'a Request,
-    pub blueprint: Option<&'a str>,
-    pub sponsor: Option<&'a str>,
-    pub decision: crate::engine::Verdict,
-    pub reasons: &'a [crate::engine::Reason],
-    pub report_only: &'a [crate::engine::ReportOnly],
-    pub report_only_decision: crate::engine::Verdict,
-    pub errors: &'a [crate::engine::PolicyError],
-    pub revision: &'a str,
-    pub eval_us: u64,
-    pub caller: &'a Caller,
-}
-
-impl<'a> DecisionRecord<'a> {
-    /// The record of `decision`, with the agent's blueprint and sponsor from the snapshot
-    /// that decided it.
-    pub fn new(snap: &'a Snapshot, request: &'a Request, decision: &'a Decision, caller: &'a Caller) -> Self {
-        let agent = snap.agent(&request.agent).map(|(a, _)| a);
-        DecisionRecord {
-            kind: "decision",
-            time: Utc::now(),
-            decision_id: &decision.decision_id,
-            request_id: decision.request_id.as_deref(),
-            request,
-            blueprint: agent.map(|a| a.blueprint.as_str()),
-            sponsor: agent.map(|a| a.sponsor.as_str()),
-            decision: decision.decision,
-            reasons: &decision.reasons,
-            report_only: &decision.report_only,
-            report_only_decision: decision.report_only_decision,
-            errors: &decision.errors,
-            revision: &decision.revision,
-            eval_us: decision.eval_us,
-            caller,
-        }
-    }
-}
-
-/// The record of a reload (or the first load).
-#[derive(Serialize)]
-pub struct ReloadRecord<'a> {
-    pub kind: &'static str,
-    pub time: DateTime<Utc>,
-    /// `loaded`, `swapped`, `unchanged`, `failed`.
-    pub outcome: &'a str,
-    pub from: Option<&'a str>,
-    pub revision: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<&'a str>,
-    pub trigger: &'a str,
-}
-
+/// The body of a `recovery` record: something the chain itself must say.
 #[derive(Serialize)]
 struct RecoveryRecord<'a> {
     kind: &'static str,
     time: DateTime<Utc>,
     note: &'a str,
+}
+
+/// The body of the `recovery` record of `note`, written at `time`.
+pub(crate) fn recovery_body(time: DateTime<Utc>, note: &str) -> String {
+    let record = RecoveryRecord { kind: "recovery", time, note };
+    serde_json::to_string(&record)
+        .unwrap_or_else(|e| format!("{{\"kind\":\"unserializable\",\"error\":{:?}}}", e.to_string()))
 }
 
 /// What `verify` found in an intact chain.

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use crate::audit::{self, Audit, Caller, DecisionRecord, Refused, ReloadRecord};
+use crate::audit::{self, Audit, Refused};
 use crate::engine::{Decision, ReasonCode, evaluate};
+use crate::records::{self, Caller, DecisionRecord, ReloadRecord, SignalRecord};
 use crate::request::{RawRequest, Request, RequestError};
 use crate::signals::{Field, Journal, JournalError, Overlay, Signal, SignalError};
 use crate::snapshot::{Reloaded, Snapshot, Store};
@@ -135,7 +136,7 @@ impl Service {
         if !self.audit.is_on() {
             return decision;
         }
-        let body = audit::body(&DecisionRecord::new(snap, request, &decision, caller));
+        let body = records::body(&DecisionRecord::new(snap, request, &decision, caller));
         match self.audit.submit(body).await {
             Ok(()) => decision,
             Err(refused) => {
@@ -216,26 +217,10 @@ impl Service {
         self.live.apply(&signal);
         self.live.quiesce().await;
         let unknown_target = self.unknown_target(&self.store.current(), &signal);
-        #[derive(serde::Serialize)]
-        struct SignalRecord<'a> {
-            kind: &'static str,
-            time: chrono::DateTime<Utc>,
-            journal_seq: u64,
-            signal: &'a Signal,
-            unknown_target: bool,
-            caller: &'a Caller,
-        }
-        let record = SignalRecord {
-            kind: "signal",
-            time: Utc::now(),
-            journal_seq: seq,
-            signal: &signal,
-            unknown_target,
-            caller,
-        };
+        let record = SignalRecord::new(seq, &signal, unknown_target, caller);
         // A signal's record waits for room whatever the overflow policy: signals are rare and
         // the signal already holds.
-        let _ = self.audit.submit_waiting(audit::body(&record)).await;
+        let _ = self.audit.submit_waiting(records::body(&record)).await;
         let compacted = tokio::task::block_in_place(|| journal.compact_if_needed(&self.live));
         self.note_journal_upkeep(compacted.err().map(|e| e.to_string()));
         Ok(Signalled { seq, signal, unknown_target })
@@ -296,17 +281,9 @@ impl Service {
                 tracing::error!(kept = %kept, trigger, "reload failed; the old bundle is still served:\n{error}")
             }
         }
-        let record = ReloadRecord {
-            kind: "reload",
-            time: Utc::now(),
-            outcome,
-            from,
-            revision,
-            error: error.as_deref(),
-            trigger,
-        };
+        let record = ReloadRecord::new(outcome, from, revision, error.as_deref(), trigger);
         if outcome != "unchanged" {
-            let _ = self.audit.submit_waiting(audit::body(&record)).await;
+            let _ = self.audit.submit_waiting(records::body(&record)).await;
         }
         result
     }
@@ -314,16 +291,8 @@ impl Service {
     /// Records the first load.
     pub async fn loaded(&self) {
         let snap = self.store.current();
-        let record = ReloadRecord {
-            kind: "reload",
-            time: Utc::now(),
-            outcome: "loaded",
-            from: None,
-            revision: &snap.revision,
-            error: None,
-            trigger: "start",
-        };
-        let _ = self.audit.submit_waiting(audit::body(&record)).await;
+        let record = ReloadRecord::new("loaded", None, &snap.revision, None, "start");
+        let _ = self.audit.submit_waiting(records::body(&record)).await;
     }
 
     /// False when the service must not take traffic: audit writes fail and the policy is deny.

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::audit::Caller;
+use crate::records::Caller;
 use crate::service::Service;
 
 /// The generated messages and services of `proto/agentca/v1/agentca.proto`.
