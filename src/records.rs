@@ -131,3 +131,6 @@ impl<'a> ReloadRecord<'a> {
         ReloadRecord { kind: "reload", time: Utc::now(), outcome, from, revision, error, trigger }
     }
 }
+
+#[cfg(test)]
+mod tests;
