@@ -2,8 +2,14 @@
 //! writer that stalls (a FIFO nobody reads) to fill the queue, a file deleted or moved under
 //! the writer, and writes that fail (a full tmpfs, /dev/full) without tearing the chain.
 
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde_json::Value;
+
+use super::chain::{HASH_SUFFIX_LEN, chain_hash};
 use super::*;
 
 fn file_config(path: &Path) -> Config {
