@@ -50,7 +50,7 @@ impl Target {
 }
 
 /// When an answer may go out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// Only once its record is on disk (fsync, many records per fsync).
     Fsync,
@@ -62,7 +62,7 @@ pub enum Durability {
 }
 
 /// What a request does when the queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFull {
     /// Wait for room (backpressure).
     Wait,
