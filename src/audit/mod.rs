@@ -164,7 +164,8 @@ enum Job {
     /// A record; its share of the byte budget (`room`) is returned once it is written.
     /// `refusable`: its caller is answered deny rather than kept waiting while writes fail.
     Record { body: String, ack: Option<Ack>, room: OwnedSemaphorePermit, refusable: bool },
-    /// Buffered mode: fsync what is written if the interval has passed.
+    /// Made by the writer itself when the flush interval passes with nothing queued: fsync
+    /// what is written (buffered and written modes).
     Tick,
     /// Write and fsync everything queued before, then answer.
     Flush(oneshot::Sender<()>),

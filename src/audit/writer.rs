@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -54,21 +55,6 @@ pub(super) fn start(config: Arc<Config>, stats: Arc<Stats>) -> Result<mpsc::Send
         .name("agentca-audit".into())
         .spawn(move || writer.run())
         .map_err(|e| AuditError::Io { path: describe(), source: e })?;
-    if config.durability != Durability::Fsync {
-        // A weak sender: once every handle is gone, the writer sees the channel close.
-        let ticks = tx.downgrade();
-        let every = config.flush_interval;
-        std::thread::Builder::new()
-            .name("agentca-audit-tick".into())
-            .spawn(move || {
-                while let Some(tx) = ticks.upgrade() {
-                    let _ = tx.try_send(Job::Tick);
-                    drop(tx);
-                    std::thread::sleep(every);
-                }
-            })
-            .map_err(|e| AuditError::Io { path: describe(), source: e })?;
-    }
     Ok(tx)
 }
 
@@ -439,7 +425,12 @@ impl Writer {
         let mut unsynced = false;
         let mut last_sync = Instant::now();
         let mut last_complaint: Option<Instant> = None;
-        while let Some(job) = self.rx.blocking_recv() {
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        loop {
+            // What is written but not fsynced is fsynced within the flush interval, whether or
+            // not another record comes: wait for one until then.
+            let deadline = unsynced.then(|| last_sync + self.config.flush_interval);
+            let Some(job) = self.next_job(deadline, &waker) else { break };
             // Group commit: everything already queued goes out in this write.
             self.gather(job, &mut batch, &mut flushes, BATCH_BYTES);
             let sync_now = match self.config.durability {
@@ -501,6 +492,25 @@ impl Writer {
         }
         // Every sender is gone: make what was written durable.
         let _ = self.sink.sync();
+    }
+
+    /// The next job: waits for one, until `deadline` if given (then a `Tick`). None once every
+    /// sender is gone.
+    fn next_job(&mut self, deadline: Option<Instant>, waker: &Waker) -> Option<Job> {
+        let Some(deadline) = deadline else { return self.rx.blocking_recv() };
+        // As `blocking_recv`, with a timeout: poll, and park until woken or the deadline.
+        let mut cx = Context::from_waker(waker);
+        loop {
+            if let Poll::Ready(job) = self.rx.poll_recv(&mut cx) {
+                return job;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Some(Job::Tick);
+            }
+            // A wake-up that comes early (or is left over from an earlier poll) only polls again.
+            std::thread::park_timeout(deadline - now);
+        }
     }
 
     /// Takes `first` and what is already queued behind it, up to `max_bytes` of records.
@@ -582,6 +592,19 @@ impl Writer {
     }
 }
 
+/// Wakes the writer thread parked in `Writer::next_job`.
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
 /// The body of a `recovery` record: something the chain itself must say.
 #[derive(Serialize)]
 struct RecoveryRecord<'a> {
@@ -595,4 +618,42 @@ pub(crate) fn recovery_body(time: DateTime<Utc>, note: &str) -> String {
     let record = RecoveryRecord { kind: "recovery", time, note };
     serde_json::to_string(&record)
         .unwrap_or_else(|e| format!("{{\"kind\":\"unserializable\",\"error\":{:?}}}", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer() -> (mpsc::Sender<Job>, Writer) {
+        let (tx, rx) = mpsc::channel(4);
+        let sink = Sink::Stdout { last: Tail::genesis() };
+        let config = Arc::new(Config::new(Target::Stdout));
+        (tx, Writer { sink, rx, stats: Arc::new(Stats::default()), config, notes: Vec::new() })
+    }
+
+    #[test]
+    fn the_writer_waits_for_a_job_until_its_deadline_and_no_longer() {
+        let (tx, mut writer) = writer();
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let started = Instant::now();
+        let job = writer.next_job(Some(started + Duration::from_millis(30)), &waker);
+        assert!(matches!(job, Some(Job::Tick)));
+        assert!(started.elapsed() >= Duration::from_millis(30));
+
+        // A job sent from another thread wakes it long before its deadline.
+        let far = Instant::now() + Duration::from_secs(60);
+        let sender = std::thread::spawn({
+            let tx = tx.clone();
+            move || {
+                let (done, _) = oneshot::channel();
+                tx.blocking_send(Job::Flush(done)).is_ok()
+            }
+        });
+        assert!(matches!(writer.next_job(Some(far), &waker), Some(Job::Flush(_))));
+        assert!(sender.join().unwrap());
+        // Once every sender is gone, it ends.
+        drop(tx);
+        assert!(writer.next_job(Some(far), &waker).is_none());
+        assert!(Instant::now() < far);
+    }
 }
