@@ -299,6 +299,16 @@ impl Service {
     pub fn serving(&self) -> bool {
         self.audit.healthy() || self.audit.config().on_full != audit::OnFull::Deny
     }
+
+    /// `serving`, as it changes. Under any other overflow policy than deny it never changes
+    /// (the channel is closed at once).
+    pub fn serving_changes(&self) -> tokio::sync::watch::Receiver<bool> {
+        if self.audit.config().on_full == audit::OnFull::Deny {
+            self.audit.health()
+        } else {
+            tokio::sync::watch::channel(true).1
+        }
+    }
 }
 
 /// True if the directory of `snap` has the agent, blueprint or sponsor that `field` is about.

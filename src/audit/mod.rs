@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot, watch};
 
 pub use chain::{Broken, GENESIS, RECORD_VERSION, Verified, verify};
 #[cfg(test)]
@@ -119,7 +119,7 @@ pub enum Refused {
 }
 
 /// Counters of the sink, shared by the handles and the writer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Stats {
     written: AtomicU64,
     waited: AtomicU64,
@@ -129,12 +129,39 @@ struct Stats {
     accepted: AtomicU64,
     landed: AtomicU64,
     failing: AtomicBool,
+    /// True while writes succeed; changed only when `failing` flips.
+    healthy: watch::Sender<bool>,
     error: Mutex<Option<String>>,
     /// The last `recovery` note (file deleted or moved, writes that failed), with its time.
     notice: Mutex<Option<String>>,
 }
 
 impl Stats {
+    fn new() -> Stats {
+        Stats {
+            written: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            landed: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            healthy: watch::Sender::new(true),
+            error: Mutex::new(None),
+            notice: Mutex::new(None),
+        }
+    }
+
+    /// Records whether writes fail; returns whether they failed before. Watchers of the
+    /// health hear of a flip only, not of every retry.
+    fn set_failing(&self, failing: bool) -> bool {
+        let was = self.failing.swap(failing, Ordering::Relaxed);
+        if was != failing {
+            self.healthy.send_replace(!failing);
+        }
+        was
+    }
+
     fn set_notice(&self, time: DateTime<Utc>, note: &str) {
         if let Ok(mut slot) = self.notice.lock() {
             *slot = Some(format!("{}: {note}", time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
@@ -184,7 +211,7 @@ pub struct Audit {
 impl Audit {
     /// Opens the log (continuing its chain) and starts the writer thread.
     pub fn start(config: Config) -> Result<Audit, AuditError> {
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new());
         let config = Arc::new(config);
         let bytes = Arc::new(Semaphore::new(config.queue_bytes.clamp(1, Semaphore::MAX_PERMITS)));
         if config.target == Target::Off {
@@ -328,6 +355,11 @@ impl Audit {
     /// False while writes fail: with `on_full = deny`, the service reports NOT_SERVING.
     pub fn healthy(&self) -> bool {
         !self.stats.failing.load(Ordering::Relaxed)
+    }
+
+    /// `healthy`, as it changes: the writer sends when writes start or stop failing.
+    pub fn health(&self) -> watch::Receiver<bool> {
+        self.stats.healthy.subscribe()
     }
 }
 

@@ -455,7 +455,7 @@ impl Writer {
                 if let Ok(mut slot) = self.stats.error.lock() {
                     *slot = Some(e.to_string());
                 }
-                self.stats.failing.store(true, Ordering::Relaxed);
+                self.stats.set_failing(true);
                 if self.config.on_full == OnFull::Deny {
                     // Nobody waits on a write that fails: new submits are refused (`failing`),
                     // and those already queued are taken in and answered now. Their records
@@ -467,7 +467,7 @@ impl Writer {
                 }
                 std::thread::sleep(RETRY_AFTER);
             }
-            if self.stats.failing.swap(false, Ordering::Relaxed) {
+            if self.stats.set_failing(false) {
                 tracing::info!("audit writes succeed again");
                 last_complaint = None;
                 if let Ok(mut e) = self.stats.error.lock() {
@@ -628,7 +628,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         let sink = Sink::Stdout { last: Tail::genesis() };
         let config = Arc::new(Config::new(Target::Stdout));
-        (tx, Writer { sink, rx, stats: Arc::new(Stats::default()), config, notes: Vec::new() })
+        (tx, Writer { sink, rx, stats: Arc::new(Stats::new()), config, notes: Vec::new() })
     }
 
     #[test]

@@ -11,9 +11,9 @@ pub mod load;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -89,7 +89,7 @@ pub async fn serve(
 
     // Health follows the service: SERVING once a snapshot is loaded (it is, by construction),
     // NOT_SERVING while audit writes fail under the `deny` overflow policy.
-    let watcher = tokio::spawn(track_health(reporter, service.clone()));
+    let watcher = tokio::spawn(track_health(reporter, service.serving_changes()));
 
     let limits = &options.limits;
     let shed = Arc::new(limits::Shed::default());
@@ -114,10 +114,10 @@ pub async fn serve(
 const SERVICES: [&str; 4] =
     ["", "agentca.v1.DecisionService", "agentca.v1.AdminService", "envoy.service.auth.v3.Authorization"];
 
-async fn track_health(reporter: tonic_health::server::HealthReporter, service: Arc<Service>) {
+async fn track_health(reporter: tonic_health::server::HealthReporter, mut serving: watch::Receiver<bool>) {
     let mut last = None;
     loop {
-        let status = if service.serving() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if *serving.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
         if last != Some(status) {
             for name in SERVICES {
                 reporter.set_service_status(name, status).await;
@@ -127,7 +127,10 @@ async fn track_health(reporter: tonic_health::server::HealthReporter, service: A
             }
             last = Some(status);
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Closed: the state can no longer change, and the last status stands.
+        if serving.changed().await.is_err() {
+            return;
+        }
     }
 }
 
