@@ -16,7 +16,8 @@
 //! - [`snapshot`]: everything one revision needs, and the `arc-swap` store that reloads it
 //! - [`watch`]: reloads the bundle when its folder changes (notify, debounced)
 //! - [`engine`]: `evaluate(&Snapshot, &Overlay, &Request) -> Decision`, and `explain`
-//! - [`audit`]: hash-chained audit records, the writer (group commit, rotation), `verify`
+//! - [`records`]: what the service writes to the audit log: decision, signal and reload records
+//! - [`audit`]: the hash-chained log of record bodies (it uses no other module): writer, `verify`
 //! - [`service`]: the running service: decide + audit, signals, reloads (no transport)
 //! - [`grpc`]: tonic services (decision, admin, Envoy ext_authz); proto conversion lives here
 //! - [`generate`]: writes large synthetic bundles, deterministic from a seed
@@ -32,6 +33,7 @@ pub mod grpc;
 pub mod index;
 pub mod input;
 pub mod nesting;
+pub mod records;
 pub mod request;
 pub mod service;
 pub mod signals;

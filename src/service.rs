@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use crate::audit::{self, Audit, Caller, DecisionRecord, Refused, ReloadRecord};
+use crate::audit::{self, Audit, Refused};
 use crate::engine::{Decision, ReasonCode, evaluate};
+use crate::records::{self, Caller, DecisionRecord, ReloadRecord, SignalRecord};
 use crate::request::{RawRequest, Request, RequestError};
 use crate::signals::{Field, Journal, JournalError, Overlay, Signal, SignalError};
 use crate::snapshot::{Reloaded, Snapshot, Store};
@@ -135,7 +136,7 @@ impl Service {
         if !self.audit.is_on() {
             return decision;
         }
-        let body = audit::body(&DecisionRecord::new(snap, request, &decision, caller));
+        let body = records::body(&DecisionRecord::new(snap, request, &decision, caller));
         match self.audit.submit(body).await {
             Ok(()) => decision,
             Err(refused) => {
@@ -197,8 +198,8 @@ impl Service {
         error.or_else(|| self.journal.as_ref().and_then(Journal::notice))
     }
 
-    async fn take_signal(&self, signal: Signal, caller: &Caller) -> Result<Signalled, SignalFailure> {
-        let journal = self.journal.as_ref().ok_or(SignalFailure::NoJournal)?;
+    async fn take_signal(self: &Arc<Self>, signal: Signal, caller: &Caller) -> Result<Signalled, SignalFailure> {
+        self.journal()?;
         let _one_at_a_time = self.signalling.lock().await;
         // Signals for ids the directory lacks are kept for agents yet to come, but not without
         // bound: a flood of them would grow the overlay and the journal for ever.
@@ -214,33 +215,41 @@ impl Service {
             }
         }
         drop(snap);
-        let seq = tokio::task::block_in_place(|| journal.append(&signal, &self.live))?;
+        // Journaled (written and fsynced, off the async threads) before it is applied.
+        let (appended, signal) = self
+            .blocking(move |s| (s.journal().and_then(|j| Ok(j.append(&signal, &s.live)?)), signal))
+            .await
+            .ok_or(SignalFailure::Aborted)?;
+        let seq = appended?;
         self.live.apply(&signal);
         self.live.quiesce().await;
         let unknown_target = self.unknown_target(&self.store.current(), &signal);
-        #[derive(serde::Serialize)]
-        struct SignalRecord<'a> {
-            kind: &'static str,
-            time: chrono::DateTime<Utc>,
-            journal_seq: u64,
-            signal: &'a Signal,
-            unknown_target: bool,
-            caller: &'a Caller,
-        }
-        let record = SignalRecord {
-            kind: "signal",
-            time: Utc::now(),
-            journal_seq: seq,
-            signal: &signal,
-            unknown_target,
-            caller,
-        };
+        let record = SignalRecord::new(seq, &signal, unknown_target, caller);
         // A signal's record waits for room whatever the overflow policy: signals are rare and
         // the signal already holds.
-        let _ = self.audit.submit_waiting(audit::body(&record)).await;
-        let compacted = tokio::task::block_in_place(|| journal.compact_if_needed(&self.live));
-        self.note_journal_upkeep(compacted.err().map(|e| e.to_string()));
+        let _ = self.audit.submit_waiting(records::body(&record)).await;
+        let compacted = self.blocking(|s| s.journal().map(|j| j.compact_if_needed(&s.live))).await;
+        self.note_journal_upkeep(match compacted {
+            Some(Ok(Err(e))) => Some(e.to_string()),
+            Some(_) => None,
+            None => Some("the compaction task failed".into()),
+        });
         Ok(Signalled { seq, signal, unknown_target })
+    }
+
+    fn journal(&self) -> Result<&Journal, SignalFailure> {
+        self.journal.as_ref().ok_or(SignalFailure::NoJournal)
+    }
+
+    /// Runs blocking work (a journal write and fsync, a compaction, a reload) on tokio's
+    /// blocking threads and waits for it: unlike `block_in_place`, it works on any runtime,
+    /// a current-thread one included. None if the task failed.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Service) -> T + Send + 'static,
+    ) -> Option<T> {
+        let service = self.clone();
+        tokio::task::spawn_blocking(move || work(&service)).await.ok()
     }
 
     /// Records the outcome of the journal's upkeep: an error is logged once, not per signal
@@ -267,21 +276,27 @@ impl Service {
         let service = self.clone();
         match tokio::spawn(async move { service.take_reload(trigger).await }).await {
             Ok(result) => result,
-            Err(_) => {
-                let kept = self.store.current().revision.clone();
-                let error = crate::bundle::BundleErrors(vec![crate::bundle::BundleError {
-                    file: self.store.dir().display().to_string(),
-                    line: None,
-                    column: None,
-                    message: "the reload task failed".into(),
-                }]);
-                Reloaded::Failed { kept, error }
-            }
+            Err(_) => self.reload_failed(),
         }
     }
 
-    async fn take_reload(&self, trigger: &str) -> Reloaded {
-        let result = tokio::task::block_in_place(|| self.store.reload());
+    /// What a reload whose task failed says: the old snapshot is still served.
+    fn reload_failed(&self) -> Reloaded {
+        let kept = self.store.current().revision.clone();
+        let error = crate::bundle::BundleErrors(vec![crate::bundle::BundleError {
+            file: self.store.dir().display().to_string(),
+            line: None,
+            column: None,
+            message: "the reload task failed".into(),
+        }]);
+        Reloaded::Failed { kept, error }
+    }
+
+    async fn take_reload(self: &Arc<Self>, trigger: &str) -> Reloaded {
+        let result = match self.blocking(|s| s.store.reload()).await {
+            Some(result) => result,
+            None => self.reload_failed(),
+        };
         let error = match &result {
             Reloaded::Failed { error, .. } => Some(error.to_string()),
             _ => None,
@@ -298,17 +313,9 @@ impl Service {
                 tracing::error!(kept = %kept, trigger, "reload failed; the old bundle is still served:\n{error}")
             }
         }
-        let record = ReloadRecord {
-            kind: "reload",
-            time: Utc::now(),
-            outcome,
-            from,
-            revision,
-            error: error.as_deref(),
-            trigger,
-        };
+        let record = ReloadRecord::new(outcome, from, revision, error.as_deref(), trigger);
         if outcome != "unchanged" {
-            let _ = self.audit.submit_waiting(audit::body(&record)).await;
+            let _ = self.audit.submit_waiting(records::body(&record)).await;
         }
         result
     }
@@ -316,21 +323,23 @@ impl Service {
     /// Records the first load.
     pub async fn loaded(&self) {
         let snap = self.store.current();
-        let record = ReloadRecord {
-            kind: "reload",
-            time: Utc::now(),
-            outcome: "loaded",
-            from: None,
-            revision: &snap.revision,
-            error: None,
-            trigger: "start",
-        };
-        let _ = self.audit.submit_waiting(audit::body(&record)).await;
+        let record = ReloadRecord::new("loaded", None, &snap.revision, None, "start");
+        let _ = self.audit.submit_waiting(records::body(&record)).await;
     }
 
     /// False when the service must not take traffic: audit writes fail and the policy is deny.
     pub fn serving(&self) -> bool {
         self.audit.healthy() || self.audit.config().on_full != audit::OnFull::Deny
+    }
+
+    /// `serving`, as it changes. Under any other overflow policy than deny it never changes
+    /// (the channel is closed at once).
+    pub fn serving_changes(&self) -> tokio::sync::watch::Receiver<bool> {
+        if self.audit.config().on_full == audit::OnFull::Deny {
+            self.audit.health()
+        } else {
+            tokio::sync::watch::channel(true).1
+        }
     }
 }
 
@@ -340,5 +349,48 @@ fn knows(snap: &Snapshot, field: Field, target: &str) -> bool {
         Field::AgentEnabled | Field::AgentRisk => snap.agent(target).is_some(),
         Field::BlueprintEnabled => snap.blueprint(target).is_some(),
         Field::SponsorActive => snap.sponsor(target).is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::audit::{Config, Target};
+    use crate::engine::Verdict;
+
+    /// On a current-thread runtime, where `block_in_place` panics: a signal is journaled,
+    /// applied and acknowledged, and a reload swaps.
+    #[tokio::test]
+    async fn signals_and_reloads_run_on_a_current_thread_runtime() {
+        let bundle = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, bundle.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let state = tempfile::tempdir().unwrap();
+        let live = Overlay::new();
+        let (journal, _) = Journal::open(state.path(), &live).unwrap();
+        let audit = Audit::start(Config::new(Target::Off)).unwrap();
+        let store = Store::open(bundle.path()).unwrap();
+        let service = Service::new(store, live, Some(journal), audit, Settings::default());
+        let ask = || {
+            let raw = serde_json::json!({"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"]});
+            RawRequest::from_json(&raw).unwrap()
+        };
+        assert_eq!(service.decide(ask(), &Caller::default()).await.unwrap().decision, Verdict::Allow);
+
+        let signal = Signal::new("disable_agent", "ag-mail-01", "", "test", "admin").unwrap();
+        assert_eq!(service.signal(signal, Caller::default()).await.unwrap().seq, 1);
+        let denied = service.decide(ask(), &Caller::default()).await.unwrap();
+        assert_eq!(denied.reasons[0].code, ReasonCode::AgentDisabled);
+
+        let policy = bundle.path().join("baseline.cedar");
+        let text = std::fs::read_to_string(&policy).unwrap();
+        std::fs::write(&policy, format!("{text}\n// a new revision\n")).unwrap();
+        assert!(matches!(service.reload("test").await, Reloaded::Swapped { .. }));
     }
 }

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 use crate::directory::RiskLevel;
 
@@ -264,8 +264,13 @@ pub struct Overlay {
     sponsor_active: DashMap<String, Live<bool>>,
     /// How many live values there are: when zero, a decision skips the lookups.
     count: AtomicU64,
+    /// The barrier: decisions in flight counted per epoch (by its parity); `quiesce` moves the
+    /// epoch on and waits for the old one's count to drop to zero, which `drained` announces
+    /// while any barrier (`barriers`) waits.
     epoch: AtomicU64,
     in_flight: [AtomicU64; 2],
+    barriers: AtomicU64,
+    drained: Notify,
 }
 
 impl Overlay {
@@ -408,10 +413,34 @@ impl Overlay {
     /// Waits until every decision that may have read the overlay before now has been answered.
     /// A request entering after this call reads the overlay as it is now.
     pub async fn quiesce(&self) {
+        let _waiting = Barrier::enter(&self.barriers);
         let old = (self.epoch.fetch_add(1, Ordering::SeqCst) & 1) as usize;
-        while self.in_flight[old].load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_micros(200)).await;
+        loop {
+            // Registered before the count is read, so that a drop to zero in between still wakes it.
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.in_flight[old].load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            drained.await;
         }
+    }
+}
+
+/// A barrier waiting in `Overlay::quiesce`, counted until it ends (or is given up).
+struct Barrier<'a>(&'a AtomicU64);
+
+impl<'a> Barrier<'a> {
+    fn enter(barriers: &'a AtomicU64) -> Barrier<'a> {
+        barriers.fetch_add(1, Ordering::SeqCst);
+        Barrier(barriers)
+    }
+}
+
+impl Drop for Barrier<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -423,7 +452,14 @@ pub struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.overlay.in_flight[self.slot].fetch_sub(1, Ordering::SeqCst);
+        let overlay = self.overlay;
+        let was = overlay.in_flight[self.slot].fetch_sub(1, Ordering::SeqCst);
+        // A count dropping to zero wakes the barriers, if any waits: with none, a decision
+        // costs no wake-up. INVARIANT: a barrier is counted before it reads the count, so if
+        // it read the count before this decrement, this read sees it counted.
+        if was == 1 && overlay.barriers.load(Ordering::SeqCst) > 0 {
+            overlay.drained.notify_waiters();
+        }
     }
 }
 
@@ -876,6 +912,29 @@ mod tests {
         let replayed = Overlay::new();
         Journal::open(dir.path(), &replayed).unwrap();
         assert_eq!(replayed.entries(), overlay.entries());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quiesce_is_woken_however_decisions_interleave() {
+        use std::sync::atomic::AtomicBool;
+        let overlay = std::sync::Arc::new(Overlay::new());
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let decider = std::thread::spawn({
+            let (overlay, stop) = (overlay.clone(), stop.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _in_flight = overlay.enter();
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        for _ in 0..2_000 {
+            let limit = std::time::Duration::from_secs(10);
+            tokio::time::timeout(limit, overlay.quiesce()).await.expect("a barrier was never woken");
+        }
+        stop.store(true, Ordering::Relaxed);
+        decider.join().unwrap();
+        assert_eq!(overlay.barriers.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -45,6 +45,8 @@ pub struct Snapshot {
     resources: HashMap<String, usize>,
     resource_uids: Vec<EntityUid>,
     actions: [EntityUid; 2],
+    /// Set when a reload replaces this snapshot: where its bulk goes to be freed.
+    reaper: OnceLock<Reaper>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -114,6 +116,7 @@ impl Snapshot {
             audiences,
             resource_uids,
             actions,
+            reaper: OnceLock::new(),
         })
     }
 
@@ -152,14 +155,35 @@ impl Snapshot {
     }
 }
 
-/// Drops a replaced snapshot here, on the reloading thread, once the requests still using it
-/// are done: freeing a large snapshot takes a while, and no request should pay for it.
-fn retire(old: Arc<Snapshot>) {
-    let deadline = Instant::now() + std::time::Duration::from_secs(5);
-    while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(1));
+/// Where the bulk of replaced snapshots goes to be freed: a thread of its own, so that
+/// neither a request nor a reload pays for freeing a large snapshot.
+type Reaper = mpsc::Sender<Box<dyn Send>>;
+
+fn start_reaper() -> Option<Reaper> {
+    let (tx, rx) = mpsc::channel::<Box<dyn Send>>();
+    // It ends once the store and every snapshot it replaced are gone.
+    let spawned =
+        std::thread::Builder::new().name("agentca-reaper".into()).spawn(move || rx.into_iter().for_each(drop));
+    spawned.ok().map(|_| tx)
+}
+
+impl Drop for Snapshot {
+    /// A replaced snapshot is dropped by whoever held it last, often a request finishing: it
+    /// hands its bulk to the reaper rather than freeing it there.
+    fn drop(&mut self) {
+        let Some(reaper) = self.reaper.take() else { return };
+        let bulk: Box<dyn Send> = Box::new((
+            std::mem::take(&mut self.entities),
+            std::mem::take(&mut self.index),
+            std::mem::take(&mut self.agents),
+            std::mem::take(&mut self.resources),
+            std::mem::take(&mut self.audiences),
+            std::mem::take(&mut self.bundle.directory),
+            std::mem::take(&mut self.bundle.policies),
+        ));
+        // The reaper is gone only if its thread died: then it is freed here after all.
+        let _ = reaper.send(bulk);
     }
-    drop(old);
 }
 
 /// Why the last reload failed, and since when the served snapshot is stale.
@@ -189,6 +213,8 @@ pub struct Store {
     last_failure: Mutex<Option<ReloadFailure>>,
     /// Serialises reloads, so two triggers at once build one snapshot after the other.
     reloading: Mutex<()>,
+    /// Started with the first reload that replaces a snapshot.
+    reaper: OnceLock<Option<Reaper>>,
 }
 
 impl Store {
@@ -199,6 +225,7 @@ impl Store {
             current: ArcSwap::from_pointee(snapshot),
             last_failure: Mutex::new(None),
             reloading: Mutex::new(()),
+            reaper: OnceLock::new(),
         })
     }
 
@@ -223,7 +250,12 @@ impl Store {
             Ok(new) if new.revision == served => Reloaded::Unchanged(served),
             Ok(new) => {
                 let to = new.revision.clone();
-                retire(self.current.swap(Arc::new(new)));
+                let old = self.current.swap(Arc::new(new));
+                // INVARIANT: `old` is held here until it is marked, so whoever drops it last
+                // (a request still using it, or this reload) finds the mark.
+                if let Some(reaper) = self.reaper.get_or_init(start_reaper) {
+                    let _ = old.reaper.set(reaper.clone());
+                }
                 Reloaded::Swapped { from: served, to }
             }
             Err(error) => Reloaded::Failed { kept: served, error },
@@ -239,5 +271,39 @@ impl Store {
             };
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_snapshot_still_in_use_holds_no_reload_up_and_answers_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        for entry in std::fs::read_dir(&sample).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let held = store.current();
+        let edited = dir.path().join("baseline.cedar");
+        let text = std::fs::read_to_string(&edited).unwrap();
+        std::fs::write(&edited, format!("{text}\n// a new revision\n")).unwrap();
+
+        // A request still holds the old snapshot: the reload swaps and returns all the same
+        // (it used to wait up to 5 s for the request to let go).
+        let started = Instant::now();
+        assert!(matches!(store.reload(), Reloaded::Swapped { .. }));
+        assert!(started.elapsed() < std::time::Duration::from_secs(4));
+        assert_ne!(store.current().revision, held.revision);
+        // Whole until the request drops it; then its bulk goes to the reaper.
+        assert!(held.agent("ag-mail-01").is_some());
+        assert!(held.reaper.get().is_some());
+        assert!(store.current().reaper.get().is_none());
+        drop(held);
     }
 }

@@ -2,8 +2,14 @@
 //! writer that stalls (a FIFO nobody reads) to fill the queue, a file deleted or moved under
 //! the writer, and writes that fail (a full tmpfs, /dev/full) without tearing the chain.
 
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde_json::Value;
+
+use super::chain::{HASH_SUFFIX_LEN, chain_hash};
 use super::*;
 
 fn file_config(path: &Path) -> Config {
@@ -396,6 +402,8 @@ async fn a_replacement_from_another_chain_is_refused_until_moved_away() {
     let mut config = file_config(&path);
     config.on_full = OnFull::Deny;
     let audit = Audit::start(config).unwrap();
+    let mut health = audit.health();
+    assert!(*health.borrow_and_update());
     audit.submit(note(0)).await.unwrap();
     // Another chain's file put in its place: appending to it would break both.
     let (_other_dir, other) = tokio::task::block_in_place(|| chain_of(2));
@@ -408,6 +416,9 @@ async fn a_replacement_from_another_chain_is_refused_until_moved_away() {
     let stats = audit.stats();
     assert_eq!(stats.refused, 2);
     assert!(!audit.healthy());
+    // Watchers hear of it (the health service reports NOT_SERVING), and of the recovery.
+    assert!(health.has_changed().unwrap());
+    assert!(!*health.borrow_and_update());
     assert!(stats.error.as_deref().is_some_and(|e| e.contains("move it away")), "{stats:?}");
     // A signal's record waits; once the foreign file is moved away, everything lands.
     let waiting = tokio::spawn({
@@ -417,6 +428,8 @@ async fn a_replacement_from_another_chain_is_refused_until_moved_away() {
     fs::rename(&path, dir.path().join("foreign.jsonl")).unwrap();
     tokio::time::timeout(limit, waiting).await.expect("the record never landed").unwrap().unwrap();
     assert!(audit.healthy());
+    tokio::time::timeout(limit, health.changed()).await.expect("no news of the recovery").unwrap();
+    assert!(*health.borrow());
     // The new file: why it starts here, the refused caller's record (kept, and saying how its
     // caller was answered), the note on the outage right after it; the waiting record lands in
     // that write or the next.

@@ -203,9 +203,9 @@ fn audit_decision(
     decision: &crate::engine::Decision,
 ) -> Result<(), u8> {
     let Some(audit) = audit else { return Ok(()) };
-    let caller = crate::audit::Caller { peer: None, identity: std::env::var("USER").ok(), via: "cli" };
-    let record = crate::audit::DecisionRecord::new(snap, request, decision, &caller);
-    audit.submit_blocking(crate::audit::body(&record)).map_err(|e| {
+    let caller = crate::records::Caller { peer: None, identity: std::env::var("USER").ok(), via: "cli" };
+    let record = crate::records::DecisionRecord::new(snap, request, decision, &caller);
+    audit.submit_blocking(crate::records::body(&record)).map_err(|e| {
         errln!("agentca: audit: {e}");
         exit::FAILURE
     })

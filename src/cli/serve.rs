@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::audit::{self, Audit, Durability, OnFull, Target};
+use crate::audit::{self, Audit, Target};
 use crate::grpc;
 use crate::service::{Service, Settings};
 use crate::signals::{Journal, Overlay};
@@ -126,10 +126,10 @@ pub struct AuditArgs {
     /// `fsync`: answer once the record is on disk; `written`: once it is in the file (survives
     /// a crash of agentca, not of the machine); `buffered`: once it is queued.
     #[arg(long = "audit-durability", value_enum, default_value = "fsync")]
-    durability: Durability,
+    durability: DurabilityArg,
     /// When the queue is full: `wait` for room, or `deny` with audit_unavailable.
     #[arg(long = "audit-on-full", value_enum, default_value = "wait")]
-    on_full: OnFull,
+    on_full: OnFullArg,
     /// Records the queue holds.
     #[arg(long = "audit-queue", default_value_t = 65_536)]
     queue: usize,
@@ -144,12 +144,52 @@ pub struct AuditArgs {
     flush_ms: u64,
 }
 
+/// `--audit-durability` (see `audit::Durability`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DurabilityArg {
+    /// Only once its record is on disk (fsync, many records per fsync).
+    Fsync,
+    /// Once its record is written to the file (it survives a crash of agentca, not of the
+    /// machine); fsynced within the flush interval.
+    Written,
+    /// Once its record is queued; written at once and fsynced within the flush interval.
+    Buffered,
+}
+
+impl From<DurabilityArg> for audit::Durability {
+    fn from(arg: DurabilityArg) -> Self {
+        match arg {
+            DurabilityArg::Fsync => audit::Durability::Fsync,
+            DurabilityArg::Written => audit::Durability::Written,
+            DurabilityArg::Buffered => audit::Durability::Buffered,
+        }
+    }
+}
+
+/// `--audit-on-full` (see `audit::OnFull`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OnFullArg {
+    /// Wait for room (backpressure).
+    Wait,
+    /// Answer deny with `audit_unavailable`.
+    Deny,
+}
+
+impl From<OnFullArg> for audit::OnFull {
+    fn from(arg: OnFullArg) -> Self {
+        match arg {
+            OnFullArg::Wait => audit::OnFull::Wait,
+            OnFullArg::Deny => audit::OnFull::Deny,
+        }
+    }
+}
+
 impl AuditArgs {
     pub fn config(&self) -> audit::Config {
         audit::Config {
             target: Target::parse(&self.target),
-            durability: self.durability,
-            on_full: self.on_full,
+            durability: self.durability.into(),
+            on_full: self.on_full.into(),
             queue: self.queue,
             queue_bytes: self.queue_bytes,
             max_bytes: self.max_bytes,
@@ -355,10 +395,10 @@ fn report_unwritten(audit: &Audit) {
         return;
     }
     let callers = match audit.config().durability {
-        Durability::Buffered => {
+        audit::Durability::Buffered => {
             "with --audit-durability buffered their callers were already answered, so these decisions are not in the log"
         }
-        Durability::Fsync | Durability::Written => {
+        audit::Durability::Fsync | audit::Durability::Written => {
             "none of their decisions went out: their callers were left unanswered or denied with audit_unavailable"
         }
     };

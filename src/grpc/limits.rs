@@ -247,6 +247,7 @@ impl AsyncWrite for Conn {
 pub struct GuardLayer {
     decisions: Arc<Semaphore>,
     admin: Arc<Semaphore>,
+    call_timeout: Duration,
     shed: Arc<Shed>,
 }
 
@@ -255,6 +256,7 @@ impl GuardLayer {
         GuardLayer {
             decisions: Arc::new(Semaphore::new(limits.max_in_flight.clamp(1, Semaphore::MAX_PERMITS))),
             admin: Arc::new(Semaphore::new(limits.max_admin_in_flight.clamp(1, Semaphore::MAX_PERMITS))),
+            call_timeout: limits.call_timeout,
             shed,
         }
     }
@@ -311,18 +313,25 @@ where
         // The service that was polled ready takes the call; its clone waits for the next one.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let call_timeout = self.layer.call_timeout;
         Box::pin(async move {
-            let mut response = inner.call(request).await?;
+            let Ok(answered) = tokio::time::timeout(call_timeout, inner.call(request)).await else {
+                let status = tonic::Status::deadline_exceeded(
+                    "the call was not answered within the server's call timeout (--call-timeout-secs)",
+                );
+                return Ok(status.into_http());
+            };
+            let mut response = answered?;
             drop(permit);
             drop(running);
-            too_large_is_resource_exhausted(&mut response);
+            remap_limits(&mut response);
             Ok(response)
         })
     }
 }
 
 /// tonic answers a request over the message limit with OUT_OF_RANGE; it is a resource limit.
-fn too_large_is_resource_exhausted(response: &mut http::Response<tonic::body::Body>) {
+fn remap_limits(response: &mut http::Response<tonic::body::Body>) {
     let too_large = response
         .extensions()
         .get::<tonic::Status>()

@@ -11,13 +11,13 @@ pub mod load;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::audit::Caller;
+use crate::records::Caller;
 use crate::service::Service;
 
 /// The generated messages and services of `proto/agentca/v1/agentca.proto`.
@@ -89,13 +89,12 @@ pub async fn serve(
 
     // Health follows the service: SERVING once a snapshot is loaded (it is, by construction),
     // NOT_SERVING while audit writes fail under the `deny` overflow policy.
-    let watcher = tokio::spawn(track_health(reporter, service.clone()));
+    let watcher = tokio::spawn(track_health(reporter, service.serving_changes()));
 
     let limits = &options.limits;
     let shed = Arc::new(limits::Shed::default());
     let result = Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
-        .timeout(limits.call_timeout)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(limits::GuardLayer::new(limits, shed.clone()))
@@ -114,10 +113,10 @@ pub async fn serve(
 const SERVICES: [&str; 4] =
     ["", "agentca.v1.DecisionService", "agentca.v1.AdminService", "envoy.service.auth.v3.Authorization"];
 
-async fn track_health(reporter: tonic_health::server::HealthReporter, service: Arc<Service>) {
+async fn track_health(reporter: tonic_health::server::HealthReporter, mut serving: watch::Receiver<bool>) {
     let mut last = None;
     loop {
-        let status = if service.serving() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if *serving.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
         if last != Some(status) {
             for name in SERVICES {
                 reporter.set_service_status(name, status).await;
@@ -127,7 +126,10 @@ async fn track_health(reporter: tonic_health::server::HealthReporter, service: A
             }
             last = Some(status);
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Closed: the state can no longer change, and the last status stands.
+        if serving.changed().await.is_err() {
+            return;
+        }
     }
 }
 

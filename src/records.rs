@@ -1,0 +1,136 @@
+//! What the service writes to the audit log: the record of each decision, signal and reload,
+//! and who asked. The log frames a record's body (`v`, `seq`, the hashes); the fields here are
+//! the rest of a record whose `v` is 1, so their names and order are part of the file format.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::engine::{Decision, PolicyError, Reason, ReportOnly, Verdict};
+use crate::request::Request;
+use crate::signals::Signal;
+use crate::snapshot::Snapshot;
+
+/// A record's body as compact JSON (an object), as the audit log takes it.
+pub fn body<T: Serialize>(record: &T) -> String {
+    serde_json::to_string(record)
+        .unwrap_or_else(|e| format!("{{\"kind\":\"unserializable\",\"error\":{:?}}}", e.to_string()))
+}
+
+/// Who asked.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Caller {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// `grpc`, `envoy`, `cli`.
+    pub via: &'static str,
+}
+
+/// The record of one decision.
+#[derive(Serialize)]
+pub struct DecisionRecord<'a> {
+    pub kind: &'static str,
+    pub time: DateTime<Utc>,
+    pub decision_id: &'a str,
+    pub request_id: Option<&'a str>,
+    pub request: &'a Request,
+    pub blueprint: Option<&'a str>,
+    pub sponsor: Option<&'a str>,
+    pub decision: Verdict,
+    pub reasons: &'a [Reason],
+    pub report_only: &'a [ReportOnly],
+    pub report_only_decision: Verdict,
+    pub errors: &'a [PolicyError],
+    pub revision: &'a str,
+    pub eval_us: u64,
+    pub caller: &'a Caller,
+}
+
+impl<'a> DecisionRecord<'a> {
+    /// The record of `decision`, with the agent's blueprint and sponsor from the snapshot
+    /// that decided it.
+    pub fn new(snap: &'a Snapshot, request: &'a Request, decision: &'a Decision, caller: &'a Caller) -> Self {
+        let agent = snap.agent(&request.agent).map(|(a, _)| a);
+        DecisionRecord::of(
+            request,
+            agent.map(|a| a.blueprint.as_str()),
+            agent.map(|a| a.sponsor.as_str()),
+            decision,
+            caller,
+        )
+    }
+
+    /// The record of `decision` for an agent of `blueprint` and `sponsor` (None: unknown).
+    pub fn of(
+        request: &'a Request,
+        blueprint: Option<&'a str>,
+        sponsor: Option<&'a str>,
+        decision: &'a Decision,
+        caller: &'a Caller,
+    ) -> Self {
+        DecisionRecord {
+            kind: "decision",
+            time: Utc::now(),
+            decision_id: &decision.decision_id,
+            request_id: decision.request_id.as_deref(),
+            request,
+            blueprint,
+            sponsor,
+            decision: decision.decision,
+            reasons: &decision.reasons,
+            report_only: &decision.report_only,
+            report_only_decision: decision.report_only_decision,
+            errors: &decision.errors,
+            revision: &decision.revision,
+            eval_us: decision.eval_us,
+            caller,
+        }
+    }
+}
+
+/// The record of a signal, once it is journaled, applied and no decision before it is on its way.
+#[derive(Serialize)]
+pub struct SignalRecord<'a> {
+    pub kind: &'static str,
+    pub time: DateTime<Utc>,
+    pub journal_seq: u64,
+    pub signal: &'a Signal,
+    pub unknown_target: bool,
+    pub caller: &'a Caller,
+}
+
+impl<'a> SignalRecord<'a> {
+    pub fn new(journal_seq: u64, signal: &'a Signal, unknown_target: bool, caller: &'a Caller) -> Self {
+        SignalRecord { kind: "signal", time: Utc::now(), journal_seq, signal, unknown_target, caller }
+    }
+}
+
+/// The record of a reload (or the first load).
+#[derive(Serialize)]
+pub struct ReloadRecord<'a> {
+    pub kind: &'static str,
+    pub time: DateTime<Utc>,
+    /// `loaded`, `swapped`, `unchanged`, `failed`.
+    pub outcome: &'a str,
+    pub from: Option<&'a str>,
+    pub revision: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    pub trigger: &'a str,
+}
+
+impl<'a> ReloadRecord<'a> {
+    pub fn new(
+        outcome: &'a str,
+        from: Option<&'a str>,
+        revision: &'a str,
+        error: Option<&'a str>,
+        trigger: &'a str,
+    ) -> Self {
+        ReloadRecord { kind: "reload", time: Utc::now(), outcome, from, revision, error, trigger }
+    }
+}
+
+#[cfg(test)]
+mod tests;
