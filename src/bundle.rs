@@ -19,9 +19,12 @@ use sha2::{Digest, Sha256};
 
 use crate::directory::Directory;
 use crate::input;
+use crate::input::printable;
 use crate::nesting;
 
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
+/// Longest `@reason` of a policy, in bytes.
+pub const MAX_REASON_LEN: usize = 4096;
 pub const DIRECTORY_FILE: &str = "directory.json";
 pub const LOCATIONS_FILE: &str = "locations.json";
 
@@ -88,6 +91,13 @@ impl Locations {
         let mut errors = Vec::new();
         let mut out = Vec::with_capacity(map.len());
         for (name, nets) in map {
+            if name.is_empty() || name.chars().any(crate::input::is_unsafe_char) {
+                errors.push(format!(
+                    "location `{}`: a name must not be empty or hold control or bidirectional characters",
+                    printable(&name)
+                ));
+                continue;
+            }
             let Value::Array(items) = nets else {
                 errors.push(format!("location `{name}`: expected an array of networks such as \"10.0.0.0/8\""));
                 continue;
@@ -128,10 +138,12 @@ impl BundleError {
 }
 
 impl fmt::Display for BundleError {
+    /// One line, whatever the file's name or the text quoted: unsafe characters are escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (file, message) = (printable(&self.file), printable(&self.message));
         match (self.line, self.column) {
-            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.message),
-            _ => write!(f, "{}: {}", self.file, self.message),
+            (Some(l), Some(c)) => write!(f, "{file}:{l}:{c}: {message}"),
+            _ => write!(f, "{file}: {message}"),
         }
     }
 }
@@ -402,15 +414,35 @@ fn parse_policies(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<Bundle
                 errors.push(err("@id must not be empty".into()));
                 continue;
             }
+            Some(id) if id.len() > crate::request::MAX_ID_LEN || id.chars().any(crate::input::is_unsafe_char) => {
+                errors.push(err(format!(
+                    "@id `{}` is not an id: at most {} bytes, without control or bidirectional characters",
+                    crate::input::printable(&id.chars().take(80).collect::<String>()),
+                    crate::request::MAX_ID_LEN
+                )));
+                continue;
+            }
             Some(id) => id.to_string(),
         };
+        // Every decision and audit record carries the reasons that decided it: they are
+        // sentences, not documents, and they must print safely.
+        if let Some(reason) = reason_ann
+            && (reason.len() > MAX_REASON_LEN || reason.chars().any(crate::input::is_unsafe_char))
+        {
+            errors.push(err(format!(
+                "policy `{}`: @reason must be at most {MAX_REASON_LEN} bytes, without control or bidirectional characters",
+                crate::input::printable(&id)
+            )));
+            continue;
+        }
         let state = match state_ann {
             None | Some("on") => PolicyState::On,
             Some("off") => PolicyState::Off,
             Some("report-only") => PolicyState::ReportOnly,
             Some(other) => {
                 errors.push(err(format!(
-                    "policy `{id}`: unknown @state `{other}`: expected one of on, off, report-only"
+                    "policy `{id}`: unknown @state `{}`: expected one of on, off, report-only",
+                    crate::input::printable(other)
                 )));
                 continue;
             }

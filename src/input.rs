@@ -79,6 +79,30 @@ pub fn read_capped(reader: impl Read, limit: u64) -> Result<String, InputError> 
     String::from_utf8(bytes).map_err(|_| InputError::NotUtf8)
 }
 
+/// True for characters that change how text shows rather than what it says: control
+/// characters (escapes, line breaks) and Unicode's bidirectional and line-separator marks.
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text from outside, safe to print to a terminal or a log line: every unsafe character
+/// (see `is_unsafe_char`) escaped, as `\u{1b}`.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(is_unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if is_unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// A JSON value read with every object's keys unique.
 pub struct StrictValue(pub Value);
 
@@ -176,6 +200,12 @@ mod tests {
         assert!(err.starts_with("duplicate key `z`"), "{err}");
         let v = parse_json(r#"{"a": [1, 2.5, "s", null, true, {"b": {}}]}"#).unwrap();
         assert_eq!(v, serde_json::json!({"a": [1, 2.5, "s", null, true, {"b": {}}]}));
+    }
+
+    #[test]
+    fn unsafe_characters_are_escaped_for_printing() {
+        assert_eq!(printable("plain text, ünïcode"), "plain text, ünïcode");
+        assert_eq!(printable("a\u{1b}[2Jb\nc\u{202E}d"), "a\\u{1b}[2Jb\\u{a}c\\u{202e}d");
     }
 
     #[test]

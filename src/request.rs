@@ -22,7 +22,7 @@ pub const MAX_PATH_LEN: usize = 8192;
 pub enum RequestError {
     #[error("field `{field}`: {message}")]
     Field { field: &'static str, message: String },
-    #[error("unknown field `{0}`: expected one of {list}", list = FIELDS.join(", "))]
+    #[error("unknown field `{}`: expected one of {list}", crate::input::printable(.0), list = FIELDS.join(", "))]
     UnknownField(String),
     #[error("the request must be a JSON object")]
     NotAnObject,

@@ -122,6 +122,9 @@ impl Service {
                 let decision = evaluate(&snap, &self.live, &request);
                 (request, decision)
             }));
+            // A large batch gives the thread back now and then: admin calls, the kill switch
+            // and SIGTERM must not wait behind it.
+            tokio::task::consume_budget().await;
         }
         // Every record is queued before any is awaited, so one fsync covers the batch.
         let snap = &snap;
@@ -136,6 +139,8 @@ impl Service {
         if !self.audit.is_on() {
             return decision;
         }
+        // Serializing is the costly part of a batch item: let other work in between.
+        tokio::task::consume_budget().await;
         let body = records::body(&DecisionRecord::new(snap, request, &decision, caller));
         match self.audit.submit(body).await {
             Ok(()) => decision,

@@ -88,7 +88,7 @@ impl FromStr for SignalKind {
     fn from_str(s: &str) -> Result<Self, String> {
         SignalKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
             let all: Vec<&str> = SignalKind::ALL.iter().map(|k| k.as_str()).collect();
-            format!("unknown signal `{s}`: expected one of {}", all.join(", "))
+            format!("unknown signal `{}`: expected one of {}", crate::input::printable(s), all.join(", "))
         })
     }
 }
@@ -179,7 +179,13 @@ impl Signal {
             SignalKind::ConfirmSafe | SignalKind::DismissRisk => (Field::AgentRisk, Value::Risk(RiskLevel::None)),
             SignalKind::SetRisk => {
                 let level = RiskLevel::from_str(risk).map_err(|()| {
-                    err("risk", format!("unknown risk level `{risk}`: expected one of none, low, medium, high"))
+                    err(
+                        "risk",
+                        format!(
+                            "unknown risk level `{}`: expected one of none, low, medium, high",
+                            crate::input::printable(risk)
+                        ),
+                    )
                 })?;
                 (Field::AgentRisk, Value::Risk(level))
             }

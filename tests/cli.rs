@@ -297,3 +297,30 @@ fn audit_verify_never_reads_a_device_for_ever() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("is not a record"), "{}", text(&out.stdout));
 }
+
+#[test]
+fn bundle_text_never_reaches_a_terminal_raw_and_reasons_are_bounded() {
+    let dir = sample_copy();
+    let evil = dir.path().join("\u{1b}[31mRED\nfake.cedar");
+    std::fs::write(&evil, "@id(\"a\")\nforbid(principal, action, resource) when { bogus };\n").unwrap();
+    let out = agentca(&["validate", "--policies", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert!(!err.contains('\u{1b}') && err.contains("\\u{1b}[31mRED\\u{a}fake.cedar"), "{err}");
+    std::fs::remove_file(&evil).unwrap();
+
+    for (policy, want) in [
+        ("@id(\"a\\u{1b}[2J\")\nforbid(principal, action, resource);\n", "is not an id"),
+        (
+            &format!("@id(\"big\") @reason(\"{}\")\nforbid(principal, action, resource);\n", "r".repeat(5000)),
+            "@reason must be at most 4096 bytes",
+        ),
+        ("@id(\"b\") @reason(\"line\\nbreak\")\nforbid(principal, action, resource);\n", "@reason must be"),
+    ] {
+        std::fs::write(dir.path().join("extra.cedar"), policy).unwrap();
+        let out = agentca(&["validate", "--policies", dir.path().to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(3), "{policy:.60}");
+        let err = text(&out.stderr);
+        assert!(err.contains(want) && !err.contains('\u{1b}'), "{err}");
+    }
+}

@@ -128,7 +128,10 @@ impl pb::admin_service_server::AdminService for Admin {
             }));
         }
         if !r.field.is_empty() {
-            return Err(Status::invalid_argument(format!("field `field`: applies only to clear, not {}", r.kind)));
+            return Err(Status::invalid_argument(format!(
+                "field `field`: applies only to clear, not {}",
+                crate::input::printable(&r.kind)
+            )));
         }
         let signal = Signal::new(&r.kind, &r.target, &r.risk, &r.reason, &r.actor)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
