@@ -21,7 +21,9 @@ macro_rules! errln {
 mod admin;
 mod audit;
 mod eval;
+#[cfg(feature = "tools")]
 mod generate;
+#[cfg(feature = "tools")]
 mod loadgen;
 mod serve;
 mod test;
@@ -106,10 +108,13 @@ enum Command {
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Write a large synthetic bundle (N agents, P policies), deterministic from a seed.
+    #[cfg(feature = "tools")]
     Generate(generate::GenerateArgs),
     /// Drive Evaluate on a running server and print throughput and latency.
+    #[cfg(feature = "tools")]
     Loadgen(loadgen::LoadArgs),
     /// A no-op DecisionService (same proto and stack, constant answer): the load baseline.
+    #[cfg(feature = "tools")]
     #[command(hide = true)]
     NoopServe(loadgen::NoopArgs),
 }
@@ -158,14 +163,19 @@ pub enum Error {
     Serve(#[from] crate::grpc::ServeError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[cfg(feature = "tools")]
     #[error("cannot write the bundle to `{}`: {source}", dir.display())]
     Generate { dir: PathBuf, source: io::Error },
+    #[cfg(feature = "tools")]
     #[error("cannot read `{}`: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
+    #[cfg(feature = "tools")]
     #[error("`{}` is not JSON: {source}", path.display())]
     NotJson { path: PathBuf, source: serde_json::Error },
+    #[cfg(feature = "tools")]
     #[error("invalid request `{}`: {source}", path.display())]
     LoadRequest { path: PathBuf, source: crate::request::RequestError },
+    #[cfg(feature = "tools")]
     #[error(transparent)]
     Noop(#[from] crate::grpc::load::NoopError),
 }
@@ -219,8 +229,11 @@ fn dispatch(command: Command) -> Result<ExitCode, Error> {
         }
         Command::Admin(args) => admin::run(args),
         Command::Audit(AuditCommand::Verify { paths, partial }) => audit::verify_files(&paths, partial),
+        #[cfg(feature = "tools")]
         Command::Generate(args) => generate::run(args),
+        #[cfg(feature = "tools")]
         Command::Loadgen(args) => loadgen::run_load(args),
+        #[cfg(feature = "tools")]
         Command::NoopServe(args) => loadgen::run_noop(args),
     }
 }

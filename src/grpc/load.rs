@@ -1,6 +1,6 @@
-//! A load generator for `Evaluate` (N requests in flight over M connections for T seconds),
-//! and a no-op DecisionService to measure it against: same proto, same tonic stack, a
-//! constant answer, no decision and no audit.
+//! A tool (feature `tools`): a load generator for `Evaluate` (N requests in flight over M
+//! connections for T seconds), and a no-op DecisionService to measure it against: same proto,
+//! same tonic stack, a constant answer, no decision and no audit.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
