@@ -134,7 +134,7 @@ enum AuditCommand {
 
 /// Why a command failed. Commands return it; [`run`] prints it and picks the exit code.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("cannot start: {0}")]
     Thread(io::Error),
     #[error("cannot start the runtime: {0}")]
