@@ -1,10 +1,10 @@
 //! Scale: the indexed decision against full-set Cedar, and bundle load time and memory, for
 //! 10 to 100,000 policies over 100,000 agents (bundles from `agentca::generate`).
 //!
-//! Run: `cargo bench --bench scale` (about 6 minutes on 2 cores). `AGENTCA_SCALE_SIZES=10,1000`
-//! picks the policy counts. After criterion's groups it prints per-call latency percentiles,
-//! load time by phase and memory, measured in a child process per bundle so that each peak is
-//! its own.
+//! Run: `cargo bench --features tools --bench scale` (about 6 minutes on 2 cores; the
+//! generator is a tool, outside the default build). `AGENTCA_SCALE_SIZES=10,1000` picks the
+//! policy counts. After criterion's groups it prints per-call latency percentiles, load time
+//! by phase and memory, measured in a child process per bundle so that each peak is its own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

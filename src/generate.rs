@@ -1,4 +1,4 @@
-//! Writes a realistic large bundle, deterministic from a seed (benchmarks and load tests).
+//! A tool (feature `tools`): writes a realistic large bundle for benchmarks and load tests.
 //! The same [`Params`] always give byte-identical files: a hand-written splitmix64 draws
 //! every choice, one stream for the directory and one for the policies.
 

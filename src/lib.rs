@@ -20,14 +20,22 @@
 //! - [`audit`]: the hash-chained log of record bodies (it uses no other module): writer, `verify`
 //! - [`service`]: the running service: decide + audit, signals, reloads (no transport)
 //! - [`grpc`]: tonic services (decision, admin, Envoy ext_authz); proto conversion lives here
-//! - [`generate`]: writes large synthetic bundles, deterministic from a seed
-//! - [`cli`]: the `agentca` command line, one file per command
+//! - [`cli`]: the `agentca` command line, one file per command; one error type and reporter
+//!
+//! Tools beside the product, compiled only with the `tools` feature (`cargo build --features
+//! tools`), so the server's binary carries none of them:
+//!
+//! - `generate`: writes large synthetic bundles, deterministic from a seed (the scale bench)
+//! - `grpc::load`: a load generator for `Evaluate`, and a no-op DecisionService as its baseline
+//! - their commands: `agentca generate`, `agentca loadgen`, `agentca noop-serve`
 
 pub mod audit;
 pub mod bundle;
 pub mod cli;
 pub mod directory;
 pub mod engine;
+// A tool, not the product; its own unit tests run in every `cargo test`.
+#[cfg(any(feature = "tools", test))]
 pub mod generate;
 pub mod grpc;
 pub mod index;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use agentca::grpc::pb;
-use common::{Server, Tmpfs, is_allow, token_request};
+use common::{Answered, Server, Tmpfs, fill_fifo, is_allow, token_request};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 fn verify(paths: &[&Path]) -> (Option<i32>, String) {
@@ -33,10 +33,12 @@ async fn sigkill_under_load_loses_no_acknowledged_decision() {
     let mut server = Server::start(&args);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Answered::new();
     let mut tasks = Vec::new();
     for task in 0..16 {
         let url = server.url();
         let stop = stop.clone();
+        let answered = answered.clone();
         tasks.push(tokio::spawn(async move {
             let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
             let mut client = pb::decision_service_client::DecisionServiceClient::new(channel);
@@ -53,11 +55,13 @@ async fn sigkill_under_load_loses_no_acknowledged_decision() {
                     Ok(d) => received.push(d.into_inner().decision_id),
                     Err(_) => break,
                 }
+                answered.add();
             }
             received
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Killed once 300 decisions were acknowledged, while the 16 tasks go on calling.
+    answered.reach(300).await;
     server.signal("KILL");
     tokio::task::block_in_place(|| server.wait());
     stop.store(true, Ordering::Relaxed);
@@ -440,22 +444,23 @@ async fn sigterm_ends_the_server_while_audit_writes_cannot_finish() {
         fifo.to_str().unwrap(),
         "--shutdown-grace-ms",
         "500",
+        "--max-in-flight",
+        "1",
         "--state",
         dir.path().join("state").to_str().unwrap(),
     ]);
     let client = server.decisions().await;
-    let mut stuck = None;
-    for _ in 0..1000 {
+    // Fill the FIFO: the writer stalls on the next record. Of two calls at once, one takes the
+    // only place in flight and waits there for its record; the other is shed, and ends first.
+    fill_fifo(&fifo);
+    let calls = (0..2).map(|_| {
         let mut client = client.clone();
-        let mut call =
-            tokio::spawn(async move { client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await });
-        // A call that does not come back within 2 s waits on the stalled writer: keep it in flight.
-        if tokio::time::timeout(Duration::from_secs(2), &mut call).await.is_err() {
-            stuck = Some(call);
-            break;
-        }
-    }
-    let stuck = stuck.expect("the writer never stalled");
+        tokio::spawn(async move { client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await })
+    });
+    let (first, _, mut in_flight) = futures::future::select_all(calls).await;
+    let shed = first.unwrap().expect_err("a call was answered while the writer was stalled");
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+    let stuck = in_flight.pop().unwrap();
     let (code, log) = terminate(server);
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("calls still in flight after the shutdown grace period"), "{log}");

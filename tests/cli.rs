@@ -1,4 +1,5 @@
-//! The offline CLI, run as a user runs it: `agentca validate`, `eval`, `test`.
+//! The offline CLI, run as a user runs it: `agentca validate`, `eval`, `test`, and which
+//! commands the binary has.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -322,5 +323,40 @@ fn bundle_text_never_reaches_a_terminal_raw_and_reasons_are_bounded() {
         assert_eq!(out.status.code(), Some(3), "{policy:.60}");
         let err = text(&out.stderr);
         assert!(err.contains(want) && !err.contains('\u{1b}'), "{err}");
+    }
+}
+
+#[test]
+fn the_tools_are_in_the_binary_only_with_their_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("generated");
+    let bundle = bundle.to_str().unwrap();
+    let out = agentca(&[
+        "generate",
+        "--out",
+        bundle,
+        "--agents",
+        "20",
+        "--blueprints",
+        "2",
+        "--sponsors",
+        "3",
+        "--policies",
+        "12",
+        "--resources",
+        "3",
+    ]);
+    if cfg!(feature = "tools") {
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).starts_with("wrote 12 policies and 20 agents"), "{}", text(&out.stdout));
+        let out = agentca(&["validate", "--policies", bundle]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    } else {
+        // The server's binary carries only the product: clap does not know the command.
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("unrecognized subcommand 'generate'"), "{}", text(&out.stderr));
+        for tool in ["loadgen", "noop-serve"] {
+            assert_eq!(agentca(&[tool, "--help"]).status.code(), Some(2), "{tool}");
+        }
     }
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use agentca::grpc::pb;
-use common::{Server, Tmpfs, copy_sample, is_allow, token_request};
+use common::{Server, Tmpfs, copy_sample, fill_fifo, is_allow, token_request};
 
 fn signal(kind: &str, target: &str, reason: &str) -> pb::SignalRequest {
     pb::SignalRequest {
@@ -415,25 +415,16 @@ async fn calls_past_the_limits_are_shed_and_admin_still_answers() {
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("--max-batch-items-in-flight"), "{e:?}");
 
-    // Fill the FIFO until decisions wait, then hold four in flight.
-    let mut waiting = Vec::new();
-    let mut shed = None;
-    for _ in 0..400 {
+    // Fill the FIFO to the brim: from now on every decision waits for its record. Five calls
+    // at once: four take the places in flight and wait there, so the first to end is the fifth,
+    // shed.
+    fill_fifo(&fifo);
+    let calls = (0..5).map(|_| {
         let mut c = client.clone();
-        let call = tokio::spawn(async move { c.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await });
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        if call.is_finished() {
-            match call.await.unwrap() {
-                Ok(_) => continue,
-                Err(status) => {
-                    shed = Some(status);
-                    break;
-                }
-            }
-        }
-        waiting.push(call);
-    }
-    let shed = shed.expect("no call was shed");
+        tokio::spawn(async move { c.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await })
+    });
+    let (first, _, waiting) = futures::future::select_all(calls).await;
+    let shed = first.unwrap().expect_err("a call was answered while its record could not be written");
     assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
     assert!(shed.message().contains("--max-in-flight"), "{shed:?}");
     assert!(waiting.len() >= 4, "{}", waiting.len());

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use agentca::grpc::pb;
-use common::{Server, copy_sample, is_allow, proto_request, root, token_request};
+use common::{Answered, Server, copy_sample, is_allow, proto_request, root, token_request};
 use serde_json::Value;
 
 fn cli_eval(request: &Value) -> (Option<i32>, String, String) {
@@ -195,13 +195,19 @@ async fn health_and_reflection_answer() {
 
 type Answers = Vec<(String, Instant, Result<pb::Decision, tonic::Status>)>;
 
-/// Requests ag-mail-01 in a loop from several tasks until `stop`; returns every answer with
-/// the request id it was sent with (unique).
-fn load(server: &Server, tasks: usize, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Answers>> {
+/// Requests ag-mail-01 in a loop from several tasks until `stop`, counting each answer in
+/// `answered`; returns every answer with the request id it was sent with (unique).
+fn load(
+    server: &Server,
+    tasks: usize,
+    stop: Arc<AtomicBool>,
+    answered: &Answered,
+) -> Vec<tokio::task::JoinHandle<Answers>> {
     (0..tasks)
         .map(|task| {
             let url = server.url();
             let stop = stop.clone();
+            let answered = answered.clone();
             tokio::spawn(async move {
                 let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
                 let mut client = pb::decision_service_client::DecisionServiceClient::new(channel);
@@ -215,6 +221,7 @@ fn load(server: &Server, tasks: usize, stop: Arc<AtomicBool>) -> Vec<tokio::task
                     let sent = Instant::now();
                     let r = client.evaluate(request).await;
                     out.push((id, sent, r.map(|r| r.into_inner())));
+                    answered.add();
                 }
                 out
             })
@@ -263,8 +270,9 @@ async fn a_reload_under_load_drops_nothing_and_never_mixes_revisions() {
     let old = admin.status(pb::StatusRequest {}).await.unwrap().into_inner().revision;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let handles = load(&server, 8, stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answered = Answered::new();
+    let handles = load(&server, 8, stop.clone(), &answered);
+    answered.reach(60).await;
     std::fs::write(bundle.join("isolate.cedar"), BLOCK_MAIL_01).unwrap();
     let reload = admin.reload(pb::ReloadRequest {}).await.unwrap().into_inner();
     assert_eq!(reload.outcome, "swapped", "{reload:?}");
@@ -276,7 +284,8 @@ async fn a_reload_under_load_drops_nothing_and_never_mixes_revisions() {
     let mut c = server.decisions().await;
     let d = c.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.unwrap().into_inner();
     assert_eq!((d.revision.as_str(), d.reasons[0].policy.as_str()), (new.as_str(), "block-mail-01"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // More answers than tasks: some load request was sent after the reload (`Answered::more`).
+    answered.more(60).await;
     stop.store(true, Ordering::Relaxed);
     let all = answers(handles).await;
     assert!(all.len() > 100, "only {} answers", all.len());
@@ -316,8 +325,9 @@ async fn a_broken_bundle_under_load_keeps_the_old_revision() {
     let mut admin = server.admin().await;
     let old = admin.status(pb::StatusRequest {}).await.unwrap().into_inner().revision;
     let stop = Arc::new(AtomicBool::new(false));
-    let handles = load(&server, 8, stop.clone());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answered = Answered::new();
+    let handles = load(&server, 8, stop.clone(), &answered);
+    answered.reach(40).await;
     std::fs::write(
         bundle.join("broken.cedar"),
         "@id(\"typo\") forbid(principal, action, resource) when { resource.sensitivty == \"high\" };",
@@ -327,7 +337,7 @@ async fn a_broken_bundle_under_load_keeps_the_old_revision() {
     assert_eq!((reload.outcome.as_str(), reload.revision.as_str()), ("failed", old.as_str()));
     assert!(reload.error.contains("broken.cedar:1:"), "{}", reload.error);
     assert!(reload.error.contains("sensitivty"), "{}", reload.error);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    answered.more(40).await;
     stop.store(true, Ordering::Relaxed);
     let all = answers(handles).await;
     assert!(all.iter().all(|(_, d)| d.revision == old && is_allow(d)));
@@ -454,8 +464,9 @@ async fn sighup_reloads_and_sigterm_finishes_calls_in_flight() {
 
     // SIGTERM while calls are in flight: every call started gets its answer, then exit 0.
     let stop = Arc::new(AtomicBool::new(false));
-    let handles = load(&server, 8, stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answered = Answered::new();
+    let handles = load(&server, 8, stop.clone(), &answered);
+    answered.reach(50).await;
     server.signal("TERM");
     let code = tokio::task::block_in_place(|| server.wait());
     stop.store(true, Ordering::Relaxed);

@@ -8,10 +8,10 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use agentca::grpc::pb;
-use common::{Server, copy_sample, is_allow, token_request};
+use common::{Answered, Server, copy_sample, is_allow, token_request};
 
 fn signal(kind: &str, target: &str) -> pb::SignalRequest {
     pb::SignalRequest {
@@ -68,10 +68,12 @@ async fn no_allow_is_sent_after_a_disable_is_acknowledged() {
     assert!(is_allow(&decide(&server, "ag-mail-01").await));
 
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Answered::new();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let url = server.url();
         let stop = stop.clone();
+        let answered = answered.clone();
         tasks.push(tokio::spawn(async move {
             let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
             let mut client = pb::decision_service_client::DecisionServiceClient::new(channel);
@@ -80,21 +82,24 @@ async fn no_allow_is_sent_after_a_disable_is_acknowledged() {
                 let sent = Instant::now();
                 let d = client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.unwrap().into_inner();
                 seen.push((sent, Instant::now(), d));
+                answered.add();
             }
             seen
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each stretch of load lasts until it has been answered 100 times (more than the 8 tasks,
+    // so some request was sent within the stretch, see `Answered::more`).
+    answered.reach(100).await;
     let mut admin = server.admin().await;
     let ack = admin.signal(signal("disable_agent", "ag-mail-01")).await.unwrap().into_inner();
     let acked = Instant::now();
     assert!(!ack.unknown_target);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    answered.more(100).await;
     let enabling = Instant::now();
     let enable = admin.signal(signal("enable_agent", "ag-mail-01")).await.unwrap().into_inner();
     let enabled = Instant::now();
     assert!(enable.seq > ack.seq);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    answered.more(100).await;
     stop.store(true, Ordering::Relaxed);
 
     let (mut before, mut during, mut after) = (0, 0, 0);

@@ -1,11 +1,13 @@
 //! `agentca admin …`: live signals, status and reload, sent to a running server.
 
+use std::process::ExitCode;
+
 use clap::Subcommand;
 
-use crate::grpc::client::{Admin, ClientError};
+use crate::grpc::client::Admin;
 use crate::grpc::pb;
 
-use super::exit;
+use super::{Error, Threads, block_on, exit};
 
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
@@ -72,24 +74,11 @@ struct Target {
     reason: String,
 }
 
-pub fn run(args: AdminArgs) -> u8 {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            errln!("agentca: cannot start the runtime: {e}");
-            return exit::FAILURE;
-        }
-    };
-    match runtime.block_on(send(args)) {
-        Ok(code) => code,
-        Err(e) => {
-            errln!("agentca: {e}");
-            exit::FAILURE
-        }
-    }
+pub fn run(args: AdminArgs) -> Result<ExitCode, Error> {
+    block_on(Threads::One, send(args))?
 }
 
-async fn send(args: AdminArgs) -> Result<u8, ClientError> {
+async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
     let mut admin = Admin::connect(&args.server, args.token.as_deref()).await?;
     let signal = |kind: &str, t: &Target| pb::SignalRequest {
         kind: kind.into(),
@@ -128,27 +117,27 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
         AdminCommand::List => {
             let list = admin.list().await?;
             if list.is_empty() {
-                outln!("no live signals");
+                outln!("no live signals")?;
             }
             for s in list {
-                print_signal(&s);
+                print_signal(&s)?;
             }
-            return Ok(exit::OK);
+            return Ok(ExitCode::SUCCESS);
         }
         AdminCommand::Status => {
             let s = admin.status().await?;
-            outln!("revision       {}", s.revision);
-            outln!("loaded at      {} ({} ms) from {}", s.loaded_at, s.load_ms, s.policies_dir);
-            outln!("directory      {} policies, {} agents", s.policies, s.agents);
+            outln!("revision       {}", s.revision)?;
+            outln!("loaded at      {} ({} ms) from {}", s.loaded_at, s.load_ms, s.policies_dir)?;
+            outln!("directory      {} policies, {} agents", s.policies, s.agents)?;
             if !s.last_reload_error.is_empty() {
                 outln!(
                     "STALE          since {} ({} s): the last reload failed at {}:",
                     s.stale_since,
                     s.stale_seconds,
                     s.last_reload_error_at
-                );
+                )?;
                 for line in s.last_reload_error.lines() {
-                    outln!("  {line}");
+                    outln!("  {line}")?;
                 }
             }
             if let Some(a) = s.audit {
@@ -162,41 +151,41 @@ async fn send(args: AdminArgs) -> Result<u8, ClientError> {
                     a.waited,
                     a.refused,
                     if a.error.is_empty() { String::new() } else { format!(", ERROR: {}", a.error) }
-                );
+                )?;
             }
             outln!(
                 "live signals   {} ({} for ids the directory lacks; at most {})",
                 s.live_signals,
                 s.unknown_target_signals,
                 s.max_unknown_target_signals
-            );
+            )?;
             if !s.signals_error.is_empty() {
-                outln!("SIGNALS ERROR  {}", printable(&s.signals_error));
+                outln!("SIGNALS ERROR  {}", printable(&s.signals_error))?;
             }
-            return Ok(exit::OK);
+            return Ok(ExitCode::SUCCESS);
         }
         AdminCommand::Reload => {
             let r = admin.reload().await?;
             match r.outcome.as_str() {
                 "failed" => {
-                    outln!("reload failed; still serving {}:\n{}", r.revision, r.error);
-                    return Ok(exit::FAILURE);
+                    outln!("reload failed; still serving {}:\n{}", r.revision, r.error)?;
+                    return Ok(ExitCode::from(exit::FAILURE));
                 }
-                "unchanged" => outln!("unchanged: {}", r.revision),
-                _ => outln!("swapped {} -> {}", r.previous_revision, r.revision),
+                "unchanged" => outln!("unchanged: {}", r.revision)?,
+                _ => outln!("swapped {} -> {}", r.previous_revision, r.revision)?,
             }
-            return Ok(exit::OK);
+            return Ok(ExitCode::SUCCESS);
         }
     };
     let done = admin.signal(request).await?;
     if let Some(s) = &done.signal {
-        out!("journaled as #{}: ", done.seq);
-        print_signal(s);
+        out!("journaled as #{}: ", done.seq)?;
+        print_signal(s)?;
     }
-    Ok(exit::OK)
+    Ok(ExitCode::SUCCESS)
 }
 
-fn print_signal(s: &pb::LiveSignal) {
+fn print_signal(s: &pb::LiveSignal) -> Result<(), Error> {
     let unknown = if s.unknown_target { " (not in the served directory)" } else { "" };
     let reason = if s.reason.is_empty() { String::new() } else { format!(": {}", printable(&s.reason)) };
     outln!(
@@ -206,7 +195,7 @@ fn print_signal(s: &pb::LiveSignal) {
         printable(&s.value),
         printable(&s.actor),
         printable(&s.at)
-    );
+    )
 }
 
 /// Text from a server, with control characters escaped: a reason must not drive the terminal.

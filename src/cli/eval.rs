@@ -1,6 +1,7 @@
 //! `agentca eval`: one decision, offline, as JSON (What If), optionally explained per policy.
 
 use std::path::Path;
+use std::process::ExitCode;
 
 use chrono::Utc;
 use serde_json::Value;
@@ -9,47 +10,21 @@ use crate::engine::{evaluate, explain};
 use crate::request::{RawRequest, Request};
 use crate::signals::Overlay;
 
-use super::{audit_decision, exit, load, offline_audit};
+use super::{Error, audit_decision, exit, load, offline_audit};
 
-pub fn run(dir: &Path, request_path: &str, with_explain: bool, audit: Option<&str>) -> u8 {
-    let request = match read_request(request_path) {
-        Ok(r) => r,
-        Err(message) => {
-            errln!("agentca: invalid request: {message}");
-            return exit::FAILURE;
-        }
-    };
-    let snap = match load(dir) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let audit = match offline_audit(audit) {
-        Ok(a) => a,
-        Err(code) => return code,
-    };
+pub fn run(dir: &Path, request_path: &str, with_explain: bool, audit: Option<&str>) -> Result<ExitCode, Error> {
+    let request = read_request(request_path).map_err(Error::Request)?;
+    let snap = load(dir)?;
+    let audit = offline_audit(audit)?;
     let live = Overlay::new();
     let decision = evaluate(&snap, &live, &request);
-    if let Err(code) = audit_decision(audit.as_ref(), &snap, &request, &decision) {
-        return code;
-    }
-    let mut out = match serde_json::to_value(&decision) {
-        Ok(v) => v,
-        Err(e) => {
-            errln!("agentca: cannot print the decision: {e}");
-            return exit::FAILURE;
-        }
-    };
+    audit_decision(audit.as_ref(), &snap, &request, &decision)?;
+    let mut out = serde_json::to_value(&decision).map_err(Error::Print)?;
     if with_explain && let Value::Object(map) = &mut out {
         map.insert("explain".into(), serde_json::to_value(explain(&snap, &live, &request)).unwrap_or(Value::Null));
     }
-    match serde_json::to_string_pretty(&out) {
-        Ok(text) => outln!("{text}"),
-        Err(e) => {
-            errln!("agentca: cannot print the decision: {e}");
-            return exit::FAILURE;
-        }
-    }
-    if decision.is_allow() { exit::OK } else { exit::DENY }
+    outln!("{}", serde_json::to_string_pretty(&out).map_err(Error::Print)?)?;
+    Ok(ExitCode::from(if decision.is_allow() { exit::OK } else { exit::DENY }))
 }
 
 /// Reads and validates a request from a file or standard input.

@@ -1,10 +1,11 @@
 //! `agentca generate`: write a large synthetic bundle, deterministic from a seed.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use crate::generate::{Params, write_bundle};
 
-use super::exit;
+use super::Error;
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -26,7 +27,7 @@ pub struct GenerateArgs {
     seed: u64,
 }
 
-pub fn run(args: GenerateArgs) -> u8 {
+pub fn run(args: GenerateArgs) -> Result<ExitCode, Error> {
     let params = Params {
         agents: args.agents,
         blueprints: args.blueprints,
@@ -35,27 +36,21 @@ pub fn run(args: GenerateArgs) -> u8 {
         resources: args.resources,
         seed: args.seed,
     };
-    match write_bundle(&args.out, &params) {
-        Ok(summary) => {
-            outln!(
-                "wrote {} policies and {} agents to {} ({} files)",
-                summary.policies,
-                summary.agents,
-                args.out.display(),
-                summary.files.len()
-            );
-            let p = &summary.probe;
-            outln!(
-                "a request to try: {{\"agent\": \"{}\", \"resource\": \"{}\", \"scopes\": {:?}}}",
-                p.agent,
-                p.resource,
-                p.scopes
-            );
-            exit::OK
-        }
-        Err(e) => {
-            errln!("agentca: cannot write the bundle to `{}`: {e}", args.out.display());
-            exit::FAILURE
-        }
-    }
+    let summary =
+        write_bundle(&args.out, &params).map_err(|source| Error::Generate { dir: args.out.clone(), source })?;
+    outln!(
+        "wrote {} policies and {} agents to {} ({} files)",
+        summary.policies,
+        summary.agents,
+        args.out.display(),
+        summary.files.len()
+    )?;
+    let p = &summary.probe;
+    outln!(
+        "a request to try: {{\"agent\": \"{}\", \"resource\": \"{}\", \"scopes\": {:?}}}",
+        p.agent,
+        p.resource,
+        p.scopes
+    )?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -3,13 +3,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::grpc::load::{LoadConfig, run, serve_noop};
+use crate::grpc::load::{LoadConfig, LoadReport, run, serve_noop};
 use crate::grpc::pb;
 use crate::request::RawRequest;
 
-use super::exit;
+use super::{Error, Threads, block_on, exit};
 
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
@@ -36,76 +37,44 @@ pub struct LoadArgs {
     baseline: Option<String>,
 }
 
-pub fn run_load(args: LoadArgs) -> u8 {
-    let text = match std::fs::read_to_string(&args.request) {
-        Ok(t) => t,
-        Err(e) => {
-            errln!("agentca: cannot read `{}`: {e}", args.request.display());
-            return exit::FAILURE;
-        }
-    };
-    let request = match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(v) => match RawRequest::from_json(&v) {
-            Ok(raw) => pb::EvaluateRequest::from(raw),
-            Err(e) => {
-                errln!("agentca: invalid request `{}`: {e}", args.request.display());
-                return exit::FAILURE;
-            }
-        },
-        Err(e) => {
-            errln!("agentca: `{}` is not JSON: {e}", args.request.display());
-            return exit::FAILURE;
-        }
-    };
+pub fn run_load(args: LoadArgs) -> Result<ExitCode, Error> {
+    let path = &args.request;
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.clone(), source })?;
+    let value = serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|source| Error::NotJson { path: path.clone(), source })?;
+    let raw = RawRequest::from_json(&value).map_err(|source| Error::LoadRequest { path: path.clone(), source })?;
     let config = LoadConfig {
         target: args.target.clone(),
-        request,
+        request: pb::EvaluateRequest::from(raw),
         concurrency: args.concurrency,
         connections: args.connections,
         duration: Duration::from_secs(args.duration.max(1)),
         warmup: Duration::from_secs(args.warmup),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            errln!("agentca: cannot start the runtime: {e}");
-            return exit::FAILURE;
-        }
-    };
-    let baseline = match &args.baseline {
-        None => None,
-        Some(addr) => match runtime.block_on(run(LoadConfig { target: addr.clone(), ..config.clone() })) {
-            Ok(r) => {
-                print_report(&format!("baseline {addr}"), &r);
+    block_on(Threads::Many, async {
+        let baseline = match &args.baseline {
+            None => None,
+            Some(addr) => {
+                let r = run(LoadConfig { target: addr.clone(), ..config.clone() }).await?;
+                print_report(&format!("baseline {addr}"), &r)?;
                 Some(r)
             }
-            Err(e) => {
-                errln!("agentca: {e}");
-                return exit::FAILURE;
-            }
-        },
-    };
-    match runtime.block_on(run(config)) {
-        Ok(r) => {
-            print_report(&format!("target   {}", args.target), &r);
-            if let Some(b) = baseline {
-                outln!(
-                    "target / baseline: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
-                    r.per_second / b.per_second.max(f64::EPSILON),
-                    r.p50_us as f64 / b.p50_us.max(1) as f64,
-                    r.p99_us as f64 / b.p99_us.max(1) as f64
-                );
-            }
-            if r.errors == 0 { exit::OK } else { exit::FAILURE }
+        };
+        let r = run(config).await?;
+        print_report(&format!("target   {}", args.target), &r)?;
+        if let Some(b) = baseline {
+            outln!(
+                "target / baseline: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
+                r.per_second / b.per_second.max(f64::EPSILON),
+                r.p50_us as f64 / b.p50_us.max(1) as f64,
+                r.p99_us as f64 / b.p99_us.max(1) as f64
+            )?;
         }
-        Err(e) => {
-            errln!("agentca: {e}");
-            exit::FAILURE
-        }
-    }
+        Ok(ExitCode::from(if r.errors == 0 { exit::OK } else { exit::FAILURE }))
+    })?
 }
 
-fn print_report(label: &str, r: &crate::grpc::load::LoadReport) {
+fn print_report(label: &str, r: &LoadReport) -> Result<(), Error> {
     outln!(
         "{label}: {} requests in {:.1} s: {:.0} req/s; latency p50 {} us, p90 {} us, p99 {} us, max {} us; \
          {} allow, {} deny, {} errors",
@@ -119,10 +88,11 @@ fn print_report(label: &str, r: &crate::grpc::load::LoadReport) {
         r.allows,
         r.denies,
         r.errors
-    );
+    )?;
     if let Some(e) = &r.first_error {
-        outln!("{label}: first error: {e}");
+        outln!("{label}: first error: {e}")?;
     }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -131,33 +101,16 @@ pub struct NoopArgs {
     listen: SocketAddr,
 }
 
-pub fn run_noop(args: NoopArgs) -> u8 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            errln!("agentca: cannot start the runtime: {e}");
-            return exit::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                errln!("agentca: cannot listen on {}: {e}", args.listen);
-                return exit::FAILURE;
-            }
-        };
+pub fn run_noop(args: NoopArgs) -> Result<ExitCode, Error> {
+    block_on(Threads::Many, async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|source| Error::Listen { addr: args.listen, source })?;
         errln!("agentca noop listening on {}", listener.local_addr().map_or(args.listen, |a| a));
-        match serve_noop(listener, async {
+        serve_noop(listener, async {
             let _ = tokio::signal::ctrl_c().await;
         })
-        .await
-        {
-            Ok(()) => exit::OK,
-            Err(e) => {
-                errln!("agentca: {e}");
-                exit::FAILURE
-            }
-        }
-    })
+        .await?;
+        Ok(ExitCode::SUCCESS)
+    })?
 }

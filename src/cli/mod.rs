@@ -1,11 +1,11 @@
 //! The `agentca` command line: flags become checked values here, then each command runs.
 
-/// Prints a line to standard output (see `write_stdout`).
+/// Prints a line to standard output; give it a `?` (see [`write_stdout`]).
 macro_rules! outln {
     ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-/// Prints to standard output (see `write_stdout`).
+/// Prints to standard output; give it a `?` (see [`write_stdout`]).
 macro_rules! out {
     ($($arg:tt)*) => { $crate::cli::write_stdout(format_args!($($arg)*)) };
 }
@@ -21,18 +21,27 @@ macro_rules! errln {
 mod admin;
 mod audit;
 mod eval;
+#[cfg(feature = "tools")]
 mod generate;
+#[cfg(feature = "tools")]
 mod loadgen;
 mod serve;
 mod test;
 mod validate;
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::audit::{AuditError, Refused};
 use crate::bundle::BundleErrors;
+use crate::grpc::client::ClientError;
+use crate::signals::JournalError;
 use crate::snapshot::Snapshot;
 
 /// Exit codes of DESIGN §8.
@@ -99,10 +108,13 @@ enum Command {
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Write a large synthetic bundle (N agents, P policies), deterministic from a seed.
+    #[cfg(feature = "tools")]
     Generate(generate::GenerateArgs),
     /// Drive Evaluate on a running server and print throughput and latency.
+    #[cfg(feature = "tools")]
     Loadgen(loadgen::LoadArgs),
     /// A no-op DecisionService (same proto and stack, constant answer): the load baseline.
+    #[cfg(feature = "tools")]
     #[command(hide = true)]
     NoopServe(loadgen::NoopArgs),
 }
@@ -120,6 +132,63 @@ enum AuditCommand {
     },
 }
 
+/// Why a command failed. Commands return it; [`run`] prints it and picks the exit code.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("cannot start: {0}")]
+    Thread(io::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(io::Error),
+    /// A reader that went away (`BrokenPipe`) ends the command quietly, see [`EXIT_CLOSED_STDOUT`].
+    #[error("cannot write to standard output: {0}")]
+    Stdout(io::Error),
+    /// Printed after each of the bundle's errors, one a line.
+    #[error("bundle `{}` is invalid: {} error{}", dir.display(), errors.0.len(), if errors.0.len() == 1 { "" } else { "s" })]
+    InvalidBundle { dir: PathBuf, errors: BundleErrors },
+    #[error("invalid request: {0}")]
+    Request(String),
+    #[error("cannot print the decision: {0}")]
+    Print(serde_json::Error),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("audit: {0}")]
+    AuditRecord(#[from] Refused),
+    #[error(transparent)]
+    AdminAccess(#[from] serve::AdminAccess),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Serve(#[from] crate::grpc::ServeError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[cfg(feature = "tools")]
+    #[error("cannot write the bundle to `{}`: {source}", dir.display())]
+    Generate { dir: PathBuf, source: io::Error },
+    #[cfg(feature = "tools")]
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[cfg(feature = "tools")]
+    #[error("`{}` is not JSON: {source}", path.display())]
+    NotJson { path: PathBuf, source: serde_json::Error },
+    #[cfg(feature = "tools")]
+    #[error("invalid request `{}`: {source}", path.display())]
+    LoadRequest { path: PathBuf, source: crate::request::RequestError },
+    #[cfg(feature = "tools")]
+    #[error(transparent)]
+    Noop(#[from] crate::grpc::load::NoopError),
+}
+
+impl Error {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Error::InvalidBundle { .. } => exit::INVALID_BUNDLE,
+            _ => exit::FAILURE,
+        }
+    }
+}
+
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
@@ -133,22 +202,22 @@ pub fn run() -> ExitCode {
         .init();
     // Every command runs where Cedar's evaluator has the room that `serve` gives its request
     // threads, so that a deep policy decides offline exactly as it does when served.
-    let command =
-        std::thread::Builder::new().name("agentca".into()).stack_size(STACK).spawn(move || dispatch(cli.command));
+    let command = std::thread::Builder::new()
+        .name("agentca".into())
+        .stack_size(STACK)
+        .spawn(move || dispatch(cli.command).unwrap_or_else(|e| report(&e)));
     match command.map(std::thread::JoinHandle::join) {
-        Ok(Ok(code)) => ExitCode::from(code),
+        Ok(Ok(code)) => code,
+        // The command panicked: the panic hook has said why.
         Ok(Err(_)) => ExitCode::from(exit::FAILURE),
-        Err(e) => {
-            errln!("agentca: cannot start: {e}");
-            ExitCode::from(exit::FAILURE)
-        }
+        Err(e) => report(&Error::Thread(e)),
     }
 }
 
 /// The stack of each thread that decides (the command's, and `serve`'s request threads).
 pub(crate) const STACK: usize = 32 << 20;
 
-fn dispatch(command: Command) -> u8 {
+fn dispatch(command: Command) -> Result<ExitCode, Error> {
     match command {
         Command::Serve(args) => serve::run(args),
         Command::Validate { bundle } => validate::run(&bundle.policies),
@@ -160,69 +229,100 @@ fn dispatch(command: Command) -> u8 {
         }
         Command::Admin(args) => admin::run(args),
         Command::Audit(AuditCommand::Verify { paths, partial }) => audit::verify_files(&paths, partial),
+        #[cfg(feature = "tools")]
         Command::Generate(args) => generate::run(args),
+        #[cfg(feature = "tools")]
         Command::Loadgen(args) => loadgen::run_load(args),
+        #[cfg(feature = "tools")]
         Command::NoopServe(args) => loadgen::run_noop(args),
     }
+}
+
+/// The one place a failed command is reported: prints the error and picks the exit code.
+fn report(error: &Error) -> ExitCode {
+    if let Error::Stdout(e) = error
+        && e.kind() == io::ErrorKind::BrokenPipe
+    {
+        return ExitCode::from(EXIT_CLOSED_STDOUT);
+    }
+    print_error(error);
+    ExitCode::from(error.exit_code())
+}
+
+/// Prints an error to standard error (a bundle's own errors first, one a line). Besides
+/// [`report`], only `test` calls it, for an error that fails one case and not the run.
+fn print_error(error: &Error) {
+    if let Error::InvalidBundle { errors, .. } = error {
+        for e in &errors.0 {
+            errln!("error: {e}");
+        }
+    }
+    errln!("agentca: {error}");
 }
 
 /// How a command ends when its standard output is closed (`agentca eval … | head -c1`):
 /// quietly, with the status of a process that SIGPIPE ended (128 + 13), so that no script
 /// mistakes a cut-off answer for success (an `eval` exit 0 means allow).
-pub const EXIT_CLOSED_STDOUT: i32 = 141;
+pub const EXIT_CLOSED_STDOUT: u8 = 141;
 
-/// Writes to standard output. A reader that went away ends the command quietly (status
-/// 141); any other write error (a full disk) ends it with a message and status 1.
-pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) {
+/// Writes to standard output. The error ends the command: quietly with status 141 if the
+/// reader went away, with a message and status 1 for any other (a full disk).
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<(), Error> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(EXIT_CLOSED_STDOUT);
+    out.write_fmt(args).and_then(|()| out.flush()).map_err(Error::Stdout)
+}
+
+/// How many threads a command's runtime has.
+enum Threads {
+    /// A client's few calls.
+    One,
+    /// A server, or a load generator.
+    Many,
+}
+
+/// Runs `future` to completion on a new tokio runtime: the one place a command builds one.
+fn block_on<F: Future>(threads: Threads, future: F) -> Result<F::Output, Error> {
+    let mut builder = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::Many => {
+            // Cedar's evaluator guards its own recursion by the stack left: a larger stack
+            // than tokio's 2 MiB lets every policy the bundle's nesting limit accepts evaluate
+            // (the memory is reserved, not used, until a deep policy needs it).
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.thread_stack_size(STACK);
+            builder
         }
-        errln!("agentca: cannot write to standard output: {e}");
-        std::process::exit(i32::from(exit::FAILURE));
-    }
+    };
+    let runtime = builder.enable_all().build().map_err(Error::Runtime)?;
+    let output = runtime.block_on(future);
+    // Calls cut at the end of `serve`'s grace period may still be parked on the runtime: drop
+    // them rather than wait for them.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(output)
 }
 
 /// An audit log for the offline commands: every record fsynced before the command goes on.
-fn offline_audit(target: Option<&str>) -> Result<Option<crate::audit::Audit>, u8> {
+fn offline_audit(target: Option<&str>) -> Result<Option<crate::audit::Audit>, Error> {
     let Some(target) = target else { return Ok(None) };
     let config = crate::audit::Config::new(crate::audit::Target::parse(target));
-    crate::audit::Audit::start(config).map(Some).map_err(|e| {
-        errln!("agentca: {e}");
-        exit::FAILURE
-    })
+    Ok(Some(crate::audit::Audit::start(config)?))
 }
 
-/// Writes one offline decision's record; an error is reported and fails the command.
+/// Writes one offline decision's record.
 fn audit_decision(
     audit: Option<&crate::audit::Audit>,
     snap: &Snapshot,
     request: &crate::request::Request,
     decision: &crate::engine::Decision,
-) -> Result<(), u8> {
+) -> Result<(), Error> {
     let Some(audit) = audit else { return Ok(()) };
     let caller = crate::records::Caller { peer: None, identity: std::env::var("USER").ok(), via: "cli" };
     let record = crate::records::DecisionRecord::new(snap, request, decision, &caller);
-    audit.submit_blocking(crate::records::body(&record)).map_err(|e| {
-        errln!("agentca: audit: {e}");
-        exit::FAILURE
-    })
+    Ok(audit.submit_blocking(crate::records::body(&record))?)
 }
 
-/// Loads the bundle, or prints its errors and says so.
-fn load(dir: &std::path::Path) -> Result<Snapshot, u8> {
-    Snapshot::load(dir).map_err(|errors| {
-        print_bundle_errors(dir, &errors);
-        exit::INVALID_BUNDLE
-    })
-}
-
-fn print_bundle_errors(dir: &std::path::Path, errors: &BundleErrors) {
-    for e in &errors.0 {
-        errln!("error: {e}");
-    }
-    let n = errors.0.len();
-    errln!("agentca: bundle `{}` is invalid: {n} error{}", dir.display(), if n == 1 { "" } else { "s" });
+/// Loads the bundle.
+fn load(dir: &Path) -> Result<Snapshot, Error> {
+    Snapshot::load(dir).map_err(|errors| Error::InvalidBundle { dir: dir.to_path_buf(), errors })
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -13,7 +14,7 @@ use crate::service::{Service, Settings};
 use crate::signals::{Journal, Overlay};
 use crate::snapshot::Store;
 
-use super::{BundleArgs, exit, print_bundle_errors};
+use super::{BundleArgs, Error, Threads, block_on, exit};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -198,92 +199,59 @@ impl AuditArgs {
     }
 }
 
-pub fn run(args: ServeArgs) -> u8 {
-    // Cedar's evaluator guards its own recursion by the stack left: a larger stack than
-    // tokio's 2 MiB lets every policy the bundle's nesting limit accepts evaluate (the memory
-    // is reserved, not used, until a deep policy needs it).
-    let runtime = match tokio::runtime::Builder::new_multi_thread().thread_stack_size(super::STACK).enable_all().build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            errln!("agentca: cannot start the runtime: {e}");
-            return exit::FAILURE;
-        }
-    };
-    let code = runtime.block_on(serve(args));
-    // Calls cut at the end of the grace period may still be parked on the runtime: drop them
-    // rather than wait for them.
-    runtime.shutdown_timeout(Duration::from_millis(100));
-    code
+pub fn run(args: ServeArgs) -> Result<ExitCode, Error> {
+    block_on(Threads::Many, serve(args))?
+}
+
+/// Why `serve` refuses its admin settings.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminAccess {
+    #[error("the admin token is empty: give a token (--admin-token or AGENTCA_ADMIN_TOKEN), or none at all")]
+    EmptyToken,
+    #[error("the admin token must not contain spaces or control characters")]
+    TokenCharacters,
+    #[error("AGENTCA_ADMIN_TOKEN is set but empty: give a token, or unset it")]
+    EmptyTokenVariable,
+    #[error(
+        "refusing to serve AdminService without authentication on {0}, which is not a loopback address: \
+         anyone who can reach it could re-enable a disabled agent. Set --admin-token (or AGENTCA_ADMIN_TOKEN), \
+         listen on 127.0.0.1, or pass --insecure-admin to accept the risk"
+    )]
+    Open(SocketAddr),
 }
 
 /// Refuses an admin port that anyone on the network could use: without a token, AdminService
 /// is served only on a loopback address, unless `--insecure-admin` says so on purpose.
-fn check_admin_access(args: &ServeArgs) -> Result<(), String> {
+fn check_admin_access(args: &ServeArgs) -> Result<(), AdminAccess> {
     let from_env = std::env::var_os("AGENTCA_ADMIN_TOKEN").is_some_and(|v| v.is_empty());
     match args.admin_token.as_deref() {
-        Some(t) if t.trim().is_empty() => {
-            return Err(
-                "the admin token is empty: give a token (--admin-token or AGENTCA_ADMIN_TOKEN), or none at all".into(),
-            );
-        }
-        Some(t) if t.chars().any(char::is_control) || t.contains(' ') => {
-            return Err("the admin token must not contain spaces or control characters".into());
-        }
+        Some(t) if t.trim().is_empty() => return Err(AdminAccess::EmptyToken),
+        Some(t) if t.chars().any(char::is_control) || t.contains(' ') => return Err(AdminAccess::TokenCharacters),
         Some(_) => return Ok(()),
-        None if from_env => {
-            return Err("AGENTCA_ADMIN_TOKEN is set but empty: give a token, or unset it".into());
-        }
+        None if from_env => return Err(AdminAccess::EmptyTokenVariable),
         None => {}
     }
     if args.listen.ip().is_loopback() || args.insecure_admin {
         return Ok(());
     }
-    Err(format!(
-        "refusing to serve AdminService without authentication on {}, which is not a loopback address: \
-         anyone who can reach it could re-enable a disabled agent. Set --admin-token (or AGENTCA_ADMIN_TOKEN), \
-         listen on 127.0.0.1, or pass --insecure-admin to accept the risk",
-        args.listen
-    ))
+    Err(AdminAccess::Open(args.listen))
 }
 
-async fn serve(args: ServeArgs) -> u8 {
-    if let Err(message) = check_admin_access(&args) {
-        errln!("agentca: {message}");
-        return exit::FAILURE;
-    }
+async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
+    check_admin_access(&args)?;
     let dir = args.bundle.policies.clone();
-    let store = match tokio::task::block_in_place(|| Store::open(&dir)) {
-        Ok(s) => s,
-        Err(errors) => {
-            print_bundle_errors(&dir, &errors);
-            return exit::INVALID_BUNDLE;
-        }
-    };
-    let audit = match Audit::start(args.audit.config()) {
-        Ok(a) => a,
-        Err(e) => {
-            errln!("agentca: {e}");
-            return exit::FAILURE;
-        }
-    };
+    let store = tokio::task::block_in_place(|| Store::open(&dir))
+        .map_err(|errors| Error::InvalidBundle { dir: dir.clone(), errors })?;
+    let audit = Audit::start(args.audit.config())?;
     let live = Overlay::new();
-    let journal = match Journal::open(&args.state, &live) {
-        Ok((mut journal, replayed)) => {
-            journal.set_compact_after(args.journal_compact_after);
-            for (line, error) in &replayed.skipped {
-                tracing::warn!(journal = %journal.path().display(), line, %error, "skipped an unreadable signal (a write cut by a crash)");
-            }
-            if replayed.applied > 0 {
-                tracing::info!(signals = replayed.applied, live = live.len(), "replayed the signal journal");
-            }
-            journal
-        }
-        Err(e) => {
-            errln!("agentca: {e}");
-            return exit::FAILURE;
-        }
-    };
+    let (mut journal, replayed) = Journal::open(&args.state, &live)?;
+    journal.set_compact_after(args.journal_compact_after);
+    for (line, error) in &replayed.skipped {
+        tracing::warn!(journal = %journal.path().display(), line, %error, "skipped an unreadable signal (a write cut by a crash)");
+    }
+    if replayed.applied > 0 {
+        tracing::info!(signals = replayed.applied, live = live.len(), "replayed the signal journal");
+    }
     let settings = Settings {
         max_clock_skew: args.max_clock_skew.map(|s| chrono::TimeDelta::seconds(i64::from(s))),
         max_unknown_signals: args.max_unknown_signals,
@@ -291,13 +259,8 @@ async fn serve(args: ServeArgs) -> u8 {
     let service = Service::new(store, live, Some(journal), audit, settings);
     service.loaded().await;
 
-    let listener = match TcpListener::bind(args.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            errln!("agentca: cannot listen on {}: {e}", args.listen);
-            return exit::FAILURE;
-        }
-    };
+    let listener =
+        TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;
     let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
     let snap = service.store.current();
     tracing::info!(%addr, revision = %snap.revision, policies = snap.bundle.policies.len(), audit = %service.audit.config().target.describe(), "serving");
@@ -372,17 +335,13 @@ async fn serve(args: ServeArgs) -> u8 {
     if !flushed {
         report_unwritten(&service.audit);
     }
-    match result {
-        Ok(()) if flushed => {
-            tracing::info!("stopped");
-            exit::OK
-        }
-        Ok(()) => exit::FAILURE,
-        Err(e) => {
-            errln!("agentca: {e}");
-            exit::FAILURE
-        }
+    result?;
+    if !flushed {
+        // Said in the log by `report_unwritten`.
+        return Ok(ExitCode::from(exit::FAILURE));
     }
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Says how many records the audit log could not write before exit, and what that meant for

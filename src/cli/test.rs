@@ -5,6 +5,7 @@
 //! "report_only_decision": "allow" | "deny"}`; only `name`, `request` and `expect` are required.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use serde_json::Value;
 
@@ -14,17 +15,12 @@ use crate::signals::Overlay;
 use crate::snapshot::Snapshot;
 
 use super::eval::parse_request;
-use super::{audit_decision, exit, load, offline_audit};
+use super::{Error, audit_decision, exit, load, offline_audit, print_error};
 
-pub fn run(dir: &Path, files: &[PathBuf], verbose: bool, audit: Option<&str>) -> u8 {
-    let snap = match load(dir) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let audit = match offline_audit(audit) {
-        Ok(a) => a,
-        Err(code) => return code,
-    };
+/// Exit 0 if every case passed, 1 (an answer, not an error) if one failed or none was found.
+pub fn run(dir: &Path, files: &[PathBuf], verbose: bool, audit: Option<&str>) -> Result<ExitCode, Error> {
+    let snap = load(dir)?;
+    let audit = offline_audit(audit)?;
     let files = if files.is_empty() { default_files(dir) } else { files.to_vec() };
     let live = Overlay::new();
     let (mut passed, mut failed) = (0usize, 0usize);
@@ -32,7 +28,7 @@ pub fn run(dir: &Path, files: &[PathBuf], verbose: bool, audit: Option<&str>) ->
         let cases = match read_cases(file) {
             Ok(c) => c,
             Err(message) => {
-                outln!("FAIL {}: {message}", file.display());
+                outln!("FAIL {}: {message}", file.display())?;
                 failed += 1;
                 continue;
             }
@@ -44,23 +40,23 @@ pub fn run(dir: &Path, files: &[PathBuf], verbose: bool, audit: Option<&str>) ->
                 Ok(summary) => {
                     passed += 1;
                     if verbose {
-                        outln!("ok   {}: {name}: {summary}", file.display());
+                        outln!("ok   {}: {name}: {summary}", file.display())?;
                     }
                 }
                 Err(why) => {
                     failed += 1;
-                    outln!("FAIL {}: {name}: {why}", file.display());
+                    outln!("FAIL {}: {name}: {why}", file.display())?;
                 }
             }
         }
     }
     if passed + failed == 0 {
-        outln!("no test cases found in {}", if files.is_empty() { "tests/*.json".to_string() } else { list(&files) });
-        outln!("0 passed, 0 failed");
-        return exit::FAILURE;
+        outln!("no test cases found in {}", if files.is_empty() { "tests/*.json".to_string() } else { list(&files) })?;
+        outln!("0 passed, 0 failed")?;
+        return Ok(ExitCode::from(exit::FAILURE));
     }
-    outln!("{passed} passed, {failed} failed");
-    if failed == 0 { exit::OK } else { exit::FAILURE }
+    outln!("{passed} passed, {failed} failed")?;
+    Ok(ExitCode::from(if failed == 0 { exit::OK } else { exit::FAILURE }))
 }
 
 fn list(files: &[PathBuf]) -> String {
@@ -123,7 +119,11 @@ fn run_case(snap: &Snapshot, live: &Overlay, case: &Value, audit: Option<&Audit>
         (Ok(r), _) => r,
     };
     let d = evaluate(snap, live, &request);
-    audit_decision(audit, snap, &request, &d).map_err(|_| "the audit record could not be written".to_string())?;
+    // A record not written fails this case, and the run goes on.
+    audit_decision(audit, snap, &request, &d).map_err(|e| {
+        print_error(&e);
+        "the audit record could not be written".to_string()
+    })?;
     let got = verdict(d.decision);
     let mut problems = Vec::new();
     if got != expect {

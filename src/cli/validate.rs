@@ -1,16 +1,14 @@
 //! `agentca validate`: parse and validate a bundle, print what it holds or every error.
 
 use std::path::Path;
+use std::process::ExitCode;
 
 use crate::bundle::PolicyState;
 
-use super::{exit, load};
+use super::{Error, load};
 
-pub fn run(dir: &Path) -> u8 {
-    let snap = match load(dir) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+pub fn run(dir: &Path) -> Result<ExitCode, Error> {
+    let snap = load(dir)?;
     let b = &snap.bundle;
     for w in &b.warnings {
         errln!("warning: {w}");
@@ -30,10 +28,10 @@ pub fn run(dir: &Path) -> u8 {
         d.users.len(),
         d.resources.len(),
         b.locations.len(),
-    );
+    )?;
     for id in &snap.index.unreachable {
-        outln!("note: policy `{id}` can never apply: its scope names no agent, blueprint, sponsor or resource");
+        outln!("note: policy `{id}` can never apply: its scope names no agent, blueprint, sponsor or resource")?;
     }
-    outln!("revision {}", snap.revision);
-    exit::OK
+    outln!("revision {}", snap.revision)?;
+    Ok(ExitCode::SUCCESS)
 }

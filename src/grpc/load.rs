@@ -1,6 +1,6 @@
-//! A load generator for `Evaluate` (N requests in flight over M connections for T seconds),
-//! and a no-op DecisionService to measure it against: same proto, same tonic stack, a
-//! constant answer, no decision and no audit.
+//! A tool (feature `tools`): a load generator for `Evaluate` (N requests in flight over M
+//! connections for T seconds), and a no-op DecisionService to measure it against: same proto,
+//! same tonic stack, a constant answer, no decision and no audit.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -138,11 +138,13 @@ impl pb::decision_service_server::DecisionService for Noop {
     }
 }
 
+/// The no-op server stopped on an error.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct NoopError(#[from] tonic::transport::Error);
+
 /// Serves the no-op DecisionService until `shutdown`.
-pub async fn serve_noop(
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+pub async fn serve_noop(listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), NoopError> {
     let answer = pb::Decision {
         decision: pb::Verdict::Allow as i32,
         decision_id: "00000000-0000-7000-8000-000000000000".into(),
@@ -164,4 +166,5 @@ pub async fn serve_noop(
         .add_service(pb::decision_service_server::DecisionServiceServer::new(Noop { answer }))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+        .map_err(NoopError::from)
 }

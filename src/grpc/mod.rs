@@ -7,6 +7,7 @@ mod convert;
 mod decision;
 mod envoy;
 pub mod limits;
+#[cfg(feature = "tools")]
 pub mod load;
 
 use std::future::Future;

@@ -124,6 +124,44 @@ impl Drop for Server {
     }
 }
 
+/// Counts the answers that load tasks receive, so that a test waits until its load has been
+/// answered so many times, not for a stretch of time that a loaded machine may not fill.
+#[derive(Clone)]
+pub struct Answered(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Answered {
+    pub fn new() -> Answered {
+        Answered(Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+
+    /// One more answer.
+    pub fn add(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+
+    pub fn count(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Waits until `n` answers in all have come (a minute at most).
+    pub async fn reach(&self, n: usize) {
+        let mut counts = self.0.subscribe();
+        let reached = tokio::time::timeout(Duration::from_secs(60), async {
+            // The guard `wait_for` returns is dropped here: load tasks cannot count while it lives.
+            counts.wait_for(|&c| c >= n).await.is_ok()
+        })
+        .await;
+        assert!(matches!(reached, Ok(true)), "only {} of {n} answers within a minute", self.count());
+    }
+
+    /// Waits for `more` answers after those counted so far. As each task counts an answer
+    /// before it sends its next request, once a task has `k` of them, `k - 1` were sent after
+    /// this call: with more answers than tasks, some request was sent after it.
+    pub async fn more(&self, more: usize) {
+        self.reach(self.count() + more).await;
+    }
+}
+
 /// The proto request of a JSON request (as for `agentca eval`).
 pub fn proto_request(v: &serde_json::Value) -> pb::EvaluateRequest {
     pb::EvaluateRequest::from(agentca::request::RawRequest::from_json(v).unwrap())
@@ -142,6 +180,23 @@ pub fn token_request(agent: &str, resource: &str, scope: &str) -> pb::EvaluateRe
 
 pub fn is_allow(d: &pb::Decision) -> bool {
     d.decision == pb::Verdict::Allow as i32
+}
+
+/// Fills a FIFO that nobody reads to the brim, as a reader that stopped reading leaves it: a
+/// write of even one byte then waits.
+pub fn fill_fifo(fifo: &Path) {
+    use std::io::Write;
+    let sender = tokio::net::unix::pipe::OpenOptions::new().open_sender(fifo).unwrap();
+    let mut pipe = std::fs::File::from(sender.into_nonblocking_fd().unwrap());
+    // Pages first, then single bytes until not even one fits.
+    for chunk in [&[0u8; 4096][..], &[0u8][..]] {
+        let full = loop {
+            if let Err(e) = pipe.write(chunk) {
+                break e;
+            }
+        };
+        assert_eq!(full.kind(), std::io::ErrorKind::WouldBlock, "{full}");
+    }
 }
 
 /// A small tmpfs mounted for a test (a disk that can fill up), unmounted when dropped.
