@@ -590,3 +590,21 @@ async fn a_failed_reopen_after_rotation_appends_nothing_until_a_file_opens() {
     let v = verify(&files).unwrap();
     assert_eq!((v.last_seq, v.from_genesis), (at as u64 + 3, true), "refused, waiting, outage note");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_replaced_by_a_file_is_a_loud_failure_not_a_silent_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("audit");
+    let path = folder.join("d.jsonl");
+    let mut config = file_config(&path);
+    config.on_full = OnFull::Deny;
+    let audit = Audit::start(config).unwrap();
+    audit.submit(note(0)).await.unwrap();
+    // The folder goes and a file takes its name: the path cannot lead to any file now.
+    fs::remove_dir_all(&folder).unwrap();
+    fs::write(&folder, b"").unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), audit.submit(note(1))).await;
+    assert_eq!(refused.expect("the caller was left waiting"), Err(Refused::Unavailable));
+    let error = audit.stats().error.unwrap_or_default();
+    assert!(error.contains("cannot check that") && error.contains("d.jsonl"), "{error}");
+}

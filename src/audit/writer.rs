@@ -134,8 +134,15 @@ impl Sink {
         let now = match fs::metadata(&*path) {
             Ok(meta) => identity(&meta),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            // Cannot tell (the folder cannot be searched): writes to the open file go on.
-            Err(_) => return Ok(None),
+            // Cannot tell (its folder was replaced by a file, or cannot be searched): records
+            // might be going to a file nobody will find. Fail loudly, as a write error does,
+            // rather than write on unseen.
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot check that `{}` is still the audit file: {e}", path.display()),
+                ));
+            }
         };
         if now == Some(ours) {
             // Still ours, but cut short from outside (logrotate's copytruncate): `len` must
