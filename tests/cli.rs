@@ -360,3 +360,19 @@ fn the_tools_are_in_the_binary_only_with_their_feature() {
         }
     }
 }
+
+#[test]
+fn an_offline_audit_log_that_cannot_be_written_fails_the_command() {
+    // `--audit -` on a full stdout: the command fails at once, it does not retry for ever.
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_agentca"))
+        .args(["eval", "--request", "examples/request.json", "--audit", "-"])
+        .current_dir(root())
+        .stdout(std::fs::File::options().write(true).open("/dev/full").unwrap())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("the audit log cannot be written"), "{}", text(&out.stderr));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}

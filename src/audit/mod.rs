@@ -299,7 +299,8 @@ impl Audit {
         let room =
             futures::executor::block_on(self.bytes.clone().acquire_many_owned(size)).map_err(|_| Refused::Closed)?;
         let (ack, done) = self.ack();
-        tx.blocking_send(Job::Record { body, ack, room, refusable: false }).map_err(|_| Refused::Closed)?;
+        let refusable = self.config.on_full == OnFull::Deny;
+        tx.blocking_send(Job::Record { body, ack, room, refusable }).map_err(|_| Refused::Closed)?;
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         match done {
             Some(done) => done.blocking_recv().unwrap_or(Err(Refused::Closed)).map(|_| ()),

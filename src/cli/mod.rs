@@ -305,7 +305,10 @@ fn block_on<F: Future>(threads: Threads, future: F) -> Result<F::Output, Error> 
 /// An audit log for the offline commands: every record fsynced before the command goes on.
 fn offline_audit(target: Option<&str>) -> Result<Option<crate::audit::Audit>, Error> {
     let Some(target) = target else { return Ok(None) };
-    let config = crate::audit::Config::new(crate::audit::Target::parse(target));
+    let mut config = crate::audit::Config::new(crate::audit::Target::parse(target));
+    // A one-shot command does not wait for a failing disk (or a closed stdout) to recover:
+    // a record that cannot be written fails the command.
+    config.on_full = crate::audit::OnFull::Deny;
     Ok(Some(crate::audit::Audit::start(config)?))
 }
 
