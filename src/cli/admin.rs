@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
+use crate::input::printable;
+
 use crate::grpc::client::Admin;
 use crate::grpc::pb;
 
@@ -137,21 +139,24 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
                     s.last_reload_error_at
                 )?;
                 for line in s.last_reload_error.lines() {
-                    outln!("  {line}")?;
+                    outln!("  {}", printable(line))?;
                 }
             }
             if let Some(a) = s.audit {
                 outln!(
                     "audit          {} ({}, on full: {}): seq {}, {} written, {} waited, {} refused{}",
-                    a.sink,
+                    printable(&a.sink),
                     a.durability,
                     a.on_full,
                     a.seq,
                     a.written,
                     a.waited,
                     a.refused,
-                    if a.error.is_empty() { String::new() } else { format!(", ERROR: {}", a.error) }
+                    if a.error.is_empty() { String::new() } else { format!(", ERROR: {}", printable(&a.error)) }
                 )?;
+                if !a.notice.is_empty() {
+                    outln!("audit notice   {}", printable(&a.notice))?;
+                }
             }
             outln!(
                 "live signals   {} ({} for ids the directory lacks; at most {})",
@@ -196,13 +201,4 @@ fn print_signal(s: &pb::LiveSignal) -> Result<(), Error> {
         printable(&s.actor),
         printable(&s.at)
     )
-}
-
-/// Text from a server, with control characters escaped: a reason must not drive the terminal.
-fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        std::borrow::Cow::Owned(s.chars().flat_map(char::escape_default).collect())
-    } else {
-        std::borrow::Cow::Borrowed(s)
-    }
 }

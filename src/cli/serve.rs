@@ -49,7 +49,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10_000)]
     max_unknown_signals: usize,
     /// Largest gRPC message accepted or sent, in bytes (one larger is RESOURCE_EXHAUSTED).
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, default_value_t = 4 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16384..))]
     max_message_bytes: usize,
     #[command(flatten)]
     limits: LimitArgs,
@@ -63,20 +63,20 @@ pub struct ServeArgs {
 #[derive(Debug, clap::Args)]
 pub struct LimitArgs {
     /// Open connections; more are closed as soon as they are accepted. Keep it under `ulimit -n`.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_connections: usize,
     /// HTTP/2 streams one connection may have open at once.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     max_streams_per_connection: u32,
     /// Decision calls in flight; more are answered RESOURCE_EXHAUSTED at once.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_in_flight: usize,
     /// Admin, health and reflection calls in flight (apart from decisions, so a flood of
     /// decisions cannot lock the kill switch out).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_admin_in_flight: usize,
     /// EvaluateBatch items in flight across all batches; a batch past it is RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1000..))]
     max_batch_items_in_flight: usize,
     /// Close a connection that has had no call for this many seconds (0: never).
     #[arg(long, default_value_t = 120)]
@@ -208,7 +208,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, Error> {
 pub enum AdminAccess {
     #[error("the admin token is empty: give a token (--admin-token or AGENTCA_ADMIN_TOKEN), or none at all")]
     EmptyToken,
-    #[error("the admin token must not contain spaces or control characters")]
+    #[error("the admin token must be visible ASCII (an HTTP header value): no spaces, control or non-ASCII characters")]
     TokenCharacters,
     #[error("AGENTCA_ADMIN_TOKEN is set but empty: give a token, or unset it")]
     EmptyTokenVariable,
@@ -226,7 +226,8 @@ fn check_admin_access(args: &ServeArgs) -> Result<(), AdminAccess> {
     let from_env = std::env::var_os("AGENTCA_ADMIN_TOKEN").is_some_and(|v| v.is_empty());
     match args.admin_token.as_deref() {
         Some(t) if t.trim().is_empty() => return Err(AdminAccess::EmptyToken),
-        Some(t) if t.chars().any(char::is_control) || t.contains(' ') => return Err(AdminAccess::TokenCharacters),
+        // A token travels in an HTTP header: visible ASCII only, or no client could send it.
+        Some(t) if !t.bytes().all(|b| b.is_ascii_graphic()) => return Err(AdminAccess::TokenCharacters),
         Some(_) => return Ok(()),
         None if from_env => return Err(AdminAccess::EmptyTokenVariable),
         None => {}

@@ -14,11 +14,13 @@ use super::pb;
 pub struct Decisions {
     service: Arc<Service>,
     batch_items: BatchItems,
+    /// Largest answer sent: one larger is RESOURCE_EXHAUSTED, as a request would be.
+    max_message_bytes: usize,
 }
 
 impl Decisions {
-    pub fn new(service: Arc<Service>, batch_items: BatchItems) -> Self {
-        Decisions { service, batch_items }
+    pub fn new(service: Arc<Service>, batch_items: BatchItems, max_message_bytes: usize) -> Self {
+        Decisions { service, batch_items, max_message_bytes }
     }
 }
 
@@ -64,6 +66,16 @@ impl pb::decision_service_server::DecisionService for Decisions {
                 }),
             })
             .collect();
-        Ok(Response::new(pb::EvaluateBatchResponse { results }))
+        let response = pb::EvaluateBatchResponse { results };
+        // tonic would answer OUT_OF_RANGE while encoding; say what to do instead. The decisions
+        // are audited, and no caller acts on decisions it never received.
+        let size = prost::Message::encoded_len(&response);
+        if size > self.max_message_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "the batch's decisions take {size} bytes, more than the message limit of {} (--max-message-bytes): send fewer items",
+                self.max_message_bytes
+            )));
+        }
+        Ok(Response::new(response))
     }
 }

@@ -76,10 +76,13 @@ pub async fn serve(
 
     let limit = options.max_message_bytes;
     let batch_items = limits::BatchItems::new(options.limits.max_batch_items_in_flight);
-    let decisions =
-        pb::decision_service_server::DecisionServiceServer::new(decision::Decisions::new(service.clone(), batch_items))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
+    let decisions = pb::decision_service_server::DecisionServiceServer::new(decision::Decisions::new(
+        service.clone(),
+        batch_items,
+        limit,
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
     let admin = tonic::service::interceptor::InterceptedService::new(
         pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(service.clone()))
             .max_decoding_message_size(limit)
