@@ -2,23 +2,18 @@
 //! closed on any policy error), report-only policies beside them; and the per-policy
 //! explanation behind `eval --explain`.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use cedar_policy::{
     ActionConstraint, Context, Effect, EntityUid, Policy, PolicySet, PrincipalConstraint, Request as CedarRequest,
     ResourceConstraint,
 };
-use cedar_policy_core::ast::{Context as CoreContext, EntityUID, ExtensionFunction, Name, PartialValue, Value};
-use cedar_policy_core::extensions::Extensions;
 use chrono::{Datelike, Timelike};
 use serde::Serialize;
-use smol_str::SmolStr;
 
 use crate::bundle::PolicyState;
+use crate::cedar::ContextBuilder;
 use crate::directory::{EntityTypes, RiskLevel};
 use crate::index::{Compiled, Evaluated, Keys};
 use crate::request::{Action, Request};
@@ -256,45 +251,6 @@ fn guard_reasons(
 
 const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
-/// Cedar's `ip` and `datetime` constructors, looked up once. (`RestrictedExpression::new_ip`
-/// parses the function's name with the full Cedar parser on every call.)
-static CONSTRUCTORS: LazyLock<Option<(&'static ExtensionFunction, &'static ExtensionFunction)>> = LazyLock::new(|| {
-    let lookup = |name: &str| {
-        let name = Name::parse_unqualified_name(name).ok()?;
-        Extensions::all_available().func(&name).ok()
-    };
-    Some((lookup("ip")?, lookup("datetime")?))
-});
-
-thread_local! {
-    /// The last `time` and `client_ip` values built on this thread: Cedar parses them with a
-    /// regular expression, and under load many requests share the same millisecond (and a
-    /// gateway's requests often the same client).
-    static LAST_TIME: RefCell<Option<(i64, Value)>> = const { RefCell::new(None) };
-    static LAST_IP: RefCell<Option<(IpAddr, Value)>> = const { RefCell::new(None) };
-}
-
-fn cached<K: PartialEq + Copy>(
-    slot: &'static std::thread::LocalKey<RefCell<Option<(K, Value)>>>,
-    key: K,
-    build: impl FnOnce() -> Result<Value, String>,
-) -> Result<Value, String> {
-    if let Some(v) = slot.with_borrow(|last| last.as_ref().filter(|(k, _)| *k == key).map(|(_, v)| v.clone())) {
-        return Ok(v);
-    }
-    let v = build()?;
-    slot.set(Some((key, v.clone())));
-    Ok(v)
-}
-
-fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, String> {
-    match f.call(&[Value::from(arg)]) {
-        Ok(PartialValue::Value(v)) => Ok(v),
-        Ok(PartialValue::Residual(_)) => Err(format!("`{arg}` could not be evaluated")),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 /// The Cedar request: cached entity ids, the context of DESIGN §3 built as values, no schema
 /// check (our types already guarantee the shape; a unit test checks it against the schema).
 fn cedar_request(
@@ -310,37 +266,32 @@ fn cedar_request(
 }
 
 fn context(snap: &Snapshot, req: &Request, agent_risk: RiskLevel) -> Result<Context, String> {
-    let (ip, datetime) = CONSTRUCTORS.ok_or("the ip and datetime extensions are unavailable")?;
-    let mut map: BTreeMap<SmolStr, Value> = BTreeMap::new();
-    let mut put = |key: &'static str, value: Value| map.insert(SmolStr::new_static(key), value);
+    let mut c = ContextBuilder::new();
     let locations = req.client_ip.into_iter().flat_map(|ip| snap.bundle.locations.containing(ip));
-    put("locations", Value::set(locations.map(|l| Value::from(&**l)), None));
-    put("flow", Value::from(req.flow.as_str()));
+    c.strings("locations", locations.map(|l| &**l));
+    c.string("flow", req.flow.as_str());
     if let Some(client_ip) = req.client_ip {
-        put("client_ip", cached(&LAST_IP, client_ip, || construct(ip, &client_ip.to_string()))?);
+        c.ip("client_ip", client_ip)?;
     }
-    let millis = req.time.timestamp_millis();
-    let time =
-        cached(&LAST_TIME, millis, || construct(datetime, &req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()))?;
-    put("time", time);
-    put("hour", Value::from(i64::from(req.time.hour())));
-    put("weekday", Value::from(WEEKDAYS[req.time.weekday().num_days_from_monday() as usize]));
-    put("agent_risk", Value::from(agent_risk.as_str()));
-    put("signin_risk", Value::from(req.signin_risk.as_str()));
+    c.datetime("time", req.time)?;
+    c.long("hour", i64::from(req.time.hour()));
+    c.string("weekday", WEEKDAYS[req.time.weekday().num_days_from_monday() as usize]);
+    c.string("agent_risk", agent_risk.as_str());
+    c.string("signin_risk", req.signin_risk.as_str());
     match req.action {
         Action::RequestToken => {
-            put("scopes", Value::set(req.scopes.iter().map(|s| Value::from(s.as_str())), None));
-            put("grant_type", Value::from(req.grant_type.as_deref().unwrap_or_default()));
+            c.strings("scopes", req.scopes.iter().map(String::as_str));
+            c.string("grant_type", req.grant_type.as_deref().unwrap_or_default());
             if let Some(user) = &req.user {
-                put("user", Value::from(EntityUID::from(EntityTypes::uid(&snap.types.user, user))));
+                c.entity("user", &EntityTypes::uid(&snap.types.user, user));
             }
         }
         Action::CallApi => {
-            put("method", Value::from(req.method.as_deref().unwrap_or_default()));
-            put("path", Value::from(req.path.as_deref().unwrap_or_default()));
+            c.string("method", req.method.as_deref().unwrap_or_default());
+            c.string("path", req.path.as_deref().unwrap_or_default());
         }
     }
-    Ok(Context::from(CoreContext::Value(Arc::new(map))))
+    Ok(c.build())
 }
 
 /// DESIGN §4: any policy error denies (Cedar skips an erroring policy, which could drop a

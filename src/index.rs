@@ -2,9 +2,9 @@
 //! action and resource, so that a request evaluates only the policies that can apply to it;
 //! and the evaluation of those slices.
 //!
-//! Each policy's condition (its scope and its `when`/`unless` body, as Cedar builds it) is
-//! compiled once at load; a request builds one Cedar evaluator and runs it over the
-//! conditions of its slices. Cedar's own authorizer rebuilds every condition and walks the
+//! Each policy's condition (its `when`/`unless` body, as Cedar builds it; the slice's keys
+//! stand for its scope) is compiled once at load; a request builds one Cedar evaluator and
+//! runs it over the conditions of its slices. Cedar's own authorizer rebuilds every condition and walks the
 //! whole set on each call; the decision is the same, and a differential test proves it.
 
 use std::collections::HashMap;
@@ -13,11 +13,9 @@ use std::sync::Arc;
 use cedar_policy::{
     ActionConstraint, Effect, Entities, EntityUid, PrincipalConstraint, Request as CedarRequest, ResourceConstraint,
 };
-use cedar_policy_core::ast::{Expr, Literal, SlotEnv, ValueKind};
-use cedar_policy_core::evaluator::Evaluator;
-use cedar_policy_core::extensions::Extensions;
 
 use crate::bundle::{BundlePolicy, PolicyState};
+use crate::cedar::{Condition, Evaluator};
 use crate::directory::{Agent, EntityTypes};
 use crate::request::Action;
 
@@ -29,7 +27,7 @@ pub struct Compiled {
     pub reason: Arc<str>,
     /// Position in the bundle, so that reasons come out in a stable order.
     pub order: usize,
-    condition: Expr,
+    condition: Condition,
 }
 
 /// The policies of one (principal scope, action, resource) key.
@@ -112,11 +110,10 @@ impl Index {
                 continue;
             };
             let actions = actions_of(&p.policy.action_constraint(), types, entities);
-            let ast: &cedar_policy_core::ast::Policy = p.policy.as_ref();
             // INVARIANT: a slice is reached only by requests whose agent, blueprint or sponsor,
             // action and resource are its keys, so the scope holds whenever the slice is
             // evaluated (the differential test checks it), and only the body is left to Cedar.
-            let condition = ast.non_scope_constraints().cloned().unwrap_or_else(|| Expr::val(true));
+            let condition = Condition::body_of(&p.policy);
             let compiled =
                 Arc::new(Compiled { id: p.id.clone(), effect: p.effect, reason: p.reason.clone(), order, condition });
             for action in actions {
@@ -151,15 +148,14 @@ impl Index {
 
     /// Evaluates every policy of the request's slices with one evaluator.
     pub fn evaluate<'a>(&'a self, keys: &Keys<'a>, request: &CedarRequest, entities: &Entities) -> Evaluated<'a> {
-        let evaluator = Evaluator::new(request.as_ref().clone(), entities.as_ref(), Extensions::all_available());
-        let env = SlotEnv::new();
+        let evaluator = Evaluator::new(request, entities);
         let mut out = Evaluated::default();
         for slice in self.slices(keys) {
             for p in &slice.on {
-                out.on.add(p, &evaluator, &env);
+                out.on.add(p, &evaluator);
             }
             for p in &slice.report_only {
-                out.report_only.add(p, &evaluator, &env);
+                out.report_only.add(p, &evaluator);
             }
         }
         out
@@ -238,18 +234,14 @@ pub struct Outcome<'a> {
 }
 
 impl<'a> Outcome<'a> {
-    fn add(&mut self, p: &'a Compiled, evaluator: &Evaluator<'_>, env: &SlotEnv) {
-        match evaluator.interpret(&p.condition, env) {
-            Ok(v) => match v.value_kind() {
-                ValueKind::Lit(Literal::Bool(true)) => match p.effect {
-                    Effect::Forbid => self.forbids.push(p),
-                    Effect::Permit => self.permits.push(p),
-                },
-                ValueKind::Lit(Literal::Bool(false)) => {}
-                // Strict validation makes every condition boolean; fail closed if one is not.
-                _ => self.errors.push((p, format!("the condition evaluated to {v}, not a boolean"))),
+    fn add(&mut self, p: &'a Compiled, evaluator: &Evaluator<'_>) {
+        match evaluator.holds(&p.condition) {
+            Ok(true) => match p.effect {
+                Effect::Forbid => self.forbids.push(p),
+                Effect::Permit => self.permits.push(p),
             },
-            Err(e) => self.errors.push((p, e.to_string())),
+            Ok(false) => {}
+            Err(message) => self.errors.push((p, message)),
         }
     }
 

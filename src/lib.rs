@@ -8,6 +8,8 @@
 //!
 //! - [`input`]: reading outside input safely: capped regular files, JSON without duplicate keys
 //! - [`nesting`]: how deeply Cedar text may nest, checked before Cedar parses it
+//! - [`cedar`]: the one module below cedar-policy's facade: policy positions, compiled
+//!   conditions and their evaluator, contexts and entities built as values
 //! - [`directory`]: agents, blueprints, sponsors, users, resources, and their Cedar entities
 //! - [`bundle`]: reads a `policies/` folder: schema, policies, directory, locations, revision
 //! - [`request`]: the raw request, its validation, and the typed request
@@ -24,6 +26,7 @@
 
 pub mod audit;
 pub mod bundle;
+pub mod cedar;
 pub mod cli;
 pub mod directory;
 pub mod engine;
