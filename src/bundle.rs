@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::cedar;
 use crate::directory::Directory;
 use crate::input;
 use crate::nesting;
@@ -356,8 +357,7 @@ fn parse_policies(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<Bundle
     let set = PolicySet::from_str(src)
         .map_err(|errs| errs.iter().flat_map(|e| diagnostic_errors(file, src, e)).collect::<Vec<_>>())?;
     let mut errors = Vec::new();
-    if let Some(t) = set.templates().next() {
-        let offset = src.find(&t.to_string()).unwrap_or(0);
+    if let Some(offset) = set.templates().map(|t| cedar::template_offset(t).unwrap_or(0)).min() {
         errors.push(BundleError::at(
             file,
             src,
@@ -365,23 +365,16 @@ fn parse_policies(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<Bundle
             "templates (policies with ?principal or ?resource) are not supported",
         ));
     }
-    // Parsed policies are named policy0, policy1, … in the order they appear in the file.
-    let mut parsed: Vec<(usize, &Policy)> = set
-        .policies()
-        .map(|p| (p.id().to_string().trim_start_matches("policy").parse().unwrap_or(usize::MAX), p))
-        .collect();
-    parsed.sort_by_key(|(n, _)| *n);
+    // In the order they appear in the file, where the parser saw each begin.
+    let mut parsed: Vec<(usize, &Policy)> = set.policies().map(|p| (cedar::policy_offset(p).unwrap_or(0), p)).collect();
+    parsed.sort_by_key(|(offset, _)| *offset);
 
     let mut out = Vec::with_capacity(parsed.len());
-    let mut cursor = 0;
     // Line and column are carried forward from policy to policy: counting from the start of
     // the file for each one would be quadratic in the file's size.
     let mut position = Position::default();
-    for (_, policy) in parsed {
-        let text = policy.to_string();
-        let offset = src[cursor..].find(&text).map_or(cursor, |i| cursor + i);
+    for (offset, policy) in parsed {
         let (line, column) = position.advance(src, offset);
-        cursor = offset + text.len().min(src.len() - offset);
         let err =
             |message: String| BundleError { file: file.to_string(), line: Some(line), column: Some(column), message };
         let (mut id_ann, mut state_ann, mut reason_ann) = (None, None, None);
@@ -590,6 +583,19 @@ mod tests {
                 ("b".into(), PolicyState::ReportOnly, 5, 1, "r".into())
             ]
         );
+    }
+
+    #[test]
+    fn positions_are_where_the_parser_saw_each_policy() {
+        // The first policy's text is also in a comment above it: a search for the text would
+        // find the comment.
+        let src = "// @id(\"a\") permit(principal, action, resource);\n@id(\"a\") permit(principal, action, resource);\n\t@id(\"b\") permit(principal, action, resource);";
+        let ps = parse_policies("f.cedar", src).unwrap();
+        let got: Vec<_> = ps.iter().map(|p| (p.id.to_string(), p.line, p.column)).collect();
+        assert_eq!(got, vec![("a".into(), 2, 1), ("b".into(), 3, 2)]);
+        let src = "@id(\"a\") permit(principal, action, resource);\n  @id(\"t\") permit(principal == ?principal, action, resource);";
+        let errs: Vec<String> = parse_policies("f.cedar", src).unwrap_err().iter().map(ToString::to_string).collect();
+        assert_eq!(errs, ["f.cedar:2:3: templates (policies with ?principal or ?resource) are not supported"]);
     }
 
     #[test]
