@@ -164,14 +164,14 @@ impl From<BundleError> for BundleErrors {
 /// A bundle, parsed and validated.
 #[derive(Debug, Clone)]
 pub struct Bundle {
-    pub dir: PathBuf,
-    pub schema: Schema,
+    dir: PathBuf,
+    schema: Schema,
     /// In file order, then order within the file.
-    pub policies: Vec<BundlePolicy>,
-    pub directory: Directory,
-    pub locations: Locations,
-    pub revision: String,
-    pub warnings: Vec<String>,
+    policies: Vec<BundlePolicy>,
+    directory: Directory,
+    locations: Locations,
+    revision: String,
+    warnings: Vec<String>,
 }
 
 impl Bundle {
@@ -238,7 +238,7 @@ impl Bundle {
         errors.extend(policy_errors);
         let directory = match directory {
             Some(Ok(d)) => {
-                warnings.extend(d.warnings.iter().map(|w| format!("{}: {w}", display(DIRECTORY_FILE))));
+                warnings.extend(d.warnings().iter().map(|w| format!("{}: {w}", display(DIRECTORY_FILE))));
                 Some(d)
             }
             Some(Err(errs)) => {
@@ -264,6 +264,38 @@ impl Bundle {
             }
             _ => Err(BundleErrors(errors)),
         }
+    }
+
+    /// The folder the bundle was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// In file order, then order within the file.
+    pub fn policies(&self) -> &[BundlePolicy] {
+        &self.policies
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    pub fn locations(&self) -> &Locations {
+        &self.locations
+    }
+
+    /// The content hash of the files read (`sha256:…`).
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    /// What the files left out or ignored, each naming its file.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 }
 

@@ -143,13 +143,13 @@ pub struct Resource {
 /// The whole directory, every reference checked.
 #[derive(Debug, Clone, Default)]
 pub struct Directory {
-    pub users: Vec<User>,
-    pub sponsors: Vec<Sponsor>,
-    pub blueprints: Vec<Blueprint>,
-    pub agents: Vec<Agent>,
-    pub resources: Vec<Resource>,
+    users: Vec<User>,
+    sponsors: Vec<Sponsor>,
+    blueprints: Vec<Blueprint>,
+    agents: Vec<Agent>,
+    resources: Vec<Resource>,
     /// Fields and sections the directory does not know, ignored (a misspelt optional field).
-    pub warnings: Vec<String>,
+    warnings: Vec<String>,
 }
 
 /// Cedar entity type names of the schema, built once.
@@ -322,6 +322,31 @@ impl Directory {
         dir.check_references(&mut errors);
         dir.warnings = warnings;
         if errors.is_empty() { Ok(dir) } else { Err(errors) }
+    }
+
+    pub fn users(&self) -> &[User] {
+        &self.users
+    }
+
+    pub fn sponsors(&self) -> &[Sponsor] {
+        &self.sponsors
+    }
+
+    pub fn blueprints(&self) -> &[Blueprint] {
+        &self.blueprints
+    }
+
+    pub fn agents(&self) -> &[Agent] {
+        &self.agents
+    }
+
+    pub fn resources(&self) -> &[Resource] {
+        &self.resources
+    }
+
+    /// Fields and sections the directory does not know, ignored (a misspelt optional field).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     fn check_references(&self, errors: &mut Vec<DirectoryError>) {

@@ -16,7 +16,7 @@ use cedar_policy::{
 
 use crate::bundle::{BundlePolicy, PolicyState};
 use crate::cedar::{Condition, Evaluator};
-use crate::directory::{Agent, EntityTypes};
+use crate::directory::EntityTypes;
 use crate::request::Action;
 
 /// A policy ready to evaluate: what a decision reports of it, and its compiled condition.
@@ -32,9 +32,9 @@ pub struct Compiled {
 
 /// The policies of one (principal scope, action, resource) key.
 #[derive(Debug, Default)]
-pub struct Slice {
-    pub on: Vec<Arc<Compiled>>,
-    pub report_only: Vec<Arc<Compiled>>,
+struct Slice {
+    on: Vec<Arc<Compiled>>,
+    report_only: Vec<Arc<Compiled>>,
 }
 
 /// The slices of one action within one principal scope.
@@ -68,7 +68,7 @@ pub struct Index {
     blueprints: HashMap<Box<str>, Scope>,
     sponsors: HashMap<Box<str>, Scope>,
     /// Policies that can never apply to an agent (their scope names another type).
-    pub unreachable: Vec<Arc<str>>,
+    unreachable: Vec<Arc<str>>,
 }
 
 /// The keys of one request.
@@ -79,13 +79,6 @@ pub struct Keys<'a> {
     pub sponsor: &'a str,
     pub action: Action,
     pub resource: &'a str,
-}
-
-impl<'a> Keys<'a> {
-    /// The keys of a request by `agent` for `resource` (its canonical id, not an audience).
-    pub fn of(agent: &'a Agent, resource: &'a str, action: Action) -> Self {
-        Keys { agent: &agent.id, blueprint: &agent.blueprint, sponsor: &agent.sponsor, action, resource }
-    }
 }
 
 impl Index {
@@ -131,8 +124,13 @@ impl Index {
         index
     }
 
+    /// Policies that can never apply to an agent (their scope names another type).
+    pub fn unreachable(&self) -> &[Arc<str>] {
+        &self.unreachable
+    }
+
     /// The slices that can apply to a request: at most two per principal scope.
-    pub fn slices<'a>(&'a self, keys: &Keys<'a>) -> impl Iterator<Item = &'a Slice> + 'a {
+    fn slices<'a>(&'a self, keys: &Keys<'a>) -> impl Iterator<Item = &'a Slice> + 'a {
         let scopes = [
             Some(&self.global),
             self.agents.get(keys.agent),
@@ -159,6 +157,11 @@ impl Index {
             }
         }
         out
+    }
+
+    /// How many policies `evaluate` evaluates for these keys.
+    pub fn slice_len(&self, keys: &Keys<'_>) -> usize {
+        self.slices(keys).map(|s| s.on.len() + s.report_only.len()).sum()
     }
 }
 

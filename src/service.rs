@@ -266,7 +266,7 @@ impl Service {
         match tokio::spawn(async move { service.take_reload(trigger).await }).await {
             Ok(result) => result,
             Err(_) => {
-                let kept = self.store.current().revision.clone();
+                let kept = self.store.current().revision().clone();
                 let error = crate::bundle::BundleErrors(vec![crate::bundle::BundleError {
                     file: self.store.dir().display().to_string(),
                     line: None,
@@ -319,7 +319,7 @@ impl Service {
             time: Utc::now(),
             outcome: "loaded",
             from: None,
-            revision: &snap.revision,
+            revision: snap.revision(),
             error: None,
             trigger: "start",
         };

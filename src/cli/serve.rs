@@ -260,7 +260,7 @@ async fn serve(args: ServeArgs) -> u8 {
     };
     let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
     let snap = service.store.current();
-    tracing::info!(%addr, revision = %snap.revision, policies = snap.bundle.policies.len(), audit = %service.audit.config().target.describe(), "serving");
+    tracing::info!(%addr, revision = %snap.revision(), policies = snap.policies().len(), audit = %service.audit.config().target.describe(), "serving");
     if args.admin_token.is_none() {
         tracing::warn!("AdminService has no token: anyone who can reach {addr} may send signals (set --admin-token)");
     }

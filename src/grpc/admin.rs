@@ -45,17 +45,18 @@ fn rfc3339(t: chrono::DateTime<Utc>) -> String {
 impl pb::admin_service_server::AdminService for Admin {
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let snap = self.service.store.current();
+        let counts = snap.counts();
         let failure = self.service.store.last_failure();
         let audit = &self.service.audit;
         let stats = audit.stats();
         let config = audit.config();
         Ok(Response::new(pb::StatusResponse {
-            revision: snap.revision.to_string(),
-            loaded_at: rfc3339(snap.loaded_at),
-            load_ms: snap.load_ms,
+            revision: snap.revision().to_string(),
+            loaded_at: rfc3339(snap.loaded_at()),
+            load_ms: snap.load_ms(),
             policies_dir: self.service.store.dir().display().to_string(),
-            policies: snap.bundle.policies.len() as u64,
-            agents: snap.bundle.directory.agents.len() as u64,
+            policies: counts.policies as u64,
+            agents: counts.agents as u64,
             last_reload_error: failure.as_ref().map(|f| f.error.clone()).unwrap_or_default(),
             last_reload_error_at: failure.as_ref().map(|f| rfc3339(f.at)).unwrap_or_default(),
             stale_since: failure.as_ref().map(|f| rfc3339(f.stale_since)).unwrap_or_default(),
