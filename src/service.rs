@@ -31,11 +31,11 @@ impl Default for Settings {
 }
 
 pub struct Service {
-    pub store: Store,
-    pub live: Overlay,
-    pub journal: Option<Journal>,
-    pub audit: Audit,
-    pub settings: Settings,
+    store: Store,
+    live: Overlay,
+    journal: Option<Journal>,
+    audit: Audit,
+    settings: Settings,
     /// The journal's upkeep (compaction) error, reported once and shown in Status.
     journal_error: std::sync::Mutex<Option<String>>,
     /// One signal at a time: journal order is apply order, a compaction sees every signal
@@ -87,6 +87,24 @@ impl Service {
             journal_error: std::sync::Mutex::new(None),
             signalling: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The served snapshot, its folder and the last reload failure.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The live values (signals) over the served directory.
+    pub fn live(&self) -> &Overlay {
+        &self.live
+    }
+
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Validates, decides and audits one request. Only malformed input is an error.

@@ -259,8 +259,8 @@ async fn serve(args: ServeArgs) -> u8 {
         }
     };
     let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
-    let snap = service.store.current();
-    tracing::info!(%addr, revision = %snap.revision(), policies = snap.policies().len(), audit = %service.audit.config().target.describe(), "serving");
+    let snap = service.store().current();
+    tracing::info!(%addr, revision = %snap.revision(), policies = snap.policies().len(), audit = %service.audit().config().target.describe(), "serving");
     if args.admin_token.is_none() {
         tracing::warn!("AdminService has no token: anyone who can reach {addr} may send signals (set --admin-token)");
     }
@@ -328,9 +328,9 @@ async fn serve(args: ServeArgs) -> u8 {
     };
     reloader.abort();
     // Make every record durable before exiting, within the grace period again.
-    let flushed = tokio::time::timeout(grace, service.audit.flush()).await.is_ok();
+    let flushed = tokio::time::timeout(grace, service.audit().flush()).await.is_ok();
     if !flushed {
-        report_unwritten(&service.audit);
+        report_unwritten(service.audit());
     }
     match result {
         Ok(()) if flushed => {
