@@ -15,7 +15,8 @@
 //! - [`request`]: the raw request, its validation, and the typed request
 //! - [`index`]: policy slices keyed by principal scope, action and resource
 //! - [`signals`]: live state (disabled agents, risk) layered over the directory
-//! - [`snapshot`]: everything one revision needs, and the `arc-swap` store that reloads it
+//! - [`snapshot`]: one revision, asked rather than reached into (an agent, a resource, counts,
+//!   the Cedar request, slice evaluation), and the `arc-swap` store that reloads it
 //! - [`watch`]: reloads the bundle when its folder changes (notify, debounced)
 //! - [`engine`]: `evaluate(&Snapshot, &Overlay, &Request) -> Decision`, and `explain`
 //! - [`audit`]: hash-chained audit records, the writer (group commit, rotation), `verify`
