@@ -14,14 +14,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agentca::bundle::{Bundle, PolicyState};
+use agentca::bundle::{Bundle, PolicyState, SCHEMA_FILE};
 use agentca::engine::{Verdict, evaluate};
 use agentca::generate::{Params, Probe, write_bundle};
-use agentca::index::Keys;
 use agentca::request::{Action, RawRequest, Request};
 use agentca::signals::Overlay;
 use agentca::snapshot::Snapshot;
-use cedar_policy::{Context, Decision as CedarDecision, PolicySet, Request as CedarRequest, RestrictedExpression};
+use cedar_policy::{
+    Context, Decision as CedarDecision, PolicySet, Request as CedarRequest, RestrictedExpression, Schema,
+};
 use chrono::{Datelike, Timelike, Utc};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 
@@ -64,9 +65,10 @@ impl Case {
             ..RawRequest::default()
         };
         let req = raw.validate(Utc::now()).unwrap();
-        let cedar_req = cedar_request(&snap, &req);
+        let schema = Schema::from_cedarschema_str(&std::fs::read_to_string(dir.join(SCHEMA_FILE)).unwrap()).unwrap().0;
+        let cedar_req = cedar_request(&snap, &schema, &req);
         let mut on = PolicySet::new();
-        for p in snap.bundle.policies.iter().filter(|p| p.state == PolicyState::On) {
+        for p in snap.policies().iter().filter(|p| p.state == PolicyState::On) {
             on.add(p.policy.clone()).unwrap();
         }
         let slice = slice_size(&snap, &req);
@@ -79,7 +81,7 @@ impl Case {
     /// The index and plain Cedar must give the same decision and determining policies.
     fn check_agreement(&self) {
         let ours = evaluate(&self.snap, &Overlay::new(), &self.req);
-        let theirs = self.snap.authorizer.is_authorized(&self.cedar_req, &self.on, &self.snap.entities);
+        let theirs = self.snap.is_authorized(&self.cedar_req, &self.on);
         assert!(ours.errors.is_empty() && theirs.diagnostics().errors().next().is_none(), "{}: errors", self.label);
         let cedar_allows = theirs.decision() == CedarDecision::Allow;
         assert_eq!(ours.decision == Verdict::Allow, cedar_allows, "{}: decisions differ", self.label);
@@ -92,20 +94,15 @@ impl Case {
 
 /// Policies in a request's slices: what the index evaluates for it.
 fn slice_size(snap: &Snapshot, req: &Request) -> usize {
-    let (agent, _) = snap.agent(&req.agent).unwrap();
-    let (resource, _) = snap.resource(&req.resource).unwrap();
-    let keys = Keys::of(agent, &resource.id, req.action);
-    snap.index.slices(&keys).map(|s| s.on.len() + s.report_only.len()).sum()
+    snap.slice_len(snap.agent(&req.agent).unwrap(), snap.resource(&req.resource).unwrap(), req.action)
 }
 
 /// An allowed request of a typical agent: among the first agents, one whose slice is the
 /// median (the probe agent is given extra agent-scoped policies on purpose; this one is not).
 fn typical_request(snap: &Snapshot) -> Option<(Request, usize)> {
     let mut candidates = Vec::new();
-    for agent in snap.bundle.directory.agents.iter().take(3_000) {
-        let Some(blueprint) = snap.bundle.directory.blueprints.iter().find(|b| b.id == agent.blueprint) else {
-            continue;
-        };
+    for agent in snap.agents().take(3_000) {
+        let blueprint = agent.blueprint;
         let (Some(resource), Some(scope)) = (
             blueprint.allowed_resources.first(),
             blueprint.allowed_scopes.iter().find(|s| s.ends_with(".Read")).or(blueprint.allowed_scopes.first()),
@@ -113,7 +110,7 @@ fn typical_request(snap: &Snapshot) -> Option<(Request, usize)> {
             continue;
         };
         let raw = RawRequest {
-            agent: Some(agent.id.clone()),
+            agent: Some(agent.agent.id.clone()),
             resource: Some(resource.clone()),
             scopes: vec![scope.clone()],
             client_ip: Some("10.1.2.3".into()),
@@ -132,11 +129,11 @@ fn typical_request(snap: &Snapshot) -> Option<(Request, usize)> {
 }
 
 /// The probe request as plain Cedar takes it: the same context fields as the engine's.
-fn cedar_request(snap: &Snapshot, req: &Request) -> CedarRequest {
-    let (agent, entry) = snap.agent(&req.agent).unwrap();
-    let (_, resource) = snap.resource(&req.resource).unwrap();
+fn cedar_request(snap: &Snapshot, schema: &Schema, req: &Request) -> CedarRequest {
+    let agent = snap.agent(&req.agent).unwrap();
+    let resource = snap.resource(&req.resource).unwrap();
     let s = |v: &str| RestrictedExpression::new_string(v.to_string());
-    let locations = req.client_ip.into_iter().flat_map(|ip| snap.bundle.locations.containing(ip)).map(|l| s(l));
+    let locations = req.client_ip.into_iter().flat_map(|ip| snap.locations_containing(ip)).map(|l| s(l));
     let mut pairs = vec![
         ("scopes", RestrictedExpression::new_set(req.scopes.iter().map(|v| s(v)))),
         ("flow", s(req.flow.as_str())),
@@ -145,7 +142,7 @@ fn cedar_request(snap: &Snapshot, req: &Request) -> CedarRequest {
         ("time", RestrictedExpression::new_datetime(req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())),
         ("hour", RestrictedExpression::new_long(i64::from(req.time.hour()))),
         ("weekday", s(WEEKDAYS[req.time.weekday().num_days_from_monday() as usize])),
-        ("agent_risk", s(agent.risk.as_str())),
+        ("agent_risk", s(agent.agent.risk.as_str())),
         ("signin_risk", s(req.signin_risk.as_str())),
     ];
     if let Some(ip) = req.client_ip {
@@ -153,7 +150,7 @@ fn cedar_request(snap: &Snapshot, req: &Request) -> CedarRequest {
     }
     let context = Context::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_string(), v))).unwrap();
     let action = snap.action_uid(Action::RequestToken).clone();
-    CedarRequest::new(entry.uid.clone(), action, resource.clone(), context, Some(&snap.bundle.schema)).unwrap()
+    CedarRequest::new(agent.uid().clone(), action, resource.uid().clone(), context, Some(schema)).unwrap()
 }
 
 fn params(policies: usize, agents: usize) -> Params {
@@ -186,12 +183,10 @@ fn bench(c: &mut Criterion, case: &Case, policies: usize) {
     if policies >= 10_000 {
         g.sample_size(10).sampling_mode(SamplingMode::Flat).measurement_time(Duration::from_secs(5));
     }
-    g.bench_function(id.clone(), |b| {
-        b.iter(|| case.snap.authorizer.is_authorized(black_box(&case.cedar_req), &case.on, &case.snap.entities))
-    });
+    g.bench_function(id.clone(), |b| b.iter(|| case.snap.is_authorized(black_box(&case.cedar_req), &case.on)));
     g.finish();
 
-    if Duration::from_millis(case.snap.load_ms) <= CRITERION_LOAD_LIMIT {
+    if Duration::from_millis(case.snap.load_ms()) <= CRITERION_LOAD_LIMIT {
         let mut g = c.benchmark_group("load");
         g.sample_size(10).sampling_mode(SamplingMode::Flat).warm_up_time(Duration::from_millis(500));
         g.measurement_time(Duration::from_secs(if case.label == "sample" { 3 } else { 20 }));
@@ -316,7 +311,7 @@ fn main() {
         agent_policies: 0,
     };
     let case = Case::load("sample", &sample_dir, &probe);
-    bench(&mut c, &case, case.snap.bundle.policies.len());
+    bench(&mut c, &case, case.snap.policies().len());
     reports.push(report(&case, None, calls));
     drop(case);
 
@@ -338,11 +333,11 @@ fn main() {
 fn report(case: &Case, generated: Option<(Duration, u64)>, calls: usize) -> Report {
     Report {
         label: case.label.clone(),
-        policies: case.snap.bundle.policies.len(),
+        policies: case.snap.policies().len(),
         slice: case.slice,
         decision: evaluate(&case.snap, &Overlay::new(), &case.req).decision,
         generated,
-        load_ms: case.snap.load_ms,
+        load_ms: case.snap.load_ms(),
         latency: latency(&case.snap, &case.req, calls),
         typical: case.typical.as_ref().map(|(req, slice)| (*slice, latency(&case.snap, req, calls))),
         parent: memory(),

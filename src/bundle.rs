@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::cedar;
 use crate::directory::Directory;
 use crate::input;
 use crate::input::printable;
@@ -175,17 +176,23 @@ impl From<BundleError> for BundleErrors {
 /// A bundle, parsed and validated.
 #[derive(Debug, Clone)]
 pub struct Bundle {
-    pub dir: PathBuf,
-    pub schema: Schema,
+    dir: PathBuf,
+    schema: Schema,
     /// In file order, then order within the file.
-    pub policies: Vec<BundlePolicy>,
-    pub directory: Directory,
-    pub locations: Locations,
-    pub revision: String,
-    pub warnings: Vec<String>,
+    policies: Vec<BundlePolicy>,
+    directory: Directory,
+    locations: Locations,
+    revision: String,
+    warnings: Vec<String>,
 }
 
 impl Bundle {
+    /// Takes the bulk (directory and policies) out, to be freed elsewhere; what is left is
+    /// only fit to be dropped.
+    pub(crate) fn take_bulk(&mut self) -> (Directory, Vec<BundlePolicy>) {
+        (std::mem::take(&mut self.directory), std::mem::take(&mut self.policies))
+    }
+
     /// Reads and validates the bundle in `dir`. All problems are reported, not just the first.
     pub fn load(dir: &Path) -> Result<Bundle, BundleErrors> {
         let display = |name: &str| dir.join(name).display().to_string();
@@ -249,7 +256,7 @@ impl Bundle {
         errors.extend(policy_errors);
         let directory = match directory {
             Some(Ok(d)) => {
-                warnings.extend(d.warnings.iter().map(|w| format!("{}: {w}", display(DIRECTORY_FILE))));
+                warnings.extend(d.warnings().iter().map(|w| format!("{}: {w}", display(DIRECTORY_FILE))));
                 Some(d)
             }
             Some(Err(errs)) => {
@@ -275,6 +282,38 @@ impl Bundle {
             }
             _ => Err(BundleErrors(errors)),
         }
+    }
+
+    /// The folder the bundle was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// In file order, then order within the file.
+    pub fn policies(&self) -> &[BundlePolicy] {
+        &self.policies
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    pub fn locations(&self) -> &Locations {
+        &self.locations
+    }
+
+    /// The content hash of the files read (`sha256:…`).
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    /// What the files left out or ignored, each naming its file.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 }
 
@@ -368,8 +407,7 @@ fn parse_policies(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<Bundle
     let set = PolicySet::from_str(src)
         .map_err(|errs| errs.iter().flat_map(|e| diagnostic_errors(file, src, e)).collect::<Vec<_>>())?;
     let mut errors = Vec::new();
-    if let Some(t) = set.templates().next() {
-        let offset = src.find(&t.to_string()).unwrap_or(0);
+    if let Some(offset) = set.templates().map(|t| cedar::template_offset(t).unwrap_or(0)).min() {
         errors.push(BundleError::at(
             file,
             src,
@@ -377,23 +415,16 @@ fn parse_policies(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<Bundle
             "templates (policies with ?principal or ?resource) are not supported",
         ));
     }
-    // Parsed policies are named policy0, policy1, … in the order they appear in the file.
-    let mut parsed: Vec<(usize, &Policy)> = set
-        .policies()
-        .map(|p| (p.id().to_string().trim_start_matches("policy").parse().unwrap_or(usize::MAX), p))
-        .collect();
-    parsed.sort_by_key(|(n, _)| *n);
+    // In the order they appear in the file, where the parser saw each begin.
+    let mut parsed: Vec<(usize, &Policy)> = set.policies().map(|p| (cedar::policy_offset(p).unwrap_or(0), p)).collect();
+    parsed.sort_by_key(|(offset, _)| *offset);
 
     let mut out = Vec::with_capacity(parsed.len());
-    let mut cursor = 0;
     // Line and column are carried forward from policy to policy: counting from the start of
     // the file for each one would be quadratic in the file's size.
     let mut position = Position::default();
-    for (_, policy) in parsed {
-        let text = policy.to_string();
-        let offset = src[cursor..].find(&text).map_or(cursor, |i| cursor + i);
+    for (offset, policy) in parsed {
         let (line, column) = position.advance(src, offset);
-        cursor = offset + text.len().min(src.len() - offset);
         let err =
             |message: String| BundleError { file: file.to_string(), line: Some(line), column: Some(column), message };
         let (mut id_ann, mut state_ann, mut reason_ann) = (None, None, None);
@@ -622,6 +653,19 @@ mod tests {
                 ("b".into(), PolicyState::ReportOnly, 5, 1, "r".into())
             ]
         );
+    }
+
+    #[test]
+    fn positions_are_where_the_parser_saw_each_policy() {
+        // The first policy's text is also in a comment above it: a search for the text would
+        // find the comment.
+        let src = "// @id(\"a\") permit(principal, action, resource);\n@id(\"a\") permit(principal, action, resource);\n\t@id(\"b\") permit(principal, action, resource);";
+        let ps = parse_policies("f.cedar", src).unwrap();
+        let got: Vec<_> = ps.iter().map(|p| (p.id.to_string(), p.line, p.column)).collect();
+        assert_eq!(got, vec![("a".into(), 2, 1), ("b".into(), 3, 2)]);
+        let src = "@id(\"a\") permit(principal, action, resource);\n  @id(\"t\") permit(principal == ?principal, action, resource);";
+        let errs: Vec<String> = parse_policies("f.cedar", src).unwrap_err().iter().map(ToString::to_string).collect();
+        assert_eq!(errs, ["f.cedar:2:3: templates (policies with ?principal or ?resource) are not supported"]);
     }
 
     #[test]

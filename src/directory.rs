@@ -5,13 +5,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
-use cedar_policy::{Entities, Entity, EntityId, EntityTypeName, EntityUid, Schema};
-use cedar_policy_core::ast::{Entity as CoreEntity, EntityUID as CoreUid, PartialValue, Value};
-use cedar_policy_core::entities::{Entities as CoreEntities, NoEntitiesSchema, TCComputation};
-use cedar_policy_core::extensions::Extensions;
+use cedar_policy::{Entities, EntityId, EntityTypeName, EntityUid, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
-use smol_str::SmolStr;
+
+use crate::cedar::{Attr, EntitiesBuilder};
 
 /// A risk level, for an agent (Identity Protection) or a sign-in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
@@ -145,13 +143,13 @@ pub struct Resource {
 /// The whole directory, every reference checked.
 #[derive(Debug, Clone, Default)]
 pub struct Directory {
-    pub users: Vec<User>,
-    pub sponsors: Vec<Sponsor>,
-    pub blueprints: Vec<Blueprint>,
-    pub agents: Vec<Agent>,
-    pub resources: Vec<Resource>,
+    users: Vec<User>,
+    sponsors: Vec<Sponsor>,
+    blueprints: Vec<Blueprint>,
+    agents: Vec<Agent>,
+    resources: Vec<Resource>,
     /// Fields and sections the directory does not know, ignored (a misspelt optional field).
-    pub warnings: Vec<String>,
+    warnings: Vec<String>,
 }
 
 /// Cedar entity type names of the schema, built once.
@@ -326,6 +324,31 @@ impl Directory {
         if errors.is_empty() { Ok(dir) } else { Err(errors) }
     }
 
+    pub fn users(&self) -> &[User] {
+        &self.users
+    }
+
+    pub fn sponsors(&self) -> &[Sponsor] {
+        &self.sponsors
+    }
+
+    pub fn blueprints(&self) -> &[Blueprint] {
+        &self.blueprints
+    }
+
+    pub fn agents(&self) -> &[Agent] {
+        &self.agents
+    }
+
+    pub fn resources(&self) -> &[Resource] {
+        &self.resources
+    }
+
+    /// Fields and sections the directory does not know, ignored (a misspelt optional field).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
     fn check_references(&self, errors: &mut Vec<DirectoryError>) {
         let users = unique_ids("user", self.users.iter().map(|u| u.id.as_str()), errors);
         let sponsors = unique_ids("sponsor", self.sponsors.iter().map(|s| s.id.as_str()), errors);
@@ -385,98 +408,58 @@ impl Directory {
     /// transitive closure is not computed: an agent's only ancestors are its blueprint and
     /// sponsor, which have none, so its parents are the closure.
     pub fn to_entities(&self, schema: &Schema, types: &EntityTypes) -> Result<Entities, String> {
-        let mut entities = Vec::with_capacity(
+        let mut entities = EntitiesBuilder::with_capacity(
             self.users.len() + self.sponsors.len() + self.blueprints.len() + self.agents.len() + self.resources.len(),
         );
-        let uid = |ty: &EntityTypeName, id: &str| CoreUid::from(EntityTypes::uid(ty, id));
-        let s = |v: &str| PartialValue::Value(Value::from(v));
-        let b = |v: bool| PartialValue::Value(Value::from(v));
-        let strings = |vs: &[String]| PartialValue::Value(Value::set(vs.iter().map(|v| Value::from(v.as_str())), None));
-        let uids = |ty: &EntityTypeName, ids: &[String]| {
-            PartialValue::Value(Value::set(ids.iter().map(|id| Value::from(uid(ty, id))), None))
-        };
-        let entity_ref = |ty: &EntityTypeName, id: &str| PartialValue::Value(Value::from(uid(ty, id)));
-        let tags = |t: &Tags| t.iter().map(|(k, v)| (SmolStr::from(k.as_str()), s(v))).collect::<Vec<_>>();
-        let new = |id: CoreUid, attrs: Vec<(&'static str, PartialValue)>, parents: HashSet<CoreUid>, tags: Vec<_>| {
-            CoreEntity::new_with_attr_partial_value(
-                id,
-                attrs.into_iter().map(|(k, v)| (SmolStr::new_static(k), v)),
-                HashSet::new(),
-                parents,
-                tags,
-            )
-        };
-        let mut samples = Vec::new();
-        let mut push = |entity: CoreEntity, first: bool| {
-            if first {
-                samples.push(Entity::from(entity.clone()));
-            }
-            entities.push(entity);
-        };
+        let uid = EntityTypes::uid;
+        let s = Attr::string;
+        let strings = |vs: &[String]| Attr::strings(vs.iter().map(String::as_str));
+        let uids = |ty: &EntityTypeName, ids: &[String]| Attr::entities(ids.iter().map(|id| uid(ty, id)));
+        let none = Vec::<EntityUid>::new;
         for (i, u) in self.users.iter().enumerate() {
-            push(new(uid(&types.user, &u.id), vec![("name", s(&u.name))], HashSet::new(), Vec::new()), i == 0);
+            entities.add(uid(&types.user, &u.id), [("name", s(&u.name))], none(), [], i == 0);
         }
         for (i, sp) in self.sponsors.iter().enumerate() {
-            let attrs = vec![("name", s(&sp.name)), ("active", b(sp.active)), ("department", s(&sp.department))];
-            push(new(uid(&types.sponsor, &sp.id), attrs, HashSet::new(), tags(&sp.tags)), i == 0);
+            let attrs = [("name", s(&sp.name)), ("active", Attr::bool(sp.active)), ("department", s(&sp.department))];
+            entities.add(uid(&types.sponsor, &sp.id), attrs, none(), tags(&sp.tags), i == 0);
         }
         for (i, bp) in self.blueprints.iter().enumerate() {
-            let attrs = vec![
+            let attrs = [
                 ("name", s(&bp.name)),
-                ("enabled", b(bp.enabled)),
+                ("enabled", Attr::bool(bp.enabled)),
                 ("publisher", s(&bp.publisher)),
                 ("allowed_scopes", strings(&bp.allowed_scopes)),
                 ("allowed_resources", uids(&types.resource, &bp.allowed_resources)),
             ];
-            push(new(uid(&types.blueprint, &bp.id), attrs, HashSet::new(), tags(&bp.tags)), i == 0);
+            entities.add(uid(&types.blueprint, &bp.id), attrs, none(), tags(&bp.tags), i == 0);
         }
         for (i, a) in self.agents.iter().enumerate() {
-            let attrs = vec![
+            let (blueprint, sponsor) = (uid(&types.blueprint, &a.blueprint), uid(&types.sponsor, &a.sponsor));
+            let attrs = [
                 ("name", s(&a.name)),
-                ("blueprint", entity_ref(&types.blueprint, &a.blueprint)),
-                ("sponsor", entity_ref(&types.sponsor, &a.sponsor)),
+                ("blueprint", Attr::entity(blueprint.clone())),
+                ("sponsor", Attr::entity(sponsor.clone())),
                 ("owners", uids(&types.user, &a.owners)),
-                ("enabled", b(a.enabled)),
+                ("enabled", Attr::bool(a.enabled)),
                 ("risk", s(a.risk.as_str())),
                 ("framework", s(&a.framework)),
                 ("channel", s(&a.channel)),
             ];
-            let parents = HashSet::from([uid(&types.blueprint, &a.blueprint), uid(&types.sponsor, &a.sponsor)]);
-            push(new(uid(&types.agent, &a.id), attrs, parents, tags(&a.tags)), i == 0);
+            // INVARIANT: an agent's only ancestors are its blueprint and sponsor, which have
+            // none: its parents are the transitive closure `build` takes them for.
+            entities.add(uid(&types.agent, &a.id), attrs, [blueprint, sponsor], tags(&a.tags), i == 0);
         }
         for (i, r) in self.resources.iter().enumerate() {
             let attrs =
-                vec![("name", s(&r.name)), ("audiences", strings(&r.audiences)), ("sensitivity", s(&r.sensitivity))];
-            push(new(uid(&types.resource, &r.id), attrs, HashSet::new(), tags(&r.tags)), i == 0);
+                [("name", s(&r.name)), ("audiences", strings(&r.audiences)), ("sensitivity", s(&r.sensitivity))];
+            entities.add(uid(&types.resource, &r.id), attrs, none(), tags(&r.tags), i == 0);
         }
-        // The sample check: attribute names and types, tags, parents, against the schema.
-        Entities::from_entities(samples, Some(schema)).map_err(|e| error_chain(&e))?;
-        let actions = schema.action_entities().map_err(|e| e.to_string())?;
-        entities.extend(actions.iter().map(|e| AsRef::<CoreEntity>::as_ref(e).clone()));
-        CoreEntities::from_entities(
-            entities,
-            None::<&NoEntitiesSchema>,
-            TCComputation::AssumeAlreadyComputed,
-            Extensions::all_available(),
-        )
-        .map(Entities::from)
-        .map_err(|e| e.to_string())
+        entities.build(schema)
     }
 }
 
-/// An error and its causes, joined: Cedar's top-level messages leave the detail to the causes.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = cause.source();
-    }
-    out
+fn tags(t: &Tags) -> impl Iterator<Item = (&str, Attr)> {
+    t.iter().map(|(k, v)| (k.as_str(), Attr::string(v)))
 }
 
 fn syntax_error(e: &serde_json::Error) -> DirectoryError {
@@ -734,7 +717,7 @@ mod tests {
 mod entity_tests {
     use std::str::FromStr;
 
-    use cedar_policy::RestrictedExpression;
+    use cedar_policy::{Entity, RestrictedExpression};
 
     use super::*;
 

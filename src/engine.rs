@@ -2,28 +2,20 @@
 //! closed on any policy error), report-only policies beside them; and the per-policy
 //! explanation behind `eval --explain`.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use cedar_policy::{
-    ActionConstraint, Context, Effect, EntityUid, Policy, PolicySet, PrincipalConstraint, Request as CedarRequest,
+    ActionConstraint, Effect, EntityUid, Policy, PolicySet, PrincipalConstraint, Request as CedarRequest,
     ResourceConstraint,
 };
-use cedar_policy_core::ast::{Context as CoreContext, EntityUID, ExtensionFunction, Name, PartialValue, Value};
-use cedar_policy_core::extensions::Extensions;
-use chrono::{Datelike, Timelike};
 use serde::Serialize;
-use smol_str::SmolStr;
 
 use crate::bundle::PolicyState;
-use crate::directory::{EntityTypes, RiskLevel};
-use crate::index::{Compiled, Evaluated, Keys};
-use crate::request::{Action, Request};
+use crate::index::{Compiled, Evaluated};
+use crate::request::Request;
 use crate::signals::{LiveRef, Overlay};
-use crate::snapshot::{AgentEntry, Snapshot};
+use crate::snapshot::{AgentRef, Snapshot};
 
 /// Allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -168,15 +160,15 @@ pub fn evaluate(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
 }
 
 fn decide(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
-    let revision = snap.revision.clone();
+    let revision = snap.revision().clone();
     let agent = snap.agent(&req.agent);
     let resource = snap.resource(&req.resource);
-    let guards = guard_reasons(snap, live, req, agent.map(|(_, e)| e), resource.is_some());
-    let (Some((agent, entry)), Some((resource, resource_uid)), true) = (agent, resource, guards.is_empty()) else {
+    let guards = guard_reasons(live, req, agent, resource.is_some());
+    let (Some(agent), Some(resource), true) = (agent, resource, guards.is_empty()) else {
         return Decision::denied(guards, revision, req.request_id.clone());
     };
-    let risk = live.agent_risk(&agent.id).map_or(agent.risk, |l| l.value);
-    let cedar_request = match cedar_request(snap, req, &entry.uid, resource_uid, risk) {
+    let risk = live.agent_risk(&agent.agent.id).map_or(agent.agent.risk, |l| l.value);
+    let cedar_request = match snap.cedar_request(req, agent, resource, risk) {
         Ok(r) => r,
         Err(message) => {
             return Decision::deny(
@@ -187,33 +179,23 @@ fn decide(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
             );
         }
     };
-    let keys = Keys::of(agent, &resource.id, req.action);
-    let evaluated = snap.index.evaluate(&keys, &cedar_request, &snap.entities);
+    let evaluated = snap.evaluate_slices(agent, resource, req.action, &cedar_request);
     combine(evaluated, revision, req.request_id.clone())
 }
 
 /// The guards of DESIGN §4, all that apply; empty if the request may go to the policies.
-fn guard_reasons(
-    snap: &Snapshot,
-    live: &Overlay,
-    req: &Request,
-    entry: Option<&AgentEntry>,
-    resource_known: bool,
-) -> Vec<Reason> {
+fn guard_reasons(live: &Overlay, req: &Request, agent: Option<AgentRef<'_>>, resource_known: bool) -> Vec<Reason> {
     let mut reasons = Vec::new();
     let mut push = |code: ReasonCode, reason: String| {
         reasons.push(Reason { code, policy: None, effect: None, reason: reason.into() })
     };
-    if entry.is_none() {
+    if agent.is_none() {
         push(ReasonCode::UnknownAgent, format!("agent `{}` is not in the directory", req.agent));
     }
     if !resource_known {
         push(ReasonCode::UnknownResource, format!("resource `{}` is not in the directory", req.resource));
     }
-    let Some(entry) = entry else { return reasons };
-    let agent = &snap.bundle.directory.agents[entry.index];
-    let blueprint = snap.blueprint_of(entry);
-    let sponsor = snap.sponsor_of(entry);
+    let Some(AgentRef { agent, blueprint, sponsor, .. }) = agent else { return reasons };
     // A live value (a signal) wins over the directory's.
     let mut flag = |live: Option<LiveRef<'_, bool>>,
                     in_directory: bool,
@@ -252,95 +234,6 @@ fn guard_reasons(
         ("marked inactive", "inactive"),
     );
     reasons
-}
-
-const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-
-/// Cedar's `ip` and `datetime` constructors, looked up once. (`RestrictedExpression::new_ip`
-/// parses the function's name with the full Cedar parser on every call.)
-static CONSTRUCTORS: LazyLock<Option<(&'static ExtensionFunction, &'static ExtensionFunction)>> = LazyLock::new(|| {
-    let lookup = |name: &str| {
-        let name = Name::parse_unqualified_name(name).ok()?;
-        Extensions::all_available().func(&name).ok()
-    };
-    Some((lookup("ip")?, lookup("datetime")?))
-});
-
-thread_local! {
-    /// The last `time` and `client_ip` values built on this thread: Cedar parses them with a
-    /// regular expression, and under load many requests share the same millisecond (and a
-    /// gateway's requests often the same client).
-    static LAST_TIME: RefCell<Option<(i64, Value)>> = const { RefCell::new(None) };
-    static LAST_IP: RefCell<Option<(IpAddr, Value)>> = const { RefCell::new(None) };
-}
-
-fn cached<K: PartialEq + Copy>(
-    slot: &'static std::thread::LocalKey<RefCell<Option<(K, Value)>>>,
-    key: K,
-    build: impl FnOnce() -> Result<Value, String>,
-) -> Result<Value, String> {
-    if let Some(v) = slot.with_borrow(|last| last.as_ref().filter(|(k, _)| *k == key).map(|(_, v)| v.clone())) {
-        return Ok(v);
-    }
-    let v = build()?;
-    slot.set(Some((key, v.clone())));
-    Ok(v)
-}
-
-fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, String> {
-    match f.call(&[Value::from(arg)]) {
-        Ok(PartialValue::Value(v)) => Ok(v),
-        Ok(PartialValue::Residual(_)) => Err(format!("`{arg}` could not be evaluated")),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// The Cedar request: cached entity ids, the context of DESIGN §3 built as values, no schema
-/// check (our types already guarantee the shape; a unit test checks it against the schema).
-fn cedar_request(
-    snap: &Snapshot,
-    req: &Request,
-    principal: &EntityUid,
-    resource: &EntityUid,
-    agent_risk: RiskLevel,
-) -> Result<CedarRequest, String> {
-    let context = context(snap, req, agent_risk)?;
-    CedarRequest::new(principal.clone(), snap.action_uid(req.action).clone(), resource.clone(), context, None)
-        .map_err(|e| e.to_string())
-}
-
-fn context(snap: &Snapshot, req: &Request, agent_risk: RiskLevel) -> Result<Context, String> {
-    let (ip, datetime) = CONSTRUCTORS.ok_or("the ip and datetime extensions are unavailable")?;
-    let mut map: BTreeMap<SmolStr, Value> = BTreeMap::new();
-    let mut put = |key: &'static str, value: Value| map.insert(SmolStr::new_static(key), value);
-    let locations = req.client_ip.into_iter().flat_map(|ip| snap.bundle.locations.containing(ip));
-    put("locations", Value::set(locations.map(|l| Value::from(&**l)), None));
-    put("flow", Value::from(req.flow.as_str()));
-    if let Some(client_ip) = req.client_ip {
-        put("client_ip", cached(&LAST_IP, client_ip, || construct(ip, &client_ip.to_string()))?);
-    }
-    let millis = req.time.timestamp_millis();
-    let time =
-        cached(&LAST_TIME, millis, || construct(datetime, &req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()))?;
-    put("time", time);
-    put("hour", Value::from(i64::from(req.time.hour())));
-    put("weekday", Value::from(WEEKDAYS[req.time.weekday().num_days_from_monday() as usize]));
-    put("agent_risk", Value::from(agent_risk.as_str()));
-    put("signin_risk", Value::from(req.signin_risk.as_str()));
-    match req.action {
-        Action::RequestToken => {
-            put("scopes", Value::set(req.scopes.iter().map(|s| Value::from(s.as_str())), None));
-            put("grant_type", Value::from(req.grant_type.as_deref().unwrap_or_default()));
-            if let Some(user) = &req.user {
-                put("user", Value::from(EntityUID::from(EntityTypes::uid(&snap.types.user, user))));
-            }
-        }
-        Action::CallApi => {
-            put("method", Value::from(req.method.as_deref().unwrap_or_default()));
-            put("path", Value::from(req.path.as_deref().unwrap_or_default()));
-        }
-    }
-    Ok(Context::from(CoreContext::Value(Arc::new(map))))
 }
 
 /// DESIGN §4: any policy error denies (Cedar skips an erroring policy, which could drop a
@@ -450,14 +343,13 @@ pub enum Unmet {
 /// Every policy of the bundle (off ones too, as if on) against the request.
 pub fn explain(snap: &Snapshot, live: &Overlay, req: &Request) -> Vec<Explanation> {
     let request = match (snap.agent(&req.agent), snap.resource(&req.resource)) {
-        (Some((agent, entry)), Some((_, resource_uid))) => {
-            let risk = live.agent_risk(&agent.id).map_or(agent.risk, |l| l.value);
-            cedar_request(snap, req, &entry.uid, resource_uid, risk).ok()
+        (Some(agent), Some(resource)) => {
+            let risk = live.agent_risk(&agent.agent.id).map_or(agent.agent.risk, |l| l.value);
+            snap.cedar_request(req, agent, resource, risk).ok()
         }
         _ => None,
     };
-    snap.bundle
-        .policies
+    snap.policies()
         .iter()
         .map(|p| {
             let (outcome, unmet, error) = match &request {
@@ -486,16 +378,14 @@ fn explain_one(
     if let Err(e) = alone.add(policy.clone()) {
         return (ExplainOutcome::Error, None, Some(e.to_string()));
     }
-    let response = snap.authorizer.is_authorized(req, &alone, &snap.entities);
+    let response = snap.is_authorized(req, &alone);
     if let Some(e) = response.diagnostics().errors().next() {
         return (ExplainOutcome::Error, None, Some(e.to_string()));
     }
     if response.diagnostics().reason().any(|id| id == policy.id()) {
         return (ExplainOutcome::Applied, None, None);
     }
-    let within = |target: &EntityUid, uid: Option<&EntityUid>| {
-        uid.is_some_and(|uid| uid == target || snap.entities.is_ancestor_of(target, uid))
-    };
+    let within = |target: &EntityUid, uid: Option<&EntityUid>| uid.is_some_and(|uid| snap.is_in(uid, target));
     let (principal, action, resource) = (req.principal(), req.action(), req.resource());
     let principal_ok = match policy.principal_constraint() {
         PrincipalConstraint::Any => true,

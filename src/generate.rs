@@ -1054,11 +1054,11 @@ mod tests {
                 Ok(s) => s,
                 Err(e) => panic!("seed {seed}, {policies} policies:\n{e}"),
             };
-            assert!(snap.bundle.warnings.is_empty(), "{:?}", snap.bundle.warnings);
-            assert_eq!(snap.bundle.policies.len(), policies);
+            assert!(snap.warnings().is_empty(), "{:?}", snap.warnings());
+            assert_eq!(snap.policies().len(), policies);
             assert_eq!((summary.policies, summary.agents), (policies, 300));
-            assert_eq!(snap.bundle.directory.agents.len(), 300);
-            assert!(snap.index.unreachable.is_empty(), "{:?}", snap.index.unreachable);
+            assert_eq!(snap.counts().agents, 300);
+            assert!(snap.unreachable().is_empty(), "{:?}", snap.unreachable());
             assert!(summary.probe.agent_policies >= policies.saturating_sub(BASELINE.len()).min(PROBE_POLICIES));
 
             // No generated condition errors at run time (a missing tag, a wrong type).
@@ -1069,7 +1069,7 @@ mod tests {
             if policies >= 3 {
                 assert!(d.reasons.iter().all(|r| r.policy.is_some()), "{:?}", d.reasons);
             }
-            for agent in &snap.bundle.directory.agents[..100] {
+            for agent in snap.agents().take(100).map(|a| a.agent) {
                 for resource in ["graph", "ledger", "hr"] {
                     for action in ["request_token", "call_api"] {
                         let d = evaluate(&snap, &live, &request(&agent.id, resource, action, &["Graph.Read".into()]));

@@ -2,9 +2,9 @@
 //! action and resource, so that a request evaluates only the policies that can apply to it;
 //! and the evaluation of those slices.
 //!
-//! Each policy's condition (its scope and its `when`/`unless` body, as Cedar builds it) is
-//! compiled once at load; a request builds one Cedar evaluator and runs it over the
-//! conditions of its slices. Cedar's own authorizer rebuilds every condition and walks the
+//! Each policy's condition (its `when`/`unless` body, as Cedar builds it; the slice's keys
+//! stand for its scope) is compiled once at load; a request builds one Cedar evaluator and
+//! runs it over the conditions of its slices. Cedar's own authorizer rebuilds every condition and walks the
 //! whole set on each call; the decision is the same, and a differential test proves it.
 
 use std::collections::HashMap;
@@ -13,12 +13,10 @@ use std::sync::Arc;
 use cedar_policy::{
     ActionConstraint, Effect, Entities, EntityUid, PrincipalConstraint, Request as CedarRequest, ResourceConstraint,
 };
-use cedar_policy_core::ast::{Expr, Literal, SlotEnv, ValueKind};
-use cedar_policy_core::evaluator::Evaluator;
-use cedar_policy_core::extensions::Extensions;
 
 use crate::bundle::{BundlePolicy, PolicyState};
-use crate::directory::{Agent, EntityTypes};
+use crate::cedar::{Condition, Evaluator};
+use crate::directory::EntityTypes;
 use crate::request::Action;
 
 /// A policy ready to evaluate: what a decision reports of it, and its compiled condition.
@@ -29,14 +27,14 @@ pub struct Compiled {
     pub reason: Arc<str>,
     /// Position in the bundle, so that reasons come out in a stable order.
     pub order: usize,
-    condition: Expr,
+    condition: Condition,
 }
 
 /// The policies of one (principal scope, action, resource) key.
 #[derive(Debug, Default)]
-pub struct Slice {
-    pub on: Vec<Arc<Compiled>>,
-    pub report_only: Vec<Arc<Compiled>>,
+struct Slice {
+    on: Vec<Arc<Compiled>>,
+    report_only: Vec<Arc<Compiled>>,
 }
 
 /// The slices of one action within one principal scope.
@@ -70,7 +68,7 @@ pub struct Index {
     blueprints: HashMap<Box<str>, Scope>,
     sponsors: HashMap<Box<str>, Scope>,
     /// Policies that can never apply to an agent (their scope names another type).
-    pub unreachable: Vec<Arc<str>>,
+    unreachable: Vec<Arc<str>>,
 }
 
 /// The keys of one request.
@@ -81,13 +79,6 @@ pub struct Keys<'a> {
     pub sponsor: &'a str,
     pub action: Action,
     pub resource: &'a str,
-}
-
-impl<'a> Keys<'a> {
-    /// The keys of a request by `agent` for `resource` (its canonical id, not an audience).
-    pub fn of(agent: &'a Agent, resource: &'a str, action: Action) -> Self {
-        Keys { agent: &agent.id, blueprint: &agent.blueprint, sponsor: &agent.sponsor, action, resource }
-    }
 }
 
 impl Index {
@@ -112,11 +103,10 @@ impl Index {
                 continue;
             };
             let actions = actions_of(&p.policy.action_constraint(), types, entities);
-            let ast: &cedar_policy_core::ast::Policy = p.policy.as_ref();
             // INVARIANT: a slice is reached only by requests whose agent, blueprint or sponsor,
             // action and resource are its keys, so the scope holds whenever the slice is
             // evaluated (the differential test checks it), and only the body is left to Cedar.
-            let condition = ast.non_scope_constraints().cloned().unwrap_or_else(|| Expr::val(true));
+            let condition = Condition::body_of(&p.policy);
             let compiled =
                 Arc::new(Compiled { id: p.id.clone(), effect: p.effect, reason: p.reason.clone(), order, condition });
             for action in actions {
@@ -134,8 +124,13 @@ impl Index {
         index
     }
 
+    /// Policies that can never apply to an agent (their scope names another type).
+    pub fn unreachable(&self) -> &[Arc<str>] {
+        &self.unreachable
+    }
+
     /// The slices that can apply to a request: at most two per principal scope.
-    pub fn slices<'a>(&'a self, keys: &Keys<'a>) -> impl Iterator<Item = &'a Slice> + 'a {
+    fn slices<'a>(&'a self, keys: &Keys<'a>) -> impl Iterator<Item = &'a Slice> + 'a {
         let scopes = [
             Some(&self.global),
             self.agents.get(keys.agent),
@@ -151,18 +146,22 @@ impl Index {
 
     /// Evaluates every policy of the request's slices with one evaluator.
     pub fn evaluate<'a>(&'a self, keys: &Keys<'a>, request: &CedarRequest, entities: &Entities) -> Evaluated<'a> {
-        let evaluator = Evaluator::new(request.as_ref().clone(), entities.as_ref(), Extensions::all_available());
-        let env = SlotEnv::new();
+        let evaluator = Evaluator::new(request, entities);
         let mut out = Evaluated::default();
         for slice in self.slices(keys) {
             for p in &slice.on {
-                out.on.add(p, &evaluator, &env);
+                out.on.add(p, &evaluator);
             }
             for p in &slice.report_only {
-                out.report_only.add(p, &evaluator, &env);
+                out.report_only.add(p, &evaluator);
             }
         }
         out
+    }
+
+    /// How many policies `evaluate` evaluates for these keys.
+    pub fn slice_len(&self, keys: &Keys<'_>) -> usize {
+        self.slices(keys).map(|s| s.on.len() + s.report_only.len()).sum()
     }
 }
 
@@ -238,18 +237,14 @@ pub struct Outcome<'a> {
 }
 
 impl<'a> Outcome<'a> {
-    fn add(&mut self, p: &'a Compiled, evaluator: &Evaluator<'_>, env: &SlotEnv) {
-        match evaluator.interpret(&p.condition, env) {
-            Ok(v) => match v.value_kind() {
-                ValueKind::Lit(Literal::Bool(true)) => match p.effect {
-                    Effect::Forbid => self.forbids.push(p),
-                    Effect::Permit => self.permits.push(p),
-                },
-                ValueKind::Lit(Literal::Bool(false)) => {}
-                // Strict validation makes every condition boolean; fail closed if one is not.
-                _ => self.errors.push((p, format!("the condition evaluated to {v}, not a boolean"))),
+    fn add(&mut self, p: &'a Compiled, evaluator: &Evaluator<'_>) {
+        match evaluator.holds(&p.condition) {
+            Ok(true) => match p.effect {
+                Effect::Forbid => self.forbids.push(p),
+                Effect::Permit => self.permits.push(p),
             },
-            Err(e) => self.errors.push((p, e.to_string())),
+            Ok(false) => {}
+            Err(message) => self.errors.push((p, message)),
         }
     }
 

@@ -8,12 +8,15 @@
 //!
 //! - [`input`]: reading outside input safely: capped regular files, JSON without duplicate keys
 //! - [`nesting`]: how deeply Cedar text may nest, checked before Cedar parses it
+//! - [`cedar`]: the one module below cedar-policy's facade: policy positions, compiled
+//!   conditions and their evaluator, contexts and entities built as values
 //! - [`directory`]: agents, blueprints, sponsors, users, resources, and their Cedar entities
 //! - [`bundle`]: reads a `policies/` folder: schema, policies, directory, locations, revision
 //! - [`request`]: the raw request, its validation, and the typed request
 //! - [`index`]: policy slices keyed by principal scope, action and resource
 //! - [`signals`]: live state (disabled agents, risk) layered over the directory
-//! - [`snapshot`]: everything one revision needs, and the `arc-swap` store that reloads it
+//! - [`snapshot`]: one revision, asked rather than reached into (an agent, a resource, counts,
+//!   the Cedar request, slice evaluation), and the `arc-swap` store that reloads it
 //! - [`watch`]: reloads the bundle when its folder changes (notify, debounced)
 //! - [`engine`]: `evaluate(&Snapshot, &Overlay, &Request) -> Decision`, and `explain`
 //! - [`records`]: what the service writes to the audit log: decision, signal and reload records
@@ -31,6 +34,7 @@
 
 pub mod audit;
 pub mod bundle;
+pub mod cedar;
 pub mod cli;
 pub mod directory;
 pub mod engine;

@@ -51,7 +51,7 @@ impl<'a> DecisionRecord<'a> {
     /// The record of `decision`, with the agent's blueprint and sponsor from the snapshot
     /// that decided it.
     pub fn new(snap: &'a Snapshot, request: &'a Request, decision: &'a Decision, caller: &'a Caller) -> Self {
-        let agent = snap.agent(&request.agent).map(|(a, _)| a);
+        let agent = snap.agent(&request.agent).map(|a| a.agent);
         DecisionRecord::of(
             request,
             agent.map(|a| a.blueprint.as_str()),

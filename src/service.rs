@@ -32,11 +32,11 @@ impl Default for Settings {
 }
 
 pub struct Service {
-    pub store: Store,
-    pub live: Overlay,
-    pub journal: Option<Journal>,
-    pub audit: Audit,
-    pub settings: Settings,
+    store: Store,
+    live: Overlay,
+    journal: Option<Journal>,
+    audit: Audit,
+    settings: Settings,
     /// The journal's upkeep (compaction) error, reported once and shown in Status.
     journal_error: std::sync::Mutex<Option<String>>,
     /// One signal at a time: journal order is apply order, a compaction sees every signal
@@ -88,6 +88,24 @@ impl Service {
             journal_error: std::sync::Mutex::new(None),
             signalling: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The served snapshot, its folder and the last reload failure.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The live values (signals) over the served directory.
+    pub fn live(&self) -> &Overlay {
+        &self.live
+    }
+
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Validates, decides and audits one request. Only malformed input is an error.
@@ -287,7 +305,7 @@ impl Service {
 
     /// What a reload whose task failed says: the old snapshot is still served.
     fn reload_failed(&self) -> Reloaded {
-        let kept = self.store.current().revision.clone();
+        let kept = self.store.current().revision().clone();
         let error = crate::bundle::BundleErrors(vec![crate::bundle::BundleError {
             file: self.store.dir().display().to_string(),
             line: None,
@@ -328,7 +346,7 @@ impl Service {
     /// Records the first load.
     pub async fn loaded(&self) {
         let snap = self.store.current();
-        let record = ReloadRecord::new("loaded", None, &snap.revision, None, "start");
+        let record = ReloadRecord::new("loaded", None, snap.revision(), None, "start");
         let _ = self.audit.submit_waiting(records::body(&record)).await;
     }
 

@@ -1,42 +1,91 @@
 //! A snapshot: everything one revision of the bundle needs to decide (policies, index,
-//! entities, lookups, locations), built aside and never changed; and the store that holds
-//! the current one behind `arc-swap`, so a reload swaps it whole without blocking a request.
+//! entities, lookups, locations), built aside, never changed, and asked rather than reached
+//! into; and the store that holds the current one behind `arc-swap`, so a reload swaps it
+//! whole without blocking a request.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use cedar_policy::{Authorizer, Entities, EntityUid};
-use chrono::{DateTime, Utc};
+use cedar_policy::{Authorizer, Entities, EntityUid, PolicySet, Request as CedarRequest, Response};
+use chrono::{DateTime, Datelike, Timelike, Utc};
 
-use crate::bundle::{Bundle, BundleError, BundleErrors, DIRECTORY_FILE};
-use crate::directory::{Agent, Blueprint, EntityTypes, Resource, Sponsor};
-use crate::index::Index;
-use crate::request::Action;
+use crate::bundle::{Bundle, BundleError, BundleErrors, BundlePolicy, DIRECTORY_FILE, PolicyState};
+use crate::cedar::ContextBuilder;
+use crate::directory::{Agent, Blueprint, EntityTypes, Resource, RiskLevel, Sponsor};
+use crate::index::{Evaluated, Index, Keys};
+use crate::request::{Action, Request};
 
-/// An agent's place in the snapshot: its entity id and its blueprint and sponsor.
+/// An agent's entity id and the positions of its blueprint and sponsor.
 #[derive(Debug)]
-pub struct AgentEntry {
-    pub index: usize,
-    pub uid: EntityUid,
-    pub blueprint: usize,
-    pub sponsor: usize,
+struct AgentEntry {
+    uid: EntityUid,
+    blueprint: usize,
+    sponsor: usize,
+}
+
+/// An agent of the snapshot with its blueprint and sponsor (it has exactly one of each).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentRef<'a> {
+    pub agent: &'a Agent,
+    pub blueprint: &'a Blueprint,
+    pub sponsor: &'a Sponsor,
+    uid: &'a EntityUid,
+}
+
+impl<'a> AgentRef<'a> {
+    /// The agent's Cedar entity id.
+    pub fn uid(&self) -> &'a EntityUid {
+        self.uid
+    }
+}
+
+/// A resource of the snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct ResourceRef<'a> {
+    pub resource: &'a Resource,
+    uid: &'a EntityUid,
+}
+
+impl<'a> ResourceRef<'a> {
+    /// The resource's Cedar entity id.
+    pub fn uid(&self) -> &'a EntityUid {
+        self.uid
+    }
+}
+
+/// How much a snapshot holds (Status, `validate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub policies: usize,
+    pub on: usize,
+    pub report_only: usize,
+    pub off: usize,
+    pub agents: usize,
+    pub blueprints: usize,
+    pub sponsors: usize,
+    pub users: usize,
+    pub resources: usize,
+    pub locations: usize,
 }
 
 /// One revision of the bundle, ready to decide.
 pub struct Snapshot {
-    pub bundle: Bundle,
-    pub revision: Arc<str>,
-    pub loaded_at: DateTime<Utc>,
+    bundle: Bundle,
+    revision: Arc<str>,
+    loaded_at: DateTime<Utc>,
     /// How long loading, validating and indexing took.
-    pub load_ms: u64,
-    pub entities: Entities,
-    pub index: Index,
-    pub types: EntityTypes,
-    pub authorizer: Authorizer,
-    agents: HashMap<String, AgentEntry>,
+    load_ms: u64,
+    entities: Entities,
+    index: Index,
+    types: EntityTypes,
+    authorizer: Authorizer,
+    /// An agent's position in the directory, which is also its entry's.
+    agents: HashMap<String, usize>,
+    agent_entries: Vec<AgentEntry>,
     blueprints: HashMap<String, usize>,
     sponsors: HashMap<String, usize>,
     /// A resource by one of its audiences only.
@@ -67,41 +116,40 @@ impl Snapshot {
 
     pub fn from_bundle(bundle: Bundle) -> Result<Snapshot, BundleErrors> {
         let types = EntityTypes::new();
-        let directory_file = bundle.dir.join(DIRECTORY_FILE).display().to_string();
+        let directory_file = bundle.dir().join(DIRECTORY_FILE).display().to_string();
         let fail = |message: String| BundleError { file: directory_file.clone(), line: None, column: None, message };
-        let entities = bundle.directory.to_entities(&bundle.schema, &types).map_err(&fail)?;
-        let index = Index::build(&bundle.policies, &types, &entities);
+        let dir = bundle.directory();
+        let entities = dir.to_entities(bundle.schema(), &types).map_err(&fail)?;
+        let index = Index::build(bundle.policies(), &types, &entities);
 
-        let dir = &bundle.directory;
         let position = |ids: &mut dyn Iterator<Item = &String>| -> HashMap<String, usize> {
             ids.enumerate().map(|(i, id)| (id.clone(), i)).collect()
         };
-        let blueprints = position(&mut dir.blueprints.iter().map(|b| &b.id));
-        let sponsors = position(&mut dir.sponsors.iter().map(|s| &s.id));
-        let mut agents = HashMap::with_capacity(dir.agents.len());
-        for (index, a) in dir.agents.iter().enumerate() {
+        let blueprints = position(&mut dir.blueprints().iter().map(|b| &b.id));
+        let sponsors = position(&mut dir.sponsors().iter().map(|s| &s.id));
+        let mut agents = HashMap::with_capacity(dir.agents().len());
+        let mut agent_entries = Vec::with_capacity(dir.agents().len());
+        for (index, a) in dir.agents().iter().enumerate() {
             // INVARIANT: Directory::from_json_str rejected every dangling blueprint or sponsor.
             let (Some(&blueprint), Some(&sponsor)) = (blueprints.get(&a.blueprint), sponsors.get(&a.sponsor)) else {
                 return Err(fail(format!("agent `{}`: dangling blueprint or sponsor", a.id)).into());
             };
-            agents.insert(
-                a.id.clone(),
-                AgentEntry { index, uid: EntityTypes::uid(&types.agent, &a.id), blueprint, sponsor },
-            );
+            agents.insert(a.id.clone(), index);
+            agent_entries.push(AgentEntry { uid: EntityTypes::uid(&types.agent, &a.id), blueprint, sponsor });
         }
         let mut resources = HashMap::new();
         let mut audiences = HashMap::new();
-        for (i, r) in dir.resources.iter().enumerate() {
+        for (i, r) in dir.resources().iter().enumerate() {
             resources.insert(r.id.clone(), i);
             for aud in &r.audiences {
                 resources.entry(aud.clone()).or_insert(i);
                 audiences.entry(aud.clone()).or_insert(i);
             }
         }
-        let resource_uids = dir.resources.iter().map(|r| EntityTypes::uid(&types.resource, &r.id)).collect();
+        let resource_uids = dir.resources().iter().map(|r| EntityTypes::uid(&types.resource, &r.id)).collect();
         let actions = Action::ALL.map(|a| EntityTypes::uid(&types.action, a.as_str()));
         Ok(Snapshot {
-            revision: Arc::from(bundle.revision.as_str()),
+            revision: Arc::from(bundle.revision()),
             bundle,
             loaded_at: Utc::now(),
             load_ms: 0,
@@ -110,6 +158,7 @@ impl Snapshot {
             types,
             authorizer: Authorizer::new(),
             agents,
+            agent_entries,
             blueprints,
             sponsors,
             resources,
@@ -120,38 +169,187 @@ impl Snapshot {
         })
     }
 
-    pub fn agent(&self, id: &str) -> Option<(&Agent, &AgentEntry)> {
-        self.agents.get(id).map(|e| (&self.bundle.directory.agents[e.index], e))
+    /// The content hash of the bundle (`sha256:…`).
+    pub fn revision(&self) -> &Arc<str> {
+        &self.revision
+    }
+
+    pub fn loaded_at(&self) -> DateTime<Utc> {
+        self.loaded_at
+    }
+
+    /// How long loading, validating and indexing took, in ms (0 if built from a bundle).
+    pub fn load_ms(&self) -> u64 {
+        self.load_ms
+    }
+
+    /// The policies of the bundle (off ones too), in file order, then order within the file.
+    pub fn policies(&self) -> &[BundlePolicy] {
+        self.bundle.policies()
+    }
+
+    /// What the bundle's files left out or ignored, each naming its file.
+    pub fn warnings(&self) -> &[String] {
+        self.bundle.warnings()
+    }
+
+    /// Policies that can never apply to an agent: their scope names no agent, blueprint,
+    /// sponsor or resource.
+    pub fn unreachable(&self) -> &[Arc<str>] {
+        self.index.unreachable()
+    }
+
+    pub fn counts(&self) -> Counts {
+        let policies = self.bundle.policies();
+        let count = |state| policies.iter().filter(|p| p.state == state).count();
+        let dir = self.bundle.directory();
+        Counts {
+            policies: policies.len(),
+            on: count(PolicyState::On),
+            report_only: count(PolicyState::ReportOnly),
+            off: count(PolicyState::Off),
+            agents: dir.agents().len(),
+            blueprints: dir.blueprints().len(),
+            sponsors: dir.sponsors().len(),
+            users: dir.users().len(),
+            resources: dir.resources().len(),
+            locations: self.bundle.locations().len(),
+        }
+    }
+
+    /// An agent by its id, with its blueprint and sponsor.
+    pub fn agent(&self, id: &str) -> Option<AgentRef<'_>> {
+        self.agents.get(id).map(|&i| self.agent_at(i, &self.agent_entries[i]))
+    }
+
+    /// Every agent, in directory order.
+    pub fn agents(&self) -> impl Iterator<Item = AgentRef<'_>> {
+        self.agent_entries.iter().enumerate().map(|(i, e)| self.agent_at(i, e))
+    }
+
+    /// INVARIANT: `e` is the entry of the agent at position `i` of the directory.
+    fn agent_at<'a>(&'a self, i: usize, e: &'a AgentEntry) -> AgentRef<'a> {
+        let dir = self.bundle.directory();
+        AgentRef {
+            agent: &dir.agents()[i],
+            blueprint: &dir.blueprints()[e.blueprint],
+            sponsor: &dir.sponsors()[e.sponsor],
+            uid: &e.uid,
+        }
     }
 
     pub fn blueprint(&self, id: &str) -> Option<&Blueprint> {
-        self.blueprints.get(id).map(|&i| &self.bundle.directory.blueprints[i])
+        self.blueprints.get(id).map(|&i| &self.bundle.directory().blueprints()[i])
     }
 
     pub fn sponsor(&self, id: &str) -> Option<&Sponsor> {
-        self.sponsors.get(id).map(|&i| &self.bundle.directory.sponsors[i])
+        self.sponsors.get(id).map(|&i| &self.bundle.directory().sponsors()[i])
     }
 
-    pub fn blueprint_of(&self, entry: &AgentEntry) -> &Blueprint {
-        &self.bundle.directory.blueprints[entry.blueprint]
-    }
-
-    pub fn sponsor_of(&self, entry: &AgentEntry) -> &Sponsor {
-        &self.bundle.directory.sponsors[entry.sponsor]
-    }
-
-    /// A resource by its id or one of its audiences, with its entity id.
-    pub fn resource(&self, name: &str) -> Option<(&Resource, &EntityUid)> {
-        self.resources.get(name).map(|&i| (&self.bundle.directory.resources[i], &self.resource_uids[i]))
+    /// A resource by its id or one of its audiences.
+    pub fn resource(&self, id_or_audience: &str) -> Option<ResourceRef<'_>> {
+        self.resources
+            .get(id_or_audience)
+            .map(|&i| ResourceRef { resource: &self.bundle.directory().resources()[i], uid: &self.resource_uids[i] })
     }
 
     /// The resource that has `audience` among its audiences (an id does not count).
     pub fn resource_by_audience(&self, audience: &str) -> Option<&Resource> {
-        self.audiences.get(audience).map(|&i| &self.bundle.directory.resources[i])
+        self.audiences.get(audience).map(|&i| &self.bundle.directory().resources()[i])
     }
 
+    /// The names of the named locations that contain `ip`, in file order.
+    pub fn locations_containing(&self, ip: IpAddr) -> impl Iterator<Item = &Arc<str>> {
+        self.bundle.locations().containing(ip)
+    }
+
+    /// The Cedar entity id of an action.
     pub fn action_uid(&self, action: Action) -> &EntityUid {
         &self.actions[action.index()]
+    }
+
+    /// The request as Cedar takes it: cached entity ids, the context of DESIGN §3 built as
+    /// values, no schema check (our types already guarantee the shape; a unit test checks it
+    /// against the schema).
+    pub fn cedar_request(
+        &self,
+        req: &Request,
+        agent: AgentRef<'_>,
+        resource: ResourceRef<'_>,
+        agent_risk: RiskLevel,
+    ) -> Result<CedarRequest, String> {
+        let context = self.context(req, agent_risk)?;
+        CedarRequest::new(agent.uid.clone(), self.action_uid(req.action).clone(), resource.uid.clone(), context, None)
+            .map_err(|e| e.to_string())
+    }
+
+    fn context(&self, req: &Request, agent_risk: RiskLevel) -> Result<cedar_policy::Context, String> {
+        let mut c = ContextBuilder::new();
+        let locations = req.client_ip.into_iter().flat_map(|ip| self.locations_containing(ip));
+        c.strings("locations", locations.map(|l| &**l));
+        c.string("flow", req.flow.as_str());
+        if let Some(client_ip) = req.client_ip {
+            c.ip("client_ip", client_ip)?;
+        }
+        c.datetime("time", req.time)?;
+        c.long("hour", i64::from(req.time.hour()));
+        c.string("weekday", WEEKDAYS[req.time.weekday().num_days_from_monday() as usize]);
+        c.string("agent_risk", agent_risk.as_str());
+        c.string("signin_risk", req.signin_risk.as_str());
+        match req.action {
+            Action::RequestToken => {
+                c.strings("scopes", req.scopes.iter().map(String::as_str));
+                c.string("grant_type", req.grant_type.as_deref().unwrap_or_default());
+                if let Some(user) = &req.user {
+                    c.entity("user", &EntityTypes::uid(&self.types.user, user));
+                }
+            }
+            Action::CallApi => {
+                c.string("method", req.method.as_deref().unwrap_or_default());
+                c.string("path", req.path.as_deref().unwrap_or_default());
+            }
+        }
+        Ok(c.build())
+    }
+
+    /// Evaluates the policies that can apply to a request of `agent` for `resource`: the
+    /// request's slices of the index, with one evaluator.
+    pub fn evaluate_slices<'a>(
+        &'a self,
+        agent: AgentRef<'a>,
+        resource: ResourceRef<'a>,
+        action: Action,
+        request: &CedarRequest,
+    ) -> Evaluated<'a> {
+        self.index.evaluate(&keys(agent, resource, action), request, &self.entities)
+    }
+
+    /// How many policies `evaluate_slices` evaluates for such a request.
+    pub fn slice_len(&self, agent: AgentRef<'_>, resource: ResourceRef<'_>, action: Action) -> usize {
+        self.index.slice_len(&keys(agent, resource, action))
+    }
+
+    /// Plain Cedar: `policies` against this snapshot's entities.
+    pub fn is_authorized(&self, request: &CedarRequest, policies: &PolicySet) -> Response {
+        self.authorizer.is_authorized(request, policies, &self.entities)
+    }
+
+    /// Cedar's `uid in target`: `uid` is `target` or one of its descendants.
+    pub fn is_in(&self, uid: &EntityUid, target: &EntityUid) -> bool {
+        uid == target || self.entities.is_ancestor_of(target, uid)
+    }
+}
+
+const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// The index keys of a request by `agent` for `resource` (its id, never an audience).
+fn keys<'a>(agent: AgentRef<'a>, resource: ResourceRef<'a>, action: Action) -> Keys<'a> {
+    Keys {
+        agent: &agent.agent.id,
+        blueprint: &agent.blueprint.id,
+        sponsor: &agent.sponsor.id,
+        action,
+        resource: &resource.resource.id,
     }
 }
 
@@ -178,8 +376,7 @@ impl Drop for Snapshot {
             std::mem::take(&mut self.agents),
             std::mem::take(&mut self.resources),
             std::mem::take(&mut self.audiences),
-            std::mem::take(&mut self.bundle.directory),
-            std::mem::take(&mut self.bundle.policies),
+            self.bundle.take_bulk(),
         ));
         // The reaper is gone only if its thread died: then it is freed here after all.
         let _ = reaper.send(bulk);
@@ -245,7 +442,7 @@ impl Store {
     /// Builds a new snapshot from the folder and swaps it in; on failure keeps the old one.
     pub fn reload(&self) -> Reloaded {
         let _one_at_a_time = self.reloading.lock();
-        let served = self.current().revision.clone();
+        let served = self.current().revision().clone();
         let result = match Snapshot::load(&self.dir) {
             Ok(new) if new.revision == served => Reloaded::Unchanged(served),
             Ok(new) => {
@@ -276,7 +473,75 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use chrono::Utc;
+
     use super::*;
+    use crate::request::RawRequest;
+
+    fn sample() -> Snapshot {
+        Snapshot::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies").as_path()).unwrap()
+    }
+
+    fn request(json: &str) -> Request {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        RawRequest::from_json(&v).unwrap().validate(Utc::now()).unwrap()
+    }
+
+    #[test]
+    fn the_context_conforms_to_the_schema() {
+        let snap = sample();
+        let cases = [
+            r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "2001:db8::1"}"#,
+            r#"{"agent": "ag-support-eu", "resource": "tickets", "flow": "on_behalf_of", "user": "u-gina", "signin_risk": "medium"}"#,
+            r#"{"agent": "ag-support-01", "resource": "tickets", "action": "call_api", "method": "GET", "path": "/x", "client_ip": "10.0.0.1"}"#,
+            r#"{"agent": "ag-support-01", "resource": "tickets", "action": "call_api", "method": "GET", "path": "/x"}"#,
+        ];
+        for json in cases {
+            let req = request(json);
+            let agent = snap.agent(&req.agent).unwrap();
+            let resource = snap.resource(&req.resource).unwrap();
+            let ctx = snap.context(&req, RiskLevel::Low).unwrap();
+            let checked = CedarRequest::new(
+                agent.uid().clone(),
+                snap.action_uid(req.action).clone(),
+                resource.uid().clone(),
+                ctx,
+                Some(snap.bundle.schema()),
+            );
+            assert!(checked.is_ok(), "{json}: {:?}", checked.err());
+        }
+    }
+
+    #[test]
+    fn agents_come_with_their_blueprint_and_sponsor() {
+        let snap = sample();
+        let a = snap.agent("ag-mail-01").unwrap();
+        assert_eq!(
+            (a.agent.id.as_str(), a.blueprint.id.as_str(), a.sponsor.id.as_str()),
+            ("ag-mail-01", "bp-mail", "s-alice")
+        );
+        assert_eq!(a.uid().to_string(), r#"Agent::"ag-mail-01""#);
+        assert!(snap.agent("bp-mail").is_none());
+        assert_eq!(snap.agents().count(), snap.counts().agents);
+        assert!(snap.agents().all(|a| a.agent.blueprint == a.blueprint.id && a.agent.sponsor == a.sponsor.id));
+        assert_eq!(snap.blueprint("bp-mail").map(|b| b.id.as_str()), Some("bp-mail"));
+        assert_eq!(snap.sponsor("s-alice").map(|s| s.id.as_str()), Some("s-alice"));
+        assert!(snap.is_in(a.uid(), &EntityTypes::uid(&EntityTypes::new().blueprint, "bp-mail")));
+        assert!(snap.is_in(a.uid(), a.uid()));
+        assert!(!snap.is_in(a.uid(), &EntityTypes::uid(&EntityTypes::new().blueprint, "bp-other")));
+    }
+
+    #[test]
+    fn resources_answer_to_their_id_and_audiences() {
+        let snap = sample();
+        let graph = snap.resource("graph").unwrap();
+        assert_eq!(graph.uid().to_string(), r#"Resource::"graph""#);
+        let audience = graph.resource.audiences.first().unwrap().clone();
+        assert_eq!(snap.resource(&audience).map(|r| r.resource.id.as_str()), Some("graph"));
+        assert_eq!(snap.resource_by_audience(&audience).map(|r| r.id.as_str()), Some("graph"));
+        assert!(snap.resource_by_audience("graph").is_none());
+        assert!(snap.resource("nowhere").is_none());
+    }
 
     #[test]
     fn a_replaced_snapshot_still_in_use_holds_no_reload_up_and_answers_until_dropped() {

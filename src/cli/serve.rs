@@ -263,8 +263,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     let listener =
         TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;
     let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
-    let snap = service.store.current();
-    tracing::info!(%addr, revision = %snap.revision, policies = snap.bundle.policies.len(), audit = %service.audit.config().target.describe(), "serving");
+    let snap = service.store().current();
+    tracing::info!(%addr, revision = %snap.revision(), policies = snap.policies().len(), audit = %service.audit().config().target.describe(), "serving");
     if args.admin_token.is_none() {
         tracing::warn!("AdminService has no token: anyone who can reach {addr} may send signals (set --admin-token)");
     }
@@ -332,9 +332,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     };
     reloader.abort();
     // Make every record durable before exiting, within the grace period again.
-    let flushed = tokio::time::timeout(grace, service.audit.flush()).await.is_ok();
+    let flushed = tokio::time::timeout(grace, service.audit().flush()).await.is_ok();
     if !flushed {
-        report_unwritten(&service.audit);
+        report_unwritten(service.audit());
     }
     result?;
     if !flushed {

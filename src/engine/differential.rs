@@ -5,12 +5,14 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use cedar_policy::{Authorizer, Decision as CedarDecision, PolicySet};
+use cedar_policy::{Decision as CedarDecision, PolicySet};
 use chrono::{TimeZone, Utc};
 use proptest::prelude::*;
 
 use super::*;
 use crate::bundle::PolicyState;
+use crate::directory::RiskLevel;
+use crate::request::Action;
 
 const SCHEMA: &str = include_str!("../../policies/schema.cedarschema");
 
@@ -197,7 +199,7 @@ proptest! {
 
         let set_of = |state: PolicyState, effect: Option<Effect>| {
             let mut set = PolicySet::new();
-            for p in snap.bundle.policies.iter().filter(|p| p.state == state && effect.is_none_or(|e| p.effect == e)) {
+            for p in snap.policies().iter().filter(|p| p.state == state && effect.is_none_or(|e| p.effect == e)) {
                 set.add(p.policy.clone()).unwrap();
             }
             set
@@ -205,7 +207,6 @@ proptest! {
         let full_on = set_of(PolicyState::On, None);
         let full_ro_forbid = set_of(PolicyState::ReportOnly, Some(Effect::Forbid));
         let full_ro_permit = set_of(PolicyState::ReportOnly, Some(Effect::Permit));
-        let authorizer = Authorizer::new();
 
         for r in requests {
             let agent = format!("a{}", r.agent % g.agents.len());
@@ -226,13 +227,12 @@ proptest! {
                 method: r.call_api.then(|| "GET".to_string()),
                 path: r.call_api.then(|| "/".to_string()),
             };
-            let (a, entry) = snap.agent(&agent).unwrap();
-            let (_, resource_uid) = snap.resource(&resource).unwrap();
-            let cedar = cedar_request(&snap, &req, &entry.uid, resource_uid, a.risk).unwrap();
-            let keys = Keys::of(a, &resource, req.action);
-            let got = snap.index.evaluate(&keys, &cedar, &snap.entities);
+            let a = snap.agent(&agent).unwrap();
+            let res = snap.resource(&resource).unwrap();
+            let cedar = snap.cedar_request(&req, a, res, a.agent.risk).unwrap();
+            let got = snap.evaluate_slices(a, res, req.action, &cedar);
 
-            let full = authorizer.is_authorized(&cedar, &full_on, &snap.entities);
+            let full = snap.is_authorized(&cedar, &full_on);
             prop_assert_eq!(got.on.allows(), full.decision() == CedarDecision::Allow, "decision\n{}", g.policies());
             prop_assert_eq!(ids(got.on.determining().iter().copied()), cedar_ids(full.diagnostics().reason()), "determining\n{}", g.policies());
             let full_errors: BTreeSet<String> = full.diagnostics().errors().map(|e| {
@@ -241,8 +241,8 @@ proptest! {
             }).collect();
             prop_assert_eq!(ids(got.on.errors.iter().map(|(p, _)| *p)), full_errors, "errors\n{}", g.policies());
 
-            let ro_forbid = authorizer.is_authorized(&cedar, &full_ro_forbid, &snap.entities);
-            let ro_permit = authorizer.is_authorized(&cedar, &full_ro_permit, &snap.entities);
+            let ro_forbid = snap.is_authorized(&cedar, &full_ro_forbid);
+            let ro_permit = snap.is_authorized(&cedar, &full_ro_permit);
             prop_assert_eq!(ids(got.report_only.forbids.iter().copied()), cedar_ids(ro_forbid.diagnostics().reason()));
             prop_assert_eq!(ids(got.report_only.permits.iter().copied()), cedar_ids(ro_permit.diagnostics().reason()));
         }

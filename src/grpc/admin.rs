@@ -44,18 +44,19 @@ fn rfc3339(t: chrono::DateTime<Utc>) -> String {
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for Admin {
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        let snap = self.service.store.current();
-        let failure = self.service.store.last_failure();
-        let audit = &self.service.audit;
+        let snap = self.service.store().current();
+        let counts = snap.counts();
+        let failure = self.service.store().last_failure();
+        let audit = self.service.audit();
         let stats = audit.stats();
         let config = audit.config();
         Ok(Response::new(pb::StatusResponse {
-            revision: snap.revision.to_string(),
-            loaded_at: rfc3339(snap.loaded_at),
-            load_ms: snap.load_ms,
-            policies_dir: self.service.store.dir().display().to_string(),
-            policies: snap.bundle.policies.len() as u64,
-            agents: snap.bundle.directory.agents.len() as u64,
+            revision: snap.revision().to_string(),
+            loaded_at: rfc3339(snap.loaded_at()),
+            load_ms: snap.load_ms(),
+            policies_dir: self.service.store().dir().display().to_string(),
+            policies: counts.policies as u64,
+            agents: counts.agents as u64,
             last_reload_error: failure.as_ref().map(|f| f.error.clone()).unwrap_or_default(),
             last_reload_error_at: failure.as_ref().map(|f| rfc3339(f.at)).unwrap_or_default(),
             stale_since: failure.as_ref().map(|f| rfc3339(f.stale_since)).unwrap_or_default(),
@@ -71,9 +72,9 @@ impl pb::admin_service_server::AdminService for Admin {
                 seq: stats.seq,
                 notice: stats.notice.unwrap_or_default(),
             }),
-            live_signals: self.service.live.len() as u64,
+            live_signals: self.service.live().len() as u64,
             unknown_target_signals: self.service.unknown_signals(&snap) as u64,
-            max_unknown_target_signals: self.service.settings.max_unknown_signals as u64,
+            max_unknown_target_signals: self.service.settings().max_unknown_signals as u64,
             signals_error: self.service.journal_error().unwrap_or_default(),
         }))
     }
@@ -164,8 +165,8 @@ impl pb::admin_service_server::AdminService for Admin {
                     .ok_or_else(|| Status::invalid_argument("field `page_token`: not a token this server gave"))?,
             ),
         };
-        let snap = self.service.store.current();
-        let entries = self.service.live.entries();
+        let snap = self.service.store().current();
+        let entries = self.service.live().entries();
         let total = entries.len() as u64;
         let start = after.map_or(0, |key| entries.partition_point(|(f, t, ..)| (f.as_str(), t.as_str()) <= key));
         let page: Vec<_> = entries.into_iter().skip(start).take(size + 1).collect();

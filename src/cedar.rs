@@ -1,0 +1,434 @@
+//! The one module below cedar-policy's facade (`cedar-policy-core`): where a parsed policy
+//! begins, policy conditions compiled once and evaluated with one evaluator per request,
+//! contexts and entities built as values. A Cedar upgrade that moves the core touches this file.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
+
+use cedar_policy::{Context, Entities, Entity, EntityUid, Policy, Request, Schema, Template};
+use cedar_policy_core::ast::{
+    self, EntityUID as CoreUid, Expr, ExtensionFunction, Literal, Name, PartialValue, SlotEnv, Value, ValueKind,
+};
+use cedar_policy_core::entities::{Entities as CoreEntities, NoEntitiesSchema, TCComputation};
+use cedar_policy_core::evaluator::Evaluator as CoreEvaluator;
+use cedar_policy_core::extensions::Extensions;
+use chrono::{DateTime, Utc};
+use smol_str::SmolStr;
+
+/// The byte offset in its source where a parsed policy begins (its first annotation, or its
+/// effect), from the parser's own source location. None for a policy not parsed from text.
+pub fn policy_offset(policy: &Policy) -> Option<usize> {
+    AsRef::<ast::Policy>::as_ref(policy).loc().map(|loc| loc.start())
+}
+
+/// As [`policy_offset`], for a template.
+pub fn template_offset(template: &Template) -> Option<usize> {
+    AsRef::<ast::Template>::as_ref(template).loc().map(|loc| loc.start())
+}
+
+/// What a policy leaves to evaluate once its scope is known to hold: its `when` and `unless`
+/// clauses as Cedar joins them (`true` if it has none). Built once, at load.
+#[derive(Debug, Clone)]
+pub struct Condition(Expr);
+
+impl Condition {
+    pub fn body_of(policy: &Policy) -> Condition {
+        let ast: &ast::Policy = policy.as_ref();
+        Condition(ast.non_scope_constraints().cloned().unwrap_or_else(|| Expr::val(true)))
+    }
+}
+
+/// Evaluates conditions for one request against one set of entities. Cedar's authorizer
+/// builds an evaluator and rebuilds every condition on each call; this builds one per request.
+pub struct Evaluator<'e> {
+    inner: CoreEvaluator<'e>,
+    slots: SlotEnv,
+}
+
+impl<'e> Evaluator<'e> {
+    pub fn new(request: &Request, entities: &'e Entities) -> Self {
+        Evaluator {
+            inner: CoreEvaluator::new(request.as_ref().clone(), entities.as_ref(), Extensions::all_available()),
+            slots: SlotEnv::new(),
+        }
+    }
+
+    /// Whether `condition` holds; `Err` says why it could not be evaluated.
+    pub fn holds(&self, condition: &Condition) -> Result<bool, String> {
+        match self.inner.interpret(&condition.0, &self.slots) {
+            Ok(v) => match v.value_kind() {
+                ValueKind::Lit(Literal::Bool(b)) => Ok(*b),
+                // Strict validation makes every condition boolean; fail closed if one is not.
+                _ => Err(format!("the condition evaluated to {v}, not a boolean")),
+            },
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Cedar's `ip` and `datetime` constructors, looked up once. (`RestrictedExpression::new_ip`
+/// parses the function's name with the full Cedar parser on every call.)
+static CONSTRUCTORS: LazyLock<Option<(&'static ExtensionFunction, &'static ExtensionFunction)>> = LazyLock::new(|| {
+    let lookup = |name: &str| {
+        let name = Name::parse_unqualified_name(name).ok()?;
+        Extensions::all_available().func(&name).ok()
+    };
+    Some((lookup("ip")?, lookup("datetime")?))
+});
+
+const NO_CONSTRUCTORS: &str = "the ip and datetime extensions are unavailable";
+
+thread_local! {
+    /// The last `datetime` and `ip` values built on this thread: Cedar parses them with a
+    /// regular expression, and under load many requests share the same millisecond (and a
+    /// gateway's requests often the same client).
+    static LAST_TIME: RefCell<Option<(i64, Value)>> = const { RefCell::new(None) };
+    static LAST_IP: RefCell<Option<(IpAddr, Value)>> = const { RefCell::new(None) };
+}
+
+fn cached<K: PartialEq + Copy>(
+    slot: &'static std::thread::LocalKey<RefCell<Option<(K, Value)>>>,
+    key: K,
+    build: impl FnOnce() -> Result<Value, String>,
+) -> Result<Value, String> {
+    if let Some(v) = slot.with_borrow(|last| last.as_ref().filter(|(k, _)| *k == key).map(|(_, v)| v.clone())) {
+        return Ok(v);
+    }
+    let v = build()?;
+    slot.set(Some((key, v.clone())));
+    Ok(v)
+}
+
+fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, String> {
+    match f.call(&[Value::from(arg)]) {
+        Ok(PartialValue::Value(v)) => Ok(v),
+        Ok(PartialValue::Residual(_)) => Err(format!("`{arg}` could not be evaluated")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A request context built as values: no expression to evaluate and no schema check (the
+/// caller's types guarantee the shape).
+#[derive(Debug, Default)]
+pub struct ContextBuilder(BTreeMap<SmolStr, Value>);
+
+impl ContextBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn put(&mut self, key: &'static str, value: Value) {
+        self.0.insert(SmolStr::new_static(key), value);
+    }
+
+    pub fn string(&mut self, key: &'static str, value: &str) {
+        self.put(key, Value::from(value));
+    }
+
+    pub fn long(&mut self, key: &'static str, value: i64) {
+        self.put(key, Value::from(value));
+    }
+
+    /// A set of strings.
+    pub fn strings<'a>(&mut self, key: &'static str, values: impl IntoIterator<Item = &'a str>) {
+        self.put(key, Value::set(values.into_iter().map(Value::from), None));
+    }
+
+    pub fn entity(&mut self, key: &'static str, uid: &EntityUid) {
+        self.put(key, Value::from(CoreUid::from(uid.clone())));
+    }
+
+    /// An `ip` value.
+    pub fn ip(&mut self, key: &'static str, ip: IpAddr) -> Result<(), String> {
+        let (constructor, _) = CONSTRUCTORS.ok_or(NO_CONSTRUCTORS)?;
+        let value = cached(&LAST_IP, ip, || construct(constructor, &ip.to_string()))?;
+        self.put(key, value);
+        Ok(())
+    }
+
+    /// A `datetime` value, to the millisecond.
+    pub fn datetime(&mut self, key: &'static str, time: DateTime<Utc>) -> Result<(), String> {
+        let (_, constructor) = CONSTRUCTORS.ok_or(NO_CONSTRUCTORS)?;
+        let value = cached(&LAST_TIME, time.timestamp_millis(), || {
+            construct(constructor, &time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        })?;
+        self.put(key, value);
+        Ok(())
+    }
+
+    pub fn build(self) -> Context {
+        Context::from(ast::Context::Value(Arc::new(self.0)))
+    }
+}
+
+/// An attribute or tag value of an entity.
+#[derive(Debug, Clone)]
+pub struct Attr(PartialValue);
+
+impl Attr {
+    pub fn string(value: &str) -> Attr {
+        Attr(PartialValue::Value(Value::from(value)))
+    }
+
+    pub fn bool(value: bool) -> Attr {
+        Attr(PartialValue::Value(Value::from(value)))
+    }
+
+    /// A set of strings.
+    pub fn strings<'a>(values: impl IntoIterator<Item = &'a str>) -> Attr {
+        Attr(PartialValue::Value(Value::set(values.into_iter().map(Value::from), None)))
+    }
+
+    pub fn entity(uid: EntityUid) -> Attr {
+        Attr(PartialValue::Value(Value::from(CoreUid::from(uid))))
+    }
+
+    /// A set of entity references.
+    pub fn entities(uids: impl IntoIterator<Item = EntityUid>) -> Attr {
+        Attr(PartialValue::Value(Value::set(uids.into_iter().map(|uid| Value::from(CoreUid::from(uid))), None)))
+    }
+}
+
+/// Entities built as values: no expression evaluated per attribute, no transitive closure
+/// computed, and only the samples checked against the schema.
+#[derive(Debug, Default)]
+pub struct EntitiesBuilder {
+    entities: Vec<ast::Entity>,
+    samples: Vec<Entity>,
+}
+
+impl EntitiesBuilder {
+    pub fn with_capacity(n: usize) -> Self {
+        EntitiesBuilder { entities: Vec::with_capacity(n), samples: Vec::new() }
+    }
+
+    /// Adds an entity. A `sample` is checked against the schema at [`EntitiesBuilder::build`]:
+    /// where every entity of a type is built by the same code, one can stand for all.
+    pub fn add<'a>(
+        &mut self,
+        uid: EntityUid,
+        attrs: impl IntoIterator<Item = (&'static str, Attr)>,
+        parents: impl IntoIterator<Item = EntityUid>,
+        tags: impl IntoIterator<Item = (&'a str, Attr)>,
+        sample: bool,
+    ) {
+        let entity = ast::Entity::new_with_attr_partial_value(
+            CoreUid::from(uid),
+            attrs.into_iter().map(|(k, v)| (SmolStr::new_static(k), v.0)),
+            HashSet::new(),
+            parents.into_iter().map(CoreUid::from).collect(),
+            tags.into_iter().map(|(k, v)| (SmolStr::from(k), v.0)),
+        );
+        if sample {
+            self.samples.push(Entity::from(entity.clone()));
+        }
+        self.entities.push(entity);
+    }
+
+    /// The entities and the schema's actions, once the samples pass the schema's check of
+    /// attribute names and types, tags and parents.
+    ///
+    /// INVARIANT (the caller's): each entity's parents are all its ancestors, because the
+    /// transitive closure is taken as already computed.
+    pub fn build(self, schema: &Schema) -> Result<Entities, String> {
+        let EntitiesBuilder { mut entities, samples } = self;
+        Entities::from_entities(samples, Some(schema)).map_err(|e| error_chain(&e))?;
+        let actions = schema.action_entities().map_err(|e| e.to_string())?;
+        entities.extend(actions.iter().map(|e| AsRef::<ast::Entity>::as_ref(e).clone()));
+        CoreEntities::from_entities(
+            entities,
+            None::<&NoEntitiesSchema>,
+            TCComputation::AssumeAlreadyComputed,
+            Extensions::all_available(),
+        )
+        .map(Entities::from)
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// An error and its causes, joined: Cedar's top-level messages leave the detail to the causes.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use cedar_policy::{Authorizer, Decision, PolicySet, RestrictedExpression};
+
+    use super::*;
+
+    const SCHEMA: &str = r#"
+        entity Group;
+        entity User in [Group] { name: String, admin: Bool, groups: Set<Group>, mail: Set<String> } tags String;
+        entity Doc { owner: User };
+        action read appliesTo {
+            principal: [User], resource: [Doc],
+            context: { ip: ipaddr, at: datetime, n: Long, who: User, tags: Set<String>, s: String }
+        };
+    "#;
+
+    fn schema() -> Schema {
+        Schema::from_cedarschema_str(SCHEMA).unwrap().0
+    }
+
+    fn uid(s: &str) -> EntityUid {
+        EntityUid::from_str(s).unwrap()
+    }
+
+    fn entities(sample_all: bool) -> EntitiesBuilder {
+        let mut b = EntitiesBuilder::with_capacity(4);
+        b.add(uid(r#"Group::"g""#), [], [], [], sample_all);
+        let attrs = |name: &str| {
+            [
+                ("name", Attr::string(name)),
+                ("admin", Attr::bool(name == "ann")),
+                ("groups", Attr::entities([uid(r#"Group::"g""#)])),
+                ("mail", Attr::strings([name, "x"])),
+            ]
+        };
+        b.add(uid(r#"User::"ann""#), attrs("ann"), [uid(r#"Group::"g""#)], [("team", Attr::string("a"))], true);
+        b.add(uid(r#"User::"bob""#), attrs("bob"), [], [], sample_all);
+        b.add(uid(r#"Doc::"d""#), [("owner", Attr::entity(uid(r#"User::"ann""#)))], [], [], true);
+        b
+    }
+
+    fn context() -> Context {
+        let mut c = ContextBuilder::new();
+        c.ip("ip", "10.1.2.3".parse().unwrap()).unwrap();
+        c.datetime("at", "2026-11-25T10:00:00.250Z".parse().unwrap()).unwrap();
+        c.long("n", 7);
+        c.entity("who", &uid(r#"User::"bob""#));
+        c.strings("tags", ["a", "b"]);
+        c.string("s", "x");
+        c.build()
+    }
+
+    fn request(principal: &str) -> Request {
+        Request::new(uid(principal), uid(r#"Action::"read""#), uid(r#"Doc::"d""#), context(), None).unwrap()
+    }
+
+    fn policy(text: &str) -> Policy {
+        Policy::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn built_entities_equal_the_checked_public_build() {
+        let built = entities(true).build(&schema()).unwrap();
+        let s = |v: &str| RestrictedExpression::new_string(v.into());
+        let group = |id: &str| RestrictedExpression::new_entity_uid(uid(id));
+        let user = |name: &str, parents: Vec<EntityUid>, tags: Vec<(String, RestrictedExpression)>| {
+            let attrs = [
+                ("name".to_string(), s(name)),
+                ("admin".into(), RestrictedExpression::new_bool(name == "ann")),
+                ("groups".into(), RestrictedExpression::new_set([group(r#"Group::"g""#)])),
+                ("mail".into(), RestrictedExpression::new_set([s(name), s("x")])),
+            ];
+            Entity::new_with_tags(uid(&format!(r#"User::"{name}""#)), attrs, parents, tags).unwrap()
+        };
+        let reference = Entities::from_entities(
+            [
+                Entity::new_no_attrs(uid(r#"Group::"g""#), HashSet::new()),
+                user("ann", vec![uid(r#"Group::"g""#)], vec![("team".into(), s("a"))]),
+                user("bob", vec![], vec![]),
+                Entity::new(
+                    uid(r#"Doc::"d""#),
+                    [("owner".to_string(), RestrictedExpression::new_entity_uid(uid(r#"User::"ann""#)))].into(),
+                    HashSet::new(),
+                )
+                .unwrap(),
+            ],
+            Some(&schema()),
+        )
+        .unwrap();
+        // With a schema, Cedar adds the schema's actions, as `build` does.
+        assert!(built.deep_eq(&reference));
+        assert!(built.is_ancestor_of(&uid(r#"Group::"g""#), &uid(r#"User::"ann""#)));
+        assert!(built.get(&uid(r#"Action::"read""#)).is_some());
+    }
+
+    #[test]
+    fn a_sample_that_does_not_fit_the_schema_is_an_error_with_its_causes() {
+        let mut b = EntitiesBuilder::default();
+        b.add(uid(r#"Doc::"d""#), [("owner", Attr::string("ann"))], [], [], true);
+        let err = b.build(&schema()).unwrap_err();
+        assert!(err.contains("owner"), "{err}");
+        // Only samples are checked: the same entity, not a sample, passes.
+        let mut b = EntitiesBuilder::default();
+        b.add(uid(r#"Doc::"d""#), [("owner", Attr::string("ann"))], [], [], false);
+        assert!(b.build(&schema()).is_ok());
+    }
+
+    #[test]
+    fn contexts_carry_values_of_every_kind() {
+        let entities = entities(false).build(&schema()).unwrap();
+        let when = "when { context.ip.isInRange(ip(\"10.0.0.0/8\")) && context.at == datetime(\"2026-11-25T10:00:00.250Z\") \
+             && context.n == 7 && context.who == User::\"bob\" && context.tags.contains(\"b\") && context.s == \"x\" }";
+        let p = policy(&format!("permit(principal, action, resource) {when};"));
+        let mut set = PolicySet::new();
+        set.add(p.clone()).unwrap();
+        let req = request(r#"User::"ann""#);
+        let response = Authorizer::new().is_authorized(&req, &set, &entities);
+        assert_eq!(response.decision(), Decision::Allow, "{:?}", response.diagnostics().errors().collect::<Vec<_>>());
+        assert!(
+            Request::new(
+                req.principal().unwrap().clone(),
+                uid(r#"Action::"read""#),
+                uid(r#"Doc::"d""#),
+                context(),
+                Some(&schema())
+            )
+            .is_ok()
+        );
+        // Built again from the per-thread cache, the values are the same.
+        assert_eq!(Evaluator::new(&request(r#"User::"ann""#), &entities).holds(&Condition::body_of(&p)), Ok(true));
+    }
+
+    #[test]
+    fn conditions_hold_fail_and_err_as_cedar_says() {
+        let entities = entities(false).build(&schema()).unwrap();
+        let req = request(r#"User::"ann""#);
+        let eval = Evaluator::new(&req, &entities);
+        let holds = |text: &str| eval.holds(&Condition::body_of(&policy(text)));
+        // The scope is left out: only the conditions are evaluated.
+        assert_eq!(holds(r#"permit(principal == User::"bob", action, resource);"#), Ok(true));
+        assert_eq!(holds("permit(principal, action, resource) when { principal.admin };"), Ok(true));
+        assert_eq!(holds("permit(principal, action, resource) unless { principal.admin };"), Ok(false));
+        assert_eq!(holds("permit(principal, action, resource) when { principal in Group::\"g\" };"), Ok(true));
+        assert_eq!(
+            holds("permit(principal, action, resource) when { principal.getTag(\"team\") == \"a\" };"),
+            Ok(true)
+        );
+        let err =
+            holds("permit(principal, action, resource) when { context.n + 9223372036854775807 > 0 };").unwrap_err();
+        assert!(err.contains("overflow"), "{err}");
+        assert_eq!(
+            eval.holds(&Condition(Expr::val(1i64))),
+            Err("the condition evaluated to 1, not a boolean".to_string())
+        );
+    }
+
+    #[test]
+    fn policies_begin_where_the_parser_saw_them() {
+        let src = "// c\n@id(\"a\")\npermit(principal, action, resource);\n  forbid(principal, action, resource);\npermit(principal == ?principal, action, resource);";
+        let set = PolicySet::from_str(src).unwrap();
+        let mut offsets: Vec<usize> = set.policies().map(|p| policy_offset(p).unwrap()).collect();
+        offsets.sort();
+        assert_eq!(offsets, [5, 53]);
+        let template = set.templates().next().unwrap();
+        assert_eq!(template_offset(template), src.find("permit(principal == ?"));
+    }
+}
