@@ -196,14 +196,15 @@ impl Bundle {
     /// Reads and validates the bundle in `dir`. All problems are reported, not just the first.
     pub fn load(dir: &Path) -> Result<Bundle, BundleErrors> {
         let display = |name: &str| dir.join(name).display().to_string();
-        let cedar_files = list_cedar_files(dir).map_err(|e| {
+        let Listing { names: cedar_files, problems, notes } = list_cedar_files(dir).map_err(|e| {
             BundleErrors::from(BundleError::in_file(&dir.display().to_string(), format!("cannot read the folder: {e}")))
         })?;
 
         // Read everything first, in a fixed order, for the revision. An entry that is there but
         // cannot be read (a dangling link, a folder, a FIFO) makes the bundle invalid: skipping it
         // would serve a bundle without its forbids.
-        let mut errors = Vec::new();
+        let mut errors: Vec<BundleError> =
+            problems.into_iter().map(|(name, message)| BundleError::in_file(&display(&name), message)).collect();
         let mut hasher = Sha256::new();
         let mut read = |name: &str, limit: u64, required: bool, errors: &mut Vec<BundleError>| -> Option<String> {
             match input::read_file(&dir.join(name), limit) {
@@ -254,6 +255,7 @@ impl Bundle {
         let Parsed { schema, policies, errors: policy_errors, validation_errors, mut warnings } =
             parsed.map_err(|message| BundleError::in_file(&dir.display().to_string(), message))?;
         errors.extend(policy_errors);
+        warnings.extend(notes.into_iter().map(|(name, note)| format!("{}: {note}", display(&name))));
         let directory = match directory {
             Some(Ok(d)) => {
                 warnings.extend(d.warnings().iter().map(|w| format!("{}: {w}", display(DIRECTORY_FILE))));
@@ -390,16 +392,54 @@ fn nesting_error(file: &str, src: &str, e: &nesting::NestingError) -> BundleErro
 /// The `*.cedar` entries of the folder, sorted, whatever they are: one that is not a readable
 /// file is an error when it is read, not a policy file quietly left out. Hidden entries (a
 /// ConfigMap's `..data`, an editor's `.x.cedar.swp`) are skipped.
-fn list_cedar_files(dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut names = Vec::new();
+fn list_cedar_files(dir: &Path) -> std::io::Result<Listing> {
+    let mut listing = Listing::default();
     for entry in fs::read_dir(dir)? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".cedar") && !name.starts_with('.') {
-            names.push(name);
+        let entry = entry?;
+        let raw = entry.file_name();
+        let name = raw.to_string_lossy().into_owned();
+        let lower = name.trim_end().to_lowercase();
+        if name.starts_with("..") {
+            // A ConfigMap's own entries (`..data`, `..2026_…`): the files link into them.
+            continue;
+        }
+        if name.starts_with('.') {
+            if lower.ends_with(".cedar") {
+                listing.notes.push((name, "a hidden file is not part of the bundle".into()));
+            }
+            continue;
+        }
+        if raw.to_str().is_none() && lower.ends_with(".cedar") {
+            listing.problems.push((name, "the file name is not UTF-8: rename it".into()));
+        } else if name.ends_with(".cedar") {
+            listing.names.push(name);
+        } else if lower.ends_with(".cedar") {
+            // `baseline.CEDAR`, `baseline.cedar `: meant as policies, and silently left out
+            // they would drop their forbids.
+            listing.problems.push((name, "looks like a policy file but is not named `*.cedar`: rename it".into()));
+        } else if name != "tests" && fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) && holds_cedar(&entry.path())
+        {
+            listing.notes.push((name, "policies in a subfolder are not part of the bundle".into()));
         }
     }
-    names.sort();
-    Ok(names)
+    listing.names.sort();
+    Ok(listing)
+}
+
+/// The policy files of a folder, what is wrong with entries that look like policy files, and
+/// notes on those left out on purpose (hidden files, subfolders).
+#[derive(Default)]
+struct Listing {
+    names: Vec<String>,
+    problems: Vec<(String, String)>,
+    notes: Vec<(String, String)>,
+}
+
+/// True if the folder holds a `*.cedar` entry.
+fn holds_cedar(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().to_lowercase().ends_with(".cedar"))
+    })
 }
 
 /// Parses one file: each policy takes its `@id`, `@state` and `@reason`.

@@ -376,3 +376,35 @@ fn an_offline_audit_log_that_cannot_be_written_fails_the_command() {
     assert!(text(&out.stderr).contains("the audit log cannot be written"), "{}", text(&out.stderr));
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+#[test]
+fn policy_files_are_never_left_out_silently() {
+    for odd in ["baseline.CEDAR", "baseline.Cedar", "baseline.cedar "] {
+        let dir = sample_copy();
+        std::fs::rename(dir.path().join("baseline.cedar"), dir.path().join(odd)).unwrap();
+        let out = agentca(&["validate", "--policies", dir.path().to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(3), "{odd}");
+        assert!(
+            text(&out.stderr).contains("looks like a policy file but is not named `*.cedar`"),
+            "{odd}: {}",
+            text(&out.stderr)
+        );
+    }
+    let dir = sample_copy();
+    let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"a\xffb.cedar");
+    std::fs::write(dir.path().join(name), "").unwrap();
+    let out = agentca(&["validate", "--policies", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("the file name is not UTF-8"), "{}", text(&out.stderr));
+
+    // Left out on purpose, and said so: a hidden file, a subfolder.
+    let dir = sample_copy();
+    std::fs::copy(dir.path().join("baseline.cedar"), dir.path().join(".old.cedar")).unwrap();
+    std::fs::create_dir(dir.path().join("drafts")).unwrap();
+    std::fs::write(dir.path().join("drafts/new.cedar"), "").unwrap();
+    let out = agentca(&["validate", "--policies", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains(".old.cedar: a hidden file is not part of the bundle"), "{err}");
+    assert!(err.contains("drafts: policies in a subfolder are not part of the bundle"), "{err}");
+}
