@@ -53,10 +53,22 @@ pub fn check_policies(src: &str) -> Result<(), NestingError> {
 
 /// Checks the text of a schema: how deeply its types nest, brackets counted.
 pub fn check_schema_text(src: &str) -> Result<(), NestingError> {
-    match scan(src, Syntax::Schema, MAX_NESTING) {
-        Scan { exceeded_at: Some(offset), .. } => Err(NestingError::Type { offset }),
-        _ => Ok(()),
+    if let Scan { exceeded_at: Some(offset), .. } = scan(src, Syntax::Schema, MAX_NESTING) {
+        return Err(NestingError::Type { offset });
     }
+    // Cedar resolves common types in time that grows faster than their number (20,000 take
+    // half a minute): count their declarations (`type Name =`) before it parses any.
+    let mut tokens = Tokens::new(src, Syntax::Schema).map(|(_, t)| t).peekable();
+    let mut common = 0;
+    while let Some(token) = tokens.next() {
+        if token == Token::Ident("type") && matches!(tokens.peek(), Some(Token::Ident(_))) {
+            common += 1;
+        }
+    }
+    if common > MAX_SCHEMA_NAMES {
+        return Err(NestingError::TooMany { what: "common types", count: common });
+    }
+    Ok(())
 }
 
 /// The nesting bound of a `.cedar` file (what `check_policies` holds against the limit).
@@ -680,6 +692,16 @@ mod tests {
         assert!(check_schema_text(&ok).is_ok());
         // In a schema `<` is a bracket, not an operator; nothing else counts.
         assert!(check_schema_text(&"entity A in [B] { a: Long };\n".repeat(10_000)).is_ok());
+    }
+
+    #[test]
+    fn common_types_are_capped_before_cedar_parses_them() {
+        let chain = |n: usize| (0..n).map(|i| format!("type T{i} = T{};\n", i + 1)).collect::<String>();
+        assert!(check_schema_text(&chain(MAX_SCHEMA_NAMES)).is_ok());
+        let err = check_schema_text(&chain(MAX_SCHEMA_NAMES + 1)).unwrap_err();
+        assert_eq!(err.to_string(), "too many common types: 1001 (at most 1000)");
+        // An attribute named `type` is not a declaration.
+        assert!(check_schema_text(&"entity A { type: String };\n".repeat(2000)).is_ok());
     }
 
     fn schema(namespaces: serde_json::Value) -> Result<(), NestingError> {
