@@ -6,7 +6,7 @@
 mod common;
 
 use agentca::grpc::pb;
-use common::{Server, Tmpfs, copy_sample, fill_fifo, is_allow, token_request};
+use common::{Env, Server, Tmpfs, copy_sample, fill_fifo, is_allow, token_request};
 
 fn signal(kind: &str, target: &str, reason: &str) -> pb::SignalRequest {
     pb::SignalRequest {
@@ -159,29 +159,6 @@ fn an_open_admin_port_is_refused_off_loopback() {
         (vec!["--listen", "0.0.0.0:0", "--insecure-admin"], vec![]),
     ] {
         assert!(matches!(try_serve(&args, &env), Started::Listening), "{args:?} {env:?}");
-    }
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        copy_sample(&dir.path().join("policies"));
-        Env { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        arg(&self.dir.path().join(name))
-    }
-
-    fn start(&self, extra: &[&str]) -> Server {
-        let (policies, audit, state) = (self.path("policies"), self.path("audit.jsonl"), self.path("state"));
-        let mut args = vec!["--policies", &policies, "--audit", &audit, "--state", &state, "--no-watch"];
-        args.extend_from_slice(extra);
-        Server::start(&args)
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use agentca::grpc::pb;
-use common::{Answered, Server, copy_sample, is_allow, token_request};
+use common::{Answered, Env, Server, is_allow, token_request};
 
 fn signal(kind: &str, target: &str) -> pb::SignalRequest {
     pb::SignalRequest {
@@ -20,34 +20,6 @@ fn signal(kind: &str, target: &str) -> pb::SignalRequest {
         reason: format!("test {kind}"),
         actor: "secops@contoso".into(),
         ..Default::default()
-    }
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        copy_sample(&dir.path().join("policies"));
-        Env { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().unwrap().to_string()
-    }
-
-    fn start(&self) -> Server {
-        Server::start(&[
-            "--policies",
-            &self.path("policies"),
-            "--audit",
-            &self.path("audit.jsonl"),
-            "--state",
-            &self.path("state"),
-            "--no-watch",
-        ])
     }
 }
 
@@ -64,7 +36,7 @@ async fn decide(server: &Server, agent: &str) -> pb::Decision {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_allow_is_sent_after_a_disable_is_acknowledged() {
     let env = Env::new();
-    let server = env.start();
+    let server = env.start(&[]);
     assert!(is_allow(&decide(&server, "ag-mail-01").await));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -127,7 +99,7 @@ async fn no_allow_is_sent_after_a_disable_is_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_survive_sigkill_restarts_and_reloads() {
     let env = Env::new();
-    let mut server = env.start();
+    let mut server = env.start(&[]);
     let mut admin = server.admin().await;
     admin.signal(signal("disable_agent", "ag-mail-01")).await.unwrap();
     admin.signal(signal("confirm_compromised", "ag-code-01")).await.unwrap();
@@ -136,7 +108,7 @@ async fn signals_survive_sigkill_restarts_and_reloads() {
     server.signal("KILL");
     server.wait();
 
-    let server = env.start();
+    let server = env.start(&[]);
     assert_eq!(decide(&server, "ag-mail-01").await.reasons[0].code, "agent_disabled");
     assert_eq!(decide(&server, "ag-code-01").await.reasons[0].policy, "block-high-risk-agents");
     assert_eq!(decide(&server, "ag-support-01").await.reasons[0].code, "sponsor_inactive");
@@ -168,7 +140,7 @@ async fn signals_survive_sigkill_restarts_and_reloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blueprint_cascades_to_present_and_future_agents() {
     let env = Env::new();
-    let server = env.start();
+    let server = env.start(&[]);
     let mut admin = server.admin().await;
     admin.signal(signal("disable_blueprint", "bp-mail")).await.unwrap();
     assert_eq!(decide(&server, "ag-mail-01").await.reasons[0].code, "blueprint_disabled");
@@ -201,7 +173,7 @@ async fn a_blueprint_cascades_to_present_and_future_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_journal_line_is_skipped_and_reported() {
     let env = Env::new();
-    let mut server = env.start();
+    let mut server = env.start(&[]);
     server.admin().await.signal(signal("disable_agent", "ag-mail-01")).await.unwrap();
     server.signal("KILL");
     server.wait();
@@ -209,7 +181,7 @@ async fn a_torn_journal_line_is_skipped_and_reported() {
     let mut f = std::fs::OpenOptions::new().append(true).open(&journal).unwrap();
     std::io::Write::write_all(&mut f, b"{\"seq\":2,\"kind\":\"enable_ag").unwrap();
     drop(f);
-    let server = env.start();
+    let server = env.start(&[]);
     assert_eq!(decide(&server, "ag-mail-01").await.reasons[0].code, "agent_disabled");
     assert!(server.log().contains("skipped an unreadable signal"), "{}", server.log());
 }
@@ -217,7 +189,7 @@ async fn a_torn_journal_line_is_skipped_and_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sends_signals_and_they_are_audited() {
     let env = Env::new();
-    let server = env.start();
+    let server = env.start(&[]);
     let admin = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_agentca"))
             .args(["admin", "--server", &server.addr, "--actor", "alice"])

@@ -246,3 +246,29 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
 }
+
+/// A copy of the sample bundle in a temporary folder, with room for the audit log and the
+/// signal journal beside it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        copy_sample(&dir.path().join("policies"));
+        Env { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_string()
+    }
+
+    /// `serve` on this bundle, audit log and state folder (no folder watching), plus `extra`.
+    pub fn start(&self, extra: &[&str]) -> Server {
+        let (policies, audit, state) = (self.path("policies"), self.path("audit.jsonl"), self.path("state"));
+        let mut args = vec!["--policies", &policies, "--audit", &audit, "--state", &state, "--no-watch"];
+        args.extend_from_slice(extra);
+        Server::start(&args)
+    }
+}
