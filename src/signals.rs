@@ -384,21 +384,46 @@ impl Overlay {
 
     /// Every live value, as the signals that set it (sorted by field, then target).
     pub fn entries(&self) -> Vec<(Field, String, Value, Mark)> {
-        let mut out = Vec::new();
-        for e in &self.agent_enabled {
-            out.push((Field::AgentEnabled, e.key().clone(), Value::Flag(e.value), e.mark.clone()));
+        self.page(None, usize::MAX).0
+    }
+
+    /// The live values after `after` in (field, target) order, at most `size`, and whether
+    /// more follow. Only the keys are gathered for the sort; marks (with reasons of up to
+    /// 4 KiB) are copied for the page alone.
+    pub fn page(&self, after: Option<(Field, &str)>, size: usize) -> (Vec<(Field, String, Value, Mark)>, bool) {
+        fn keys<T>(map: &DashMap<String, Live<T>>, field: Field, out: &mut Vec<(Field, String)>) {
+            out.extend(map.iter().map(|e| (field, e.key().clone())));
         }
-        for e in &self.agent_risk {
-            out.push((Field::AgentRisk, e.key().clone(), Value::Risk(e.value), e.mark.clone()));
+        let mut all = Vec::with_capacity(self.len());
+        keys(&self.agent_enabled, Field::AgentEnabled, &mut all);
+        keys(&self.agent_risk, Field::AgentRisk, &mut all);
+        keys(&self.blueprint_enabled, Field::BlueprintEnabled, &mut all);
+        keys(&self.sponsor_active, Field::SponsorActive, &mut all);
+        all.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
+        let start =
+            after.map_or(0, |(f, t)| all.partition_point(|(af, at)| (af.as_str(), at.as_str()) <= (f.as_str(), t)));
+        let mut page = Vec::new();
+        let mut rest = all.into_iter().skip(start);
+        for (field, target) in rest.by_ref() {
+            if page.len() == size {
+                return (page, true);
+            }
+            // A value removed since the keys were gathered is simply not on the page.
+            let found = match field {
+                Field::AgentEnabled => self.agent_enabled.get(&target).map(|l| (Value::Flag(l.value), l.mark.clone())),
+                Field::AgentRisk => self.agent_risk.get(&target).map(|l| (Value::Risk(l.value), l.mark.clone())),
+                Field::BlueprintEnabled => {
+                    self.blueprint_enabled.get(&target).map(|l| (Value::Flag(l.value), l.mark.clone()))
+                }
+                Field::SponsorActive => {
+                    self.sponsor_active.get(&target).map(|l| (Value::Flag(l.value), l.mark.clone()))
+                }
+            };
+            if let Some((value, mark)) = found {
+                page.push((field, target, value, mark));
+            }
         }
-        for e in &self.blueprint_enabled {
-            out.push((Field::BlueprintEnabled, e.key().clone(), Value::Flag(e.value), e.mark.clone()));
-        }
-        for e in &self.sponsor_active {
-            out.push((Field::SponsorActive, e.key().clone(), Value::Flag(e.value), e.mark.clone()));
-        }
-        out.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
-        out
+        (page, false)
     }
 
     pub fn len(&self) -> usize {
@@ -899,6 +924,23 @@ mod tests {
             assert_eq!(replayed.entries(), overlay.entries());
             assert_eq!(replayed.len(), 2);
         }
+    }
+
+    #[test]
+    fn pages_follow_each_other_in_order() {
+        let overlay = Overlay::new();
+        for i in 0..7 {
+            overlay.apply(&signal("disable_agent", &format!("ag-{i}"), ""));
+        }
+        overlay.apply(&signal("disable_blueprint", "bp-1", ""));
+        let (first, more) = overlay.page(None, 5);
+        assert!(more);
+        let last = first.last().map(|(f, t, ..)| (*f, t.clone())).unwrap();
+        let (second, more) = overlay.page(Some((last.0, &last.1)), 5);
+        assert!(!more);
+        let seen: Vec<_> = first.iter().chain(&second).map(|(f, t, ..)| (f.as_str(), t.clone())).collect();
+        let all: Vec<_> = overlay.entries().into_iter().map(|(f, t, ..)| (f.as_str(), t)).collect();
+        assert_eq!((seen.len(), &seen), (8, &all));
     }
 
     #[test]

@@ -166,17 +166,15 @@ impl pb::admin_service_server::AdminService for Admin {
             ),
         };
         let snap = self.service.store().current();
-        let entries = self.service.live().entries();
-        let total = entries.len() as u64;
-        let start = after.map_or(0, |key| entries.partition_point(|(f, t, ..)| (f.as_str(), t.as_str()) <= key));
-        let page: Vec<_> = entries.into_iter().skip(start).take(size + 1).collect();
-        let next_page_token = match page.get(size) {
-            Some(_) => page.get(size - 1).map(|(f, t, ..)| format!("{}/{t}", f.as_str())).unwrap_or_default(),
-            None => String::new(),
+        let live = self.service.live();
+        let total = live.len() as u64;
+        let (page, more) = live.page(after.and_then(|(f, t)| Field::parse(f).map(|f| (f, t))), size);
+        let next_page_token = match page.last() {
+            Some((f, t, ..)) if more => format!("{}/{t}", f.as_str()),
+            _ => String::new(),
         };
         let signals = page
             .into_iter()
-            .take(size)
             .map(|(field, target, value, mark)| {
                 let signal = Signal {
                     kind: crate::signals::SignalKind::SetRisk,
