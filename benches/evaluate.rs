@@ -9,7 +9,7 @@ use std::path::Path;
 
 use agentca::engine::evaluate;
 use agentca::request::{RawRequest, Request};
-use agentca::signals::{Live, Mark, Overlay};
+use agentca::signals::{Overlay, Signal};
 use agentca::snapshot::Snapshot;
 use chrono::Utc;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -69,18 +69,15 @@ fn signals(c: &mut Criterion) {
         r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3",
             "time": "2026-11-25T10:00:00Z"}"#,
     );
-    let mark = || Mark { by: "bench".into(), reason: "bench".into(), at: Utc::now() };
+    let signal = |kind: &str, target: &str, risk: &str| Signal::new(kind, target, risk, "bench", "bench").unwrap();
     let mut group = c.benchmark_group("signals");
     let empty = Overlay::new();
     group.bench_function("overlay_empty", |b| b.iter(|| evaluate(&snap, &empty, black_box(&req))));
-    let others = Overlay::new();
-    for i in 0..10_000 {
-        others.set_agent_enabled(&format!("ag-other-{i}"), Live { value: false, mark: mark() });
-    }
+    let others: Vec<Signal> = (0..10_000).map(|i| signal("disable_agent", &format!("ag-other-{i}"), "")).collect();
+    let others = Overlay::from_signals(&others);
     group.bench_function("overlay_10k_others", |b| b.iter(|| evaluate(&snap, &others, black_box(&req))));
-    let this = Overlay::new();
-    this.set_agent_enabled("ag-mail-01", Live { value: true, mark: mark() });
-    this.set_agent_risk("ag-mail-01", Live { value: agentca::directory::RiskLevel::Low, mark: mark() });
+    let this =
+        Overlay::from_signals(&[signal("enable_agent", "ag-mail-01", ""), signal("set_risk", "ag-mail-01", "low")]);
     group.bench_function("overlay_this_agent", |b| b.iter(|| evaluate(&snap, &this, black_box(&req))));
     group.finish();
 }

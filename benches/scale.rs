@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use agentca::bundle::{Bundle, PolicyState, SCHEMA_FILE};
 use agentca::engine::{Verdict, evaluate};
 use agentca::generate::{Params, Probe, write_bundle};
-use agentca::request::{Action, RawRequest, Request};
+use agentca::request::{Action, Ask, RawRequest, Request};
 use agentca::signals::Overlay;
 use agentca::snapshot::Snapshot;
 use cedar_policy::{
@@ -94,7 +94,7 @@ impl Case {
 
 /// Policies in a request's slices: what the index evaluates for it.
 fn slice_size(snap: &Snapshot, req: &Request) -> usize {
-    snap.slice_len(snap.agent(&req.agent).unwrap(), snap.resource(&req.resource).unwrap(), req.action)
+    snap.slice_len(snap.agent(&req.agent).unwrap(), snap.resource(&req.resource).unwrap(), req.action())
 }
 
 /// An allowed request of a typical agent: among the first agents, one whose slice is the
@@ -133,11 +133,12 @@ fn cedar_request(snap: &Snapshot, schema: &Schema, req: &Request) -> CedarReques
     let agent = snap.agent(&req.agent).unwrap();
     let resource = snap.resource(&req.resource).unwrap();
     let s = |v: &str| RestrictedExpression::new_string(v.to_string());
+    let Ask::Token { scopes, grant_type, .. } = &req.ask else { panic!("the probe asks for a token") };
     let locations = req.client_ip.into_iter().flat_map(|ip| snap.locations_containing(ip)).map(|l| s(l));
     let mut pairs = vec![
-        ("scopes", RestrictedExpression::new_set(req.scopes.iter().map(|v| s(v)))),
+        ("scopes", RestrictedExpression::new_set(scopes.iter().map(|v| s(v)))),
         ("flow", s(req.flow.as_str())),
-        ("grant_type", s(req.grant_type.as_deref().unwrap_or_default())),
+        ("grant_type", s(grant_type)),
         ("locations", RestrictedExpression::new_set(locations)),
         ("time", RestrictedExpression::new_datetime(req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())),
         ("hour", RestrictedExpression::new_long(i64::from(req.time.hour()))),

@@ -67,6 +67,23 @@ pub struct BundlePolicy {
 }
 
 /// Named locations (`locations.json`): a name and the networks it covers.
+/// A problem with `locations.json`: names the location.
+#[derive(Debug, thiserror::Error)]
+pub enum LocationError {
+    #[error("{}:{}: {source}", .source.line(), .source.column())]
+    Syntax { source: serde_json::Error },
+    #[error("expected an object of location names to lists of networks")]
+    NotAnObject,
+    #[error("location `{}`: a name must not be empty or hold control or bidirectional characters", printable(.0))]
+    BadName(String),
+    #[error("location `{0}`: expected an array of networks such as \"10.0.0.0/8\"")]
+    NotAList(String),
+    #[error("location `{name}`: `{}` is not a network: {error}", input::shown(.given))]
+    BadNetwork { name: String, given: String, error: ipnetwork::IpNetworkError },
+    #[error("location `{name}`: expected a string such as \"10.0.0.0/8\", found {found}")]
+    NotAString { name: String, found: Value },
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Locations(Vec<(Arc<str>, Vec<IpNetwork>)>);
 
@@ -84,32 +101,30 @@ impl Locations {
         self.0.is_empty()
     }
 
-    pub fn from_json_str(src: &str) -> Result<Locations, Vec<String>> {
-        let root: Value = input::parse_json(src).map_err(|e| vec![format!("{}:{}: {}", e.line(), e.column(), e)])?;
+    pub fn from_json_str(src: &str) -> Result<Locations, Vec<LocationError>> {
+        let root: Value = input::parse_json(src).map_err(|source| vec![LocationError::Syntax { source }])?;
         let Value::Object(map) = root else {
-            return Err(vec!["expected an object of location names to lists of networks".into()]);
+            return Err(vec![LocationError::NotAnObject]);
         };
         let mut errors = Vec::new();
         let mut out = Vec::with_capacity(map.len());
         for (name, nets) in map {
             if name.is_empty() || name.chars().any(crate::input::is_unsafe_char) {
-                errors.push(format!(
-                    "location `{}`: a name must not be empty or hold control or bidirectional characters",
-                    printable(&name)
-                ));
+                errors.push(LocationError::BadName(name));
                 continue;
             }
             let Value::Array(items) = nets else {
-                errors.push(format!("location `{name}`: expected an array of networks such as \"10.0.0.0/8\""));
+                errors.push(LocationError::NotAList(name));
                 continue;
             };
             let mut parsed = Vec::with_capacity(items.len());
             for item in items {
                 match item.as_str().map(|s| (s, IpNetwork::from_str(s.trim()))) {
                     Some((_, Ok(net))) => parsed.push(net),
-                    Some((s, Err(e))) => errors.push(format!("location `{name}`: `{s}` is not a network: {e}")),
-                    None => errors
-                        .push(format!("location `{name}`: expected a string such as \"10.0.0.0/8\", found {item}")),
+                    Some((s, Err(e))) => {
+                        errors.push(LocationError::BadNetwork { name: name.clone(), given: s.to_string(), error: e })
+                    }
+                    None => errors.push(LocationError::NotAString { name: name.clone(), found: item }),
                 }
             }
             out.push((Arc::from(name.as_str()), parsed));
@@ -270,7 +285,7 @@ impl Bundle {
         let locations = match locations_src {
             None => Locations::default(),
             Some(src) => Locations::from_json_str(&src).unwrap_or_else(|errs| {
-                errors.extend(errs.into_iter().map(|e| BundleError::in_file(&display(LOCATIONS_FILE), e)));
+                errors.extend(errs.iter().map(|e| BundleError::in_file(&display(LOCATIONS_FILE), e.to_string())));
                 Locations::default()
             }),
         };
@@ -675,9 +690,12 @@ mod tests {
     #[test]
     fn bad_locations_name_the_location() {
         let err = Locations::from_json_str(r#"{"corp": ["10.0.0.0/33", 7]}"#).unwrap_err();
+        let err: Vec<String> = err.iter().map(ToString::to_string).collect();
         assert_eq!(err.len(), 2);
         assert!(err[0].starts_with("location `corp`: `10.0.0.0/33` is not a network"), "{}", err[0]);
         assert!(err[1].starts_with("location `corp`: expected a string"), "{}", err[1]);
+        let err = Locations::from_json_str(r#"{"corp": ["10.0.0.0/8\u001b[2J"]}"#).unwrap_err();
+        assert!(err[0].to_string().contains("`10.0.0.0/8\\u{1b}[2J` is not a network"), "{}", err[0]);
     }
 
     #[test]
@@ -827,7 +845,8 @@ mod tests {
     #[test]
     fn duplicate_json_keys_are_errors() {
         let err = Locations::from_json_str(r#"{"corp": ["10.0.0.0/8"], "corp": ["0.0.0.0/0"]}"#).unwrap_err();
-        assert!(err[0].starts_with("1:") && err[0].contains("duplicate key `corp`"), "{err:?}");
+        let err = err[0].to_string();
+        assert!(err.starts_with("1:") && err.contains("duplicate key `corp`"), "{err:?}");
         let dir = sample();
         let path = dir.path().join(DIRECTORY_FILE);
         let src = fs::read_to_string(&path).unwrap();

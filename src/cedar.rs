@@ -40,6 +40,23 @@ impl Condition {
     }
 }
 
+/// What Cedar could not do, in its own words (its message and the causes below it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CedarError(pub String);
+
+impl CedarError {
+    fn of(e: &dyn std::error::Error) -> Self {
+        CedarError(error_chain(e))
+    }
+}
+
+impl From<&str> for CedarError {
+    fn from(message: &str) -> Self {
+        CedarError(message.to_string())
+    }
+}
+
 /// Evaluates conditions for one request against one set of entities. Cedar's authorizer
 /// builds an evaluator and rebuilds every condition on each call; this builds one per request.
 pub struct Evaluator<'e> {
@@ -56,14 +73,14 @@ impl<'e> Evaluator<'e> {
     }
 
     /// Whether `condition` holds; `Err` says why it could not be evaluated.
-    pub fn holds(&self, condition: &Condition) -> Result<bool, String> {
+    pub fn holds(&self, condition: &Condition) -> Result<bool, CedarError> {
         match self.inner.interpret(&condition.0, &self.slots) {
             Ok(v) => match v.value_kind() {
                 ValueKind::Lit(Literal::Bool(b)) => Ok(*b),
                 // Strict validation makes every condition boolean; fail closed if one is not.
-                _ => Err(format!("the condition evaluated to {v}, not a boolean")),
+                _ => Err(CedarError(format!("the condition evaluated to {v}, not a boolean"))),
             },
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(CedarError(e.to_string())),
         }
     }
 }
@@ -91,8 +108,8 @@ thread_local! {
 fn cached<K: PartialEq + Copy>(
     slot: &'static std::thread::LocalKey<RefCell<Option<(K, Value)>>>,
     key: K,
-    build: impl FnOnce() -> Result<Value, String>,
-) -> Result<Value, String> {
+    build: impl FnOnce() -> Result<Value, CedarError>,
+) -> Result<Value, CedarError> {
     if let Some(v) = slot.with_borrow(|last| last.as_ref().filter(|(k, _)| *k == key).map(|(_, v)| v.clone())) {
         return Ok(v);
     }
@@ -101,11 +118,11 @@ fn cached<K: PartialEq + Copy>(
     Ok(v)
 }
 
-fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, String> {
+fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, CedarError> {
     match f.call(&[Value::from(arg)]) {
         Ok(PartialValue::Value(v)) => Ok(v),
-        Ok(PartialValue::Residual(_)) => Err(format!("`{arg}` could not be evaluated")),
-        Err(e) => Err(e.to_string()),
+        Ok(PartialValue::Residual(_)) => Err(CedarError(format!("`{arg}` could not be evaluated"))),
+        Err(e) => Err(CedarError(e.to_string())),
     }
 }
 
@@ -141,7 +158,7 @@ impl ContextBuilder {
     }
 
     /// An `ip` value.
-    pub fn ip(&mut self, key: &'static str, ip: IpAddr) -> Result<(), String> {
+    pub fn ip(&mut self, key: &'static str, ip: IpAddr) -> Result<(), CedarError> {
         let (constructor, _) = CONSTRUCTORS.ok_or(NO_CONSTRUCTORS)?;
         let value = cached(&LAST_IP, ip, || construct(constructor, &ip.to_string()))?;
         self.put(key, value);
@@ -149,7 +166,7 @@ impl ContextBuilder {
     }
 
     /// A `datetime` value, to the millisecond.
-    pub fn datetime(&mut self, key: &'static str, time: DateTime<Utc>) -> Result<(), String> {
+    pub fn datetime(&mut self, key: &'static str, time: DateTime<Utc>) -> Result<(), CedarError> {
         let (_, constructor) = CONSTRUCTORS.ok_or(NO_CONSTRUCTORS)?;
         let value = cached(&LAST_TIME, time.timestamp_millis(), || {
             construct(constructor, &time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
@@ -232,10 +249,10 @@ impl EntitiesBuilder {
     ///
     /// INVARIANT (the caller's): each entity's parents are all its ancestors, because the
     /// transitive closure is taken as already computed.
-    pub fn build(self, schema: &Schema) -> Result<Entities, String> {
+    pub fn build(self, schema: &Schema) -> Result<Entities, CedarError> {
         let EntitiesBuilder { mut entities, samples } = self;
-        Entities::from_entities(samples, Some(schema)).map_err(|e| error_chain(&e))?;
-        let actions = schema.action_entities().map_err(|e| e.to_string())?;
+        Entities::from_entities(samples, Some(schema)).map_err(|e| CedarError::of(&e))?;
+        let actions = schema.action_entities().map_err(|e| CedarError(e.to_string()))?;
         entities.extend(actions.iter().map(|e| AsRef::<ast::Entity>::as_ref(e).clone()));
         CoreEntities::from_entities(
             entities,
@@ -244,7 +261,7 @@ impl EntitiesBuilder {
             Extensions::all_available(),
         )
         .map(Entities::from)
-        .map_err(|e| e.to_string())
+        .map_err(|e| CedarError(e.to_string()))
     }
 }
 
@@ -364,7 +381,7 @@ mod tests {
     fn a_sample_that_does_not_fit_the_schema_is_an_error_with_its_causes() {
         let mut b = EntitiesBuilder::default();
         b.add(uid(r#"Doc::"d""#), [("owner", Attr::string("ann"))], [], [], true);
-        let err = b.build(&schema()).unwrap_err();
+        let err = b.build(&schema()).unwrap_err().0;
         assert!(err.contains("owner"), "{err}");
         // Only samples are checked: the same entity, not a sample, passes.
         let mut b = EntitiesBuilder::default();
@@ -413,11 +430,11 @@ mod tests {
             Ok(true)
         );
         let err =
-            holds("permit(principal, action, resource) when { context.n + 9223372036854775807 > 0 };").unwrap_err();
+            holds("permit(principal, action, resource) when { context.n + 9223372036854775807 > 0 };").unwrap_err().0;
         assert!(err.contains("overflow"), "{err}");
         assert_eq!(
             eval.holds(&Condition(Expr::val(1i64))),
-            Err("the condition evaluated to 1, not a boolean".to_string())
+            Err(CedarError("the condition evaluated to 1, not a boolean".to_string()))
         );
     }
 

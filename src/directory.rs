@@ -9,7 +9,8 @@ use cedar_policy::{Entities, EntityId, EntityTypeName, EntityUid, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::cedar::{Attr, EntitiesBuilder};
+use crate::cedar::{Attr, CedarError, EntitiesBuilder};
+use crate::input::{UnknownName, parse_name};
 
 /// A risk level, for an agent (Identity Protection) or a sign-in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
@@ -42,9 +43,9 @@ impl fmt::Display for RiskLevel {
 }
 
 impl FromStr for RiskLevel {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        RiskLevel::ALL.into_iter().find(|level| level.as_str() == s).ok_or(())
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        parse_name("risk level", s, &RiskLevel::ALL, &["none", "low", "medium", "high"], RiskLevel::as_str)
     }
 }
 
@@ -67,14 +68,10 @@ impl Sensitivity {
 }
 
 impl FromStr for Sensitivity {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s {
-            "low" => Ok(Sensitivity::Low),
-            "medium" => Ok(Sensitivity::Medium),
-            "high" => Ok(Sensitivity::High),
-            _ => Err(()),
-        }
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        let all = [Sensitivity::Low, Sensitivity::Medium, Sensitivity::High];
+        parse_name("sensitivity", s, &all, &["low", "medium", "high"], Sensitivity::as_str)
     }
 }
 
@@ -270,8 +267,8 @@ impl Directory {
                 enabled: o.bool("enabled", true),
                 risk: match risk.parse() {
                     Ok(level) => level,
-                    Err(()) => {
-                        o.fail("risk", format!("unknown risk level `{risk}`: expected one of none, low, medium, high"));
+                    Err(e) => {
+                        o.fail("risk", e.to_string());
                         RiskLevel::None
                     }
                 },
@@ -302,11 +299,8 @@ impl Directory {
         for (i, v) in resources.iter().enumerate() {
             let mut o = Obj::new(&mut warnings, "resources", i, v, &mut errors);
             let sensitivity = o.string("sensitivity", Some("medium"));
-            if Sensitivity::from_str(&sensitivity).is_err() {
-                o.fail(
-                    "sensitivity",
-                    format!("unknown sensitivity `{sensitivity}`: expected one of low, medium, high"),
-                );
+            if let Err(e) = Sensitivity::from_str(&sensitivity) {
+                o.fail("sensitivity", e.to_string());
             }
             let resource = Resource {
                 id: o.id(),
@@ -407,7 +401,7 @@ impl Directory {
     /// The values are built directly (no expression to evaluate per attribute), and the
     /// transitive closure is not computed: an agent's only ancestors are its blueprint and
     /// sponsor, which have none, so its parents are the closure.
-    pub fn to_entities(&self, schema: &Schema, types: &EntityTypes) -> Result<Entities, String> {
+    pub fn to_entities(&self, schema: &Schema, types: &EntityTypes) -> Result<Entities, CedarError> {
         let mut entities = EntitiesBuilder::with_capacity(
             self.users.len() + self.sponsors.len() + self.blueprints.len() + self.agents.len() + self.resources.len(),
         );
@@ -810,7 +804,7 @@ mod entity_tests {
             .replace("  channel: String,\n} tags String;", "  channel: String,\n  cost_center: Long,\n} tags String;");
         assert_ne!(src, changed);
         let schema = Schema::from_cedarschema_str(&changed).unwrap().0;
-        let err = dir.to_entities(&schema, &EntityTypes::new()).unwrap_err();
+        let err = dir.to_entities(&schema, &EntityTypes::new()).unwrap_err().0;
         assert!(err.contains("cost_center"), "{err}");
     }
 }

@@ -179,7 +179,7 @@ fn decide(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
             );
         }
     };
-    let evaluated = snap.evaluate_slices(agent, resource, req.action, &cedar_request);
+    let evaluated = snap.evaluate_slices(agent, resource, req.action(), &cedar_request);
     combine(evaluated, revision, req.request_id.clone())
 }
 

@@ -244,7 +244,7 @@ impl<'a> Outcome<'a> {
                 Effect::Permit => self.permits.push(p),
             },
             Ok(false) => {}
-            Err(message) => self.errors.push((p, message)),
+            Err(message) => self.errors.push((p, message.0)),
         }
     }
 

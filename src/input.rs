@@ -103,6 +103,43 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A caller's value cut to 80 characters, printable (see `printable`), so that an error
+/// message quoting it stays readable.
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 80;
+    let cut: String = s.chars().take(MAX).collect();
+    let mut out = printable(&cut).into_owned();
+    if s.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// A name that is not one of a closed list (a risk level, a sensitivity, a signal, a flow):
+/// the message names what was expected, once for every place that reads such a name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} `{}`: expected one of {}", shown(.given), .expected.join(", "))]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub given: String,
+    pub expected: &'static [&'static str],
+}
+
+/// The item of `all` whose name is `given`, or the error listing every name.
+pub fn parse_name<T: Copy>(
+    what: &'static str,
+    given: &str,
+    all: &[T],
+    expected: &'static [&'static str],
+    name: impl Fn(T) -> &'static str,
+) -> Result<T, UnknownName> {
+    all.iter().copied().find(|item| name(*item) == given).ok_or_else(|| UnknownName {
+        what,
+        given: given.to_string(),
+        expected,
+    })
+}
+
 /// A JSON value read with every object's keys unique.
 pub struct StrictValue(pub Value);
 

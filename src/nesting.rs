@@ -442,8 +442,8 @@ pub fn check_schema_json<'a>(json: &'a Value, src: &str) -> Result<(), NestingEr
     }
     let types = TypeGraph { common: &common, entity_types: &entity_types };
     let costs = types.costs().map_err(|name| {
-        let offset = declaration(src, &name);
-        NestingError::Cycle { name, offset }
+        let offset = declaration(src, name);
+        NestingError::Cycle { name: name.to_string(), offset }
     })?;
     let mut names: Vec<&String> = common.keys().collect();
     names.sort();
@@ -520,7 +520,7 @@ impl TypeGraph<'_> {
 
     /// Every common type's nesting through the common types it uses, or the name of one that
     /// is part of a cycle. Depth first without recursion: the chain of uses can be long.
-    fn costs(&self) -> Result<HashMap<&str, usize>, String> {
+    fn costs(&self) -> Result<HashMap<&str, usize>, &str> {
         let mut costs: HashMap<&str, usize> = HashMap::new();
         // INVARIANT: the open names are the current path of the search (a name is finished
         // before the search moves to its siblings), so reaching one again is a cycle.
@@ -540,12 +540,12 @@ impl TypeGraph<'_> {
                     continue;
                 }
                 if !open.insert(name) {
-                    return Err(name.to_string());
+                    return Err(name);
                 }
                 stack.push((name, true));
                 for (_, used) in self.walk(ns, ty).1 {
                     if open.contains(used) {
-                        return Err(used.to_string());
+                        return Err(used);
                     }
                     if !costs.contains_key(used) {
                         stack.push((used, false));

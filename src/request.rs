@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::directory::RiskLevel;
+use crate::input::{UnknownName, parse_name, shown};
 
 /// Longest id, scope, user or request id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 512;
@@ -84,6 +85,13 @@ impl Action {
     }
 }
 
+impl std::str::FromStr for Action {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        parse_name("action", s, &Action::ALL, &["request_token", "call_api"], Action::as_str)
+    }
+}
+
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -100,6 +108,14 @@ pub enum Flow {
     OnBehalfOf,
     /// The agent acts as its own agent user account.
     AgentUser,
+}
+
+impl std::str::FromStr for Flow {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        let all = [Flow::AppOnly, Flow::OnBehalfOf, Flow::AgentUser];
+        parse_name("flow", s, &all, &["app_only", "on_behalf_of", "agent_user"], Flow::as_str)
+    }
 }
 
 impl Flow {
@@ -138,29 +154,73 @@ pub struct RawRequest {
     pub path: Option<String>,
 }
 
+/// What the caller asks for, with the fields that belong to that question alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ask {
+    /// A token issuer asks before it mints a token: the grant type is filled from the flow
+    /// when the caller named none; `user` is there exactly when the flow acts for a user.
+    Token { scopes: Vec<String>, grant_type: String, user: Option<String> },
+    /// A gateway asks before it forwards a call: the method upper-cased, the path as sent.
+    Call { method: String, path: String },
+}
+
 /// A validated request: every field typed, defaults applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub agent: String,
     pub resource: String,
-    pub action: Action,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub scopes: Vec<String>,
+    pub ask: Ask,
     pub flow: Flow,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grant_type: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     pub time: DateTime<Utc>,
     pub signin_risk: RiskLevel,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+}
+
+impl Request {
+    pub fn action(&self) -> Action {
+        match self.ask {
+            Ask::Token { .. } => Action::RequestToken,
+            Ask::Call { .. } => Action::CallApi,
+        }
+    }
+}
+
+/// The request as audit records hold it (DESIGN §5's shape): fields in this order, those
+/// that do not apply left out. `tests/golden/audit-records.jsonl` pins the bytes.
+impl Serialize for Request {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = serializer.serialize_map(None)?;
+        m.serialize_entry("agent", &self.agent)?;
+        m.serialize_entry("resource", &self.resource)?;
+        m.serialize_entry("action", &self.action())?;
+        if let Ask::Token { scopes, .. } = &self.ask
+            && !scopes.is_empty()
+        {
+            m.serialize_entry("scopes", scopes)?;
+        }
+        m.serialize_entry("flow", &self.flow)?;
+        if let Ask::Token { grant_type, user, .. } = &self.ask {
+            m.serialize_entry("grant_type", grant_type)?;
+            if let Some(user) = user {
+                m.serialize_entry("user", user)?;
+            }
+        }
+        if let Some(ip) = &self.client_ip {
+            m.serialize_entry("client_ip", ip)?;
+        }
+        m.serialize_entry("time", &self.time)?;
+        m.serialize_entry("signin_risk", &self.signin_risk)?;
+        if let Some(id) = &self.request_id {
+            m.serialize_entry("request_id", id)?;
+        }
+        if let Ask::Call { method, path } = &self.ask {
+            m.serialize_entry("method", method)?;
+            m.serialize_entry("path", path)?;
+        }
+        m.end()
+    }
 }
 
 impl RawRequest {
@@ -221,37 +281,10 @@ impl RawRequest {
         let agent = id_field("agent", self.agent)?.ok_or_else(|| RequestError::field("agent", "is required"))?;
         let resource =
             id_field("resource", self.resource)?.ok_or_else(|| RequestError::field("resource", "is required"))?;
-        let action = match self.action.as_deref() {
-            None | Some("") | Some("request_token") => Action::RequestToken,
-            Some("call_api") => Action::CallApi,
-            Some(other) => {
-                return Err(RequestError::field(
-                    "action",
-                    format!("unknown action `{}`: expected request_token or call_api", shown(other)),
-                ));
-            }
-        };
-        let flow = match self.flow.as_deref() {
-            None | Some("") | Some("app_only") => Flow::AppOnly,
-            Some("on_behalf_of") => Flow::OnBehalfOf,
-            Some("agent_user") => Flow::AgentUser,
-            Some(other) => {
-                return Err(RequestError::field(
-                    "flow",
-                    format!("unknown flow `{}`: expected one of app_only, on_behalf_of, agent_user", shown(other)),
-                ));
-            }
-        };
+        let action = name_field("action", self.action.as_deref(), Action::RequestToken)?;
+        let flow = name_field("flow", self.flow.as_deref(), Flow::AppOnly)?;
         let user = id_field("user", self.user)?;
-        let signin_risk = match self.signin_risk.as_deref() {
-            None | Some("") => RiskLevel::None,
-            Some(s) => s.parse().map_err(|()| {
-                RequestError::field(
-                    "signin_risk",
-                    format!("unknown risk level `{}`: expected one of none, low, medium, high", shown(s)),
-                )
-            })?,
-        };
+        let signin_risk = name_field("signin_risk", self.signin_risk.as_deref(), RiskLevel::None)?;
         let client_ip = match self.client_ip.as_deref() {
             None | Some("") => None,
             Some(s) => Some(
@@ -319,7 +352,7 @@ impl RawRequest {
         let method = self.method.filter(|m| !m.is_empty());
         let path = self.path.filter(|p| !p.is_empty());
 
-        let request = match action {
+        let ask = match action {
             Action::RequestToken => {
                 for (field, given) in [("method", method.is_some()), ("path", path.is_some())] {
                     if given {
@@ -340,20 +373,10 @@ impl RawRequest {
                 {
                     return Err(RequestError::field("grant_type", "is not a grant type"));
                 }
-                Request {
-                    agent,
-                    resource,
-                    action,
-                    grant_type: Some(grant_type.unwrap_or_else(|| flow.default_grant_type().to_string())),
+                Ask::Token {
                     scopes: self.scopes,
-                    flow,
+                    grant_type: grant_type.unwrap_or_else(|| flow.default_grant_type().to_string()),
                     user,
-                    client_ip,
-                    time,
-                    signin_risk,
-                    request_id,
-                    method: None,
-                    path: None,
                 }
             }
             Action::CallApi => {
@@ -380,24 +403,10 @@ impl RawRequest {
                         ),
                     ));
                 }
-                Request {
-                    agent,
-                    resource,
-                    action,
-                    scopes: Vec::new(),
-                    flow,
-                    grant_type: None,
-                    user: None,
-                    client_ip,
-                    time,
-                    signin_risk,
-                    request_id,
-                    method: Some(method.to_ascii_uppercase()),
-                    path: Some(path),
-                }
+                Ask::Call { method: method.to_ascii_uppercase(), path }
             }
         };
-        Ok(request)
+        Ok(Request { agent, resource, ask, flow, client_ip, time, signin_risk, request_id })
     }
 }
 
@@ -424,14 +433,16 @@ fn id_field(field: &'static str, value: Option<String>) -> Result<Option<String>
     }
 }
 
-/// A caller's value, cut short so that an error message stays readable.
-fn shown(s: &str) -> String {
-    const MAX: usize = 80;
-    let mut out: String = s.chars().take(MAX).filter(|c| !c.is_control()).collect();
-    if s.chars().count() > MAX {
-        out.push('…');
+/// A name from a closed list (an action, a flow, a risk level); absent or empty is `default`.
+fn name_field<T: std::str::FromStr<Err = UnknownName>>(
+    field: &'static str,
+    value: Option<&str>,
+    default: T,
+) -> Result<T, RequestError> {
+    match value {
+        None | Some("") => Ok(default),
+        Some(s) => s.parse().map_err(|e: UnknownName| RequestError::field(field, e.to_string())),
     }
-    out
 }
 
 #[cfg(test)]
@@ -446,9 +457,10 @@ mod tests {
     #[test]
     fn defaults_apply() {
         let r = parse(r#"{"agent": "a", "resource": "r", "time": "2026-11-27T10:00:00+01:00"}"#).unwrap();
-        assert_eq!(r.action, Action::RequestToken);
+        assert_eq!(r.action(), Action::RequestToken);
         assert_eq!(r.flow, Flow::AppOnly);
-        assert_eq!(r.grant_type.as_deref(), Some("client_credentials"));
+        let Ask::Token { grant_type, .. } = &r.ask else { panic!("{r:?}") };
+        assert_eq!(grant_type, "client_credentials");
         assert_eq!(r.signin_risk, RiskLevel::None);
         assert_eq!(r.time.to_rfc3339(), "2026-11-27T09:00:00+00:00");
     }
@@ -480,7 +492,7 @@ mod tests {
             ),
             (
                 r#"{"agent": "a", "resource": "r", "action": "delete"}"#,
-                "field `action`: unknown action `delete`: expected request_token or call_api",
+                "field `action`: unknown action `delete`: expected one of request_token, call_api",
             ),
             (r#"{"agent": 7, "resource": "r"}"#, "field `agent`: expected a string"),
             (
@@ -554,6 +566,6 @@ mod tests {
     fn call_api_takes_method_and_path() {
         let r = parse(r#"{"agent": "a", "resource": "r", "action": "call_api", "method": "get", "path": "/v1/x"}"#)
             .unwrap();
-        assert_eq!((r.method.as_deref(), r.path.as_deref(), r.grant_type), (Some("GET"), Some("/v1/x"), None));
+        assert_eq!(r.ask, Ask::Call { method: "GET".into(), path: "/v1/x".into() });
     }
 }

@@ -10,7 +10,7 @@ use crate::audit::{self, Audit, Refused};
 use crate::engine::{Decision, ReasonCode, evaluate};
 use crate::records::{self, Caller, DecisionRecord, ReloadRecord, SignalRecord};
 use crate::request::{RawRequest, Request, RequestError};
-use crate::signals::{Field, Journal, JournalError, Overlay, Signal, SignalError};
+use crate::signals::{Change, Field, Journal, JournalError, Overlay, Signal, SignalError};
 use crate::snapshot::{Reloaded, Snapshot, Store};
 
 /// Most requests in one `EvaluateBatch`.
@@ -227,26 +227,24 @@ impl Service {
         // Signals for ids the directory lacks are kept for agents yet to come, but not without
         // bound: a flood of them would grow the overlay and the journal for ever.
         let snap = self.store.current();
-        if signal.value != crate::signals::Value::Cleared
-            && !knows(&snap, signal.field, &signal.target)
-            && !self.live.has(signal.field, &signal.target)
+        let (field, target) = (signal.change().field(), signal.target());
+        if !matches!(signal.change(), Change::Clear(_)) && !knows(&snap, field, target) && !self.live.has(field, target)
         {
             let live = self.unknown_signals(&snap);
             let cap = self.settings.max_unknown_signals;
             if live >= cap {
-                return Err(SignalFailure::TooManyUnknown { target: signal.target.clone(), live, cap });
+                return Err(SignalFailure::TooManyUnknown { target: target.to_string(), live, cap });
             }
         }
         drop(snap);
-        // Journaled (written and fsynced, off the async threads) before it is applied.
-        let (appended, signal) = self
-            .blocking(move |s| (s.journal().and_then(|j| Ok(j.append(&signal, &s.live)?)), signal))
+        // Journaled (written and fsynced, off the async threads), then applied.
+        let (recorded, signal) = self
+            .blocking(move |s| (s.journal().and_then(|j| Ok(j.record(&signal, &s.live)?)), signal))
             .await
             .ok_or(SignalFailure::Aborted)?;
-        let seq = appended?;
-        self.live.apply(&signal);
+        let seq = recorded?;
         self.live.quiesce().await;
-        let unknown_target = self.unknown_target(&self.store.current(), &signal);
+        let unknown_target = self.unknown_target(&self.store.current(), signal.change().field(), signal.target());
         let record = SignalRecord::new(seq, &signal, unknown_target, caller);
         // A signal's record waits for room whatever the overflow policy: signals are rare and
         // the signal already holds.
@@ -289,9 +287,10 @@ impl Service {
         *slot = error;
     }
 
-    /// True if the signal names an agent, blueprint or sponsor the served directory lacks.
-    pub fn unknown_target(&self, snap: &Snapshot, signal: &Signal) -> bool {
-        !knows(snap, signal.field, &signal.target)
+    /// True if `target` is an agent, blueprint or sponsor (as `field` says) that the served
+    /// directory lacks.
+    pub fn unknown_target(&self, snap: &Snapshot, field: Field, target: &str) -> bool {
+        !knows(snap, field, target)
     }
 
     /// Reloads the bundle and records the outcome, to the end even if the caller goes away.

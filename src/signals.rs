@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::directory::RiskLevel;
+use crate::input::{UnknownName, parse_name};
 
 /// Who set a live value, why, and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,12 +85,42 @@ impl SignalKind {
 }
 
 impl FromStr for SignalKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        SignalKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
-            let all: Vec<&str> = SignalKind::ALL.iter().map(|k| k.as_str()).collect();
-            format!("unknown signal `{}`: expected one of {}", crate::input::printable(s), all.join(", "))
-        })
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        const NAMES: [&str; 11] = [
+            "disable_agent",
+            "enable_agent",
+            "disable_blueprint",
+            "enable_blueprint",
+            "sponsor_inactive",
+            "sponsor_active",
+            "set_risk",
+            "confirm_compromised",
+            "confirm_safe",
+            "dismiss_risk",
+            "clear",
+        ];
+        parse_name("signal", s, &SignalKind::ALL, &NAMES, SignalKind::as_str)
+    }
+}
+
+impl SignalKind {
+    /// Whether this verb makes `change` (a journal line whose kind and change disagree is
+    /// not replayed).
+    fn makes(self, change: Change) -> bool {
+        use {Change as C, SignalKind as K};
+        match self {
+            K::DisableAgent => change == C::AgentEnabled(false),
+            K::EnableAgent => change == C::AgentEnabled(true),
+            K::DisableBlueprint => change == C::BlueprintEnabled(false),
+            K::EnableBlueprint => change == C::BlueprintEnabled(true),
+            K::SponsorInactive => change == C::SponsorActive(false),
+            K::SponsorActive => change == C::SponsorActive(true),
+            K::SetRisk => matches!(change, C::AgentRisk(_)),
+            K::ConfirmCompromised => change == C::AgentRisk(RiskLevel::High),
+            K::ConfirmSafe | K::DismissRisk => change == C::AgentRisk(RiskLevel::None),
+            K::Clear => matches!(change, C::Clear(_)),
+        }
     }
 }
 
@@ -106,10 +137,6 @@ pub enum Field {
 impl Field {
     pub const ALL: [Field; 4] = [Field::AgentEnabled, Field::AgentRisk, Field::BlueprintEnabled, Field::SponsorActive];
 
-    pub fn parse(s: &str) -> Option<Field> {
-        Field::ALL.into_iter().find(|f| f.as_str() == s)
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Field::AgentEnabled => "agent_enabled",
@@ -120,7 +147,75 @@ impl Field {
     }
 }
 
-/// A value a signal sets: a flag, a risk level, or none (the live value is removed).
+impl FromStr for Field {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        let names = &["agent_enabled", "agent_risk", "blueprint_enabled", "sponsor_active"];
+        parse_name("live value", s, &Field::ALL, names, Field::as_str)
+    }
+}
+
+/// What a signal changes: one live value set, or removed so that the directory's value
+/// applies again. The verbs (`disable_agent`, `confirm_safe`, …) are only the names a
+/// change is asked by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    AgentEnabled(bool),
+    BlueprintEnabled(bool),
+    SponsorActive(bool),
+    AgentRisk(RiskLevel),
+    Clear(Field),
+}
+
+impl Change {
+    /// The live field it changes.
+    pub fn field(self) -> Field {
+        match self {
+            Change::AgentEnabled(_) => Field::AgentEnabled,
+            Change::BlueprintEnabled(_) => Field::BlueprintEnabled,
+            Change::SponsorActive(_) => Field::SponsorActive,
+            Change::AgentRisk(_) => Field::AgentRisk,
+            Change::Clear(field) => field,
+        }
+    }
+
+    /// The value as journal lines, audit records and ListSignals show it.
+    pub fn value(self) -> Value {
+        match self {
+            Change::AgentEnabled(b) | Change::BlueprintEnabled(b) | Change::SponsorActive(b) => Value::Flag(b),
+            Change::AgentRisk(level) => Value::Risk(level),
+            Change::Clear(_) => Value::Cleared,
+        }
+    }
+
+    /// The change a journal line's field and value make, if they fit together.
+    fn of(field: Field, value: Value) -> Option<Change> {
+        Some(match (field, value) {
+            (field, Value::Cleared) => Change::Clear(field),
+            (Field::AgentEnabled, Value::Flag(b)) => Change::AgentEnabled(b),
+            (Field::BlueprintEnabled, Value::Flag(b)) => Change::BlueprintEnabled(b),
+            (Field::SponsorActive, Value::Flag(b)) => Change::SponsorActive(b),
+            (Field::AgentRisk, Value::Risk(level)) => Change::AgentRisk(level),
+            _ => return None,
+        })
+    }
+
+    /// The verb that asks for this change (a compacted journal restates each live value).
+    fn verb(self) -> SignalKind {
+        match self {
+            Change::AgentEnabled(true) => SignalKind::EnableAgent,
+            Change::AgentEnabled(false) => SignalKind::DisableAgent,
+            Change::BlueprintEnabled(true) => SignalKind::EnableBlueprint,
+            Change::BlueprintEnabled(false) => SignalKind::DisableBlueprint,
+            Change::SponsorActive(true) => SignalKind::SponsorActive,
+            Change::SponsorActive(false) => SignalKind::SponsorInactive,
+            Change::AgentRisk(_) => SignalKind::SetRisk,
+            Change::Clear(_) => SignalKind::Clear,
+        }
+    }
+}
+
+/// A value as journal lines and records show it: a flag, a risk level, or none (removed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Value {
@@ -139,16 +234,14 @@ impl std::fmt::Display for Value {
     }
 }
 
-/// A signal as received, checked: the field it sets and the value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A signal as received, checked: the verb it was asked by, the change it makes, its target,
+/// and who asked, why and when. Only its constructors make one, so verb and change agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signal {
-    pub kind: SignalKind,
-    pub field: Field,
-    pub target: String,
-    pub value: Value,
-    pub reason: String,
-    pub actor: String,
-    pub at: DateTime<Utc>,
+    kind: SignalKind,
+    change: Change,
+    target: String,
+    mark: Mark,
 }
 
 /// Longest reason a signal may carry, in bytes.
@@ -166,28 +259,19 @@ impl Signal {
     /// Checks a signal's fields: `risk` only for `set_risk`, a target always.
     pub fn new(kind: &str, target: &str, risk: &str, reason: &str, actor: &str) -> Result<Signal, SignalError> {
         let err = |field, message: String| SignalError { field, message };
-        let kind = SignalKind::from_str(kind).map_err(|m| err("kind", m))?;
+        let kind = SignalKind::from_str(kind).map_err(|e| err("kind", e.to_string()))?;
         check_text(target, reason, actor)?;
-        let (field, value) = match kind {
-            SignalKind::DisableAgent => (Field::AgentEnabled, Value::Flag(false)),
-            SignalKind::EnableAgent => (Field::AgentEnabled, Value::Flag(true)),
-            SignalKind::DisableBlueprint => (Field::BlueprintEnabled, Value::Flag(false)),
-            SignalKind::EnableBlueprint => (Field::BlueprintEnabled, Value::Flag(true)),
-            SignalKind::SponsorInactive => (Field::SponsorActive, Value::Flag(false)),
-            SignalKind::SponsorActive => (Field::SponsorActive, Value::Flag(true)),
-            SignalKind::ConfirmCompromised => (Field::AgentRisk, Value::Risk(RiskLevel::High)),
-            SignalKind::ConfirmSafe | SignalKind::DismissRisk => (Field::AgentRisk, Value::Risk(RiskLevel::None)),
+        let change = match kind {
+            SignalKind::DisableAgent => Change::AgentEnabled(false),
+            SignalKind::EnableAgent => Change::AgentEnabled(true),
+            SignalKind::DisableBlueprint => Change::BlueprintEnabled(false),
+            SignalKind::EnableBlueprint => Change::BlueprintEnabled(true),
+            SignalKind::SponsorInactive => Change::SponsorActive(false),
+            SignalKind::SponsorActive => Change::SponsorActive(true),
+            SignalKind::ConfirmCompromised => Change::AgentRisk(RiskLevel::High),
+            SignalKind::ConfirmSafe | SignalKind::DismissRisk => Change::AgentRisk(RiskLevel::None),
             SignalKind::SetRisk => {
-                let level = RiskLevel::from_str(risk).map_err(|()| {
-                    err(
-                        "risk",
-                        format!(
-                            "unknown risk level `{}`: expected one of none, low, medium, high",
-                            crate::input::printable(risk)
-                        ),
-                    )
-                })?;
-                (Field::AgentRisk, Value::Risk(level))
+                Change::AgentRisk(risk.parse().map_err(|e: UnknownName| err("risk", e.to_string()))?)
             }
             SignalKind::Clear => {
                 return Err(err("kind", "`clear` names the live value to remove: see Signal::clear".into()));
@@ -196,15 +280,7 @@ impl Signal {
         if kind != SignalKind::SetRisk && !risk.is_empty() {
             return Err(err("risk", format!("applies only to set_risk, not {}", kind.as_str())));
         }
-        Ok(Signal {
-            kind,
-            field,
-            target: target.to_string(),
-            value,
-            reason: reason.to_string(),
-            actor: if actor.is_empty() { "unknown".into() } else { actor.to_string() },
-            at: Utc::now(),
-        })
+        Ok(Signal { kind, change, target: target.to_string(), mark: Mark::now(reason, actor) })
     }
 
     /// A signal that removes the live value `field` of `target`.
@@ -212,17 +288,85 @@ impl Signal {
         check_text(target, reason, actor)?;
         Ok(Signal {
             kind: SignalKind::Clear,
-            field,
+            change: Change::Clear(field),
             target: target.to_string(),
-            value: Value::Cleared,
-            reason: reason.to_string(),
-            actor: if actor.is_empty() { "unknown".into() } else { actor.to_string() },
-            at: Utc::now(),
+            mark: Mark::now(reason, actor),
         })
     }
 
-    fn mark(&self) -> Mark {
-        Mark { by: self.actor.clone(), reason: self.reason.clone(), at: self.at }
+    /// The same signal, sent at `at` (a relayed signal keeps the time it was sent).
+    pub fn sent_at(mut self, at: DateTime<Utc>) -> Signal {
+        self.mark.at = at;
+        self
+    }
+
+    /// The verb the signal was asked by.
+    pub fn kind(&self) -> SignalKind {
+        self.kind
+    }
+
+    pub fn change(&self) -> Change {
+        self.change
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Who sent it, why, and when.
+    pub fn mark(&self) -> &Mark {
+        &self.mark
+    }
+}
+
+impl Mark {
+    fn now(reason: &str, actor: &str) -> Mark {
+        let by = if actor.is_empty() { "unknown".to_string() } else { actor.to_string() };
+        Mark { by, reason: reason.to_string(), at: Utc::now() }
+    }
+}
+
+/// A signal as journal lines and audit records hold it (the shape is pinned by
+/// `tests/golden/audit-records.jsonl`).
+#[derive(Serialize, Deserialize)]
+struct SignalLine<T, S> {
+    kind: SignalKind,
+    field: Field,
+    target: T,
+    value: Value,
+    reason: S,
+    actor: S,
+    at: DateTime<Utc>,
+}
+
+impl Serialize for Signal {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        SignalLine {
+            kind: self.kind,
+            field: self.change.field(),
+            target: &self.target,
+            value: self.change.value(),
+            reason: &self.mark.reason,
+            actor: &self.mark.by,
+            at: self.mark.at,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Signal {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let line = SignalLine::<String, String>::deserialize(deserializer)?;
+        let change = Change::of(line.field, line.value).filter(|c| line.kind.makes(*c)).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{} does not set {} to {}",
+                line.kind.as_str(),
+                line.field.as_str(),
+                line.value
+            ))
+        })?;
+        let mark = Mark { by: line.actor, reason: line.reason, at: line.at };
+        Ok(Signal { kind: line.kind, change, target: line.target, mark })
     }
 }
 
@@ -249,6 +393,14 @@ pub fn check_text(target: &str, reason: &str, actor: &str) -> Result<(), SignalE
         }
     }
     Ok(())
+}
+
+/// One live value as a listing shows it: the change that set it, on what, by whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub target: String,
+    pub change: Change,
+    pub mark: Mark,
 }
 
 /// A live value borrowed from the overlay (a shard read lock: keep it briefly).
@@ -334,40 +486,30 @@ impl Overlay {
         }
     }
 
-    pub fn set_agent_enabled(&self, id: &str, live: Live<bool>) {
-        self.put(&self.agent_enabled, id, live);
+    /// An overlay holding `signals`, applied in order: for evaluating offline (tests, what-if)
+    /// with live values that no journal holds. A served overlay changes only through
+    /// `Journal::record`, so every live value it holds is journaled first.
+    pub fn from_signals<'a>(signals: impl IntoIterator<Item = &'a Signal>) -> Overlay {
+        let overlay = Overlay::new();
+        for signal in signals {
+            overlay.apply(signal);
+        }
+        overlay
     }
 
-    pub fn set_agent_risk(&self, id: &str, live: Live<RiskLevel>) {
-        self.put(&self.agent_risk, id, live);
-    }
-
-    pub fn set_blueprint_enabled(&self, id: &str, live: Live<bool>) {
-        self.put(&self.blueprint_enabled, id, live);
-    }
-
-    pub fn set_sponsor_active(&self, id: &str, live: Live<bool>) {
-        self.put(&self.sponsor_active, id, live);
-    }
-
-    /// Applies a signal to the overlay.
-    pub fn apply(&self, s: &Signal) {
-        let flag = |v: Value| matches!(v, Value::Flag(true));
-        match (s.field, s.value) {
-            (Field::AgentEnabled, Value::Cleared) => self.remove(&self.agent_enabled, &s.target),
-            (Field::AgentRisk, Value::Cleared) => self.remove(&self.agent_risk, &s.target),
-            (Field::BlueprintEnabled, Value::Cleared) => self.remove(&self.blueprint_enabled, &s.target),
-            (Field::SponsorActive, Value::Cleared) => self.remove(&self.sponsor_active, &s.target),
-            (Field::AgentRisk, Value::Risk(level)) => {
-                self.set_agent_risk(&s.target, Live { value: level, mark: s.mark() })
-            }
-            (Field::AgentEnabled, v) => self.set_agent_enabled(&s.target, Live { value: flag(v), mark: s.mark() }),
-            (Field::BlueprintEnabled, v) => {
-                self.set_blueprint_enabled(&s.target, Live { value: flag(v), mark: s.mark() })
-            }
-            (Field::SponsorActive, v) => self.set_sponsor_active(&s.target, Live { value: flag(v), mark: s.mark() }),
-            // INVARIANT: Signal::new pairs AgentRisk with a risk value only.
-            (Field::AgentRisk, Value::Flag(_)) => {}
+    /// Applies a signal. Private: see `Journal::record`.
+    fn apply(&self, s: &Signal) {
+        let target = s.target.as_str();
+        let live = |value| Live { value, mark: s.mark.clone() };
+        match s.change {
+            Change::AgentEnabled(b) => self.put(&self.agent_enabled, target, live(b)),
+            Change::BlueprintEnabled(b) => self.put(&self.blueprint_enabled, target, live(b)),
+            Change::SponsorActive(b) => self.put(&self.sponsor_active, target, live(b)),
+            Change::AgentRisk(level) => self.put(&self.agent_risk, target, Live { value: level, mark: s.mark.clone() }),
+            Change::Clear(Field::AgentEnabled) => self.remove(&self.agent_enabled, target),
+            Change::Clear(Field::AgentRisk) => self.remove(&self.agent_risk, target),
+            Change::Clear(Field::BlueprintEnabled) => self.remove(&self.blueprint_enabled, target),
+            Change::Clear(Field::SponsorActive) => self.remove(&self.sponsor_active, target),
         }
     }
 
@@ -382,15 +524,15 @@ impl Overlay {
             + of(&self.sponsor_active, Field::SponsorActive, &keep)
     }
 
-    /// Every live value, as the signals that set it (sorted by field, then target).
-    pub fn entries(&self) -> Vec<(Field, String, Value, Mark)> {
+    /// Every live value (sorted by field, then target).
+    pub fn entries(&self) -> Vec<Listed> {
         self.page(None, usize::MAX).0
     }
 
     /// The live values after `after` in (field, target) order, at most `size`, and whether
     /// more follow. Only the keys are gathered for the sort; marks (with reasons of up to
     /// 4 KiB) are copied for the page alone.
-    pub fn page(&self, after: Option<(Field, &str)>, size: usize) -> (Vec<(Field, String, Value, Mark)>, bool) {
+    pub fn page(&self, after: Option<(Field, &str)>, size: usize) -> (Vec<Listed>, bool) {
         fn keys<T>(map: &DashMap<String, Live<T>>, field: Field, out: &mut Vec<(Field, String)>) {
             out.extend(map.iter().map(|e| (field, e.key().clone())));
         }
@@ -410,17 +552,19 @@ impl Overlay {
             }
             // A value removed since the keys were gathered is simply not on the page.
             let found = match field {
-                Field::AgentEnabled => self.agent_enabled.get(&target).map(|l| (Value::Flag(l.value), l.mark.clone())),
-                Field::AgentRisk => self.agent_risk.get(&target).map(|l| (Value::Risk(l.value), l.mark.clone())),
+                Field::AgentEnabled => {
+                    self.agent_enabled.get(&target).map(|l| (Change::AgentEnabled(l.value), l.mark.clone()))
+                }
+                Field::AgentRisk => self.agent_risk.get(&target).map(|l| (Change::AgentRisk(l.value), l.mark.clone())),
                 Field::BlueprintEnabled => {
-                    self.blueprint_enabled.get(&target).map(|l| (Value::Flag(l.value), l.mark.clone()))
+                    self.blueprint_enabled.get(&target).map(|l| (Change::BlueprintEnabled(l.value), l.mark.clone()))
                 }
                 Field::SponsorActive => {
-                    self.sponsor_active.get(&target).map(|l| (Value::Flag(l.value), l.mark.clone()))
+                    self.sponsor_active.get(&target).map(|l| (Change::SponsorActive(l.value), l.mark.clone()))
                 }
             };
-            if let Some((value, mark)) = found {
-                page.push((field, target, value, mark));
+            if let Some((change, mark)) = found {
+                page.push(Listed { target, change, mark });
             }
         }
         (page, false)
@@ -651,6 +795,15 @@ impl Journal {
         self.compact_after = lines.max(1);
     }
 
+    /// Journals a signal, then applies it to `overlay`: the one way a served overlay changes,
+    /// so no live value is ever in force that a restart would not replay. Returns the
+    /// signal's sequence number.
+    pub fn record(&self, signal: &Signal, overlay: &Overlay) -> Result<u64, JournalError> {
+        let seq = self.append(signal, overlay)?;
+        overlay.apply(signal);
+        Ok(seq)
+    }
+
     /// Appends a signal and fsyncs it; returns its sequence number. On failure (a full disk)
     /// the journal is cut back to its last whole line, so that a restart replays exactly the
     /// signals that were acknowledged.
@@ -658,7 +811,7 @@ impl Journal {
     /// If the journal at the path is no longer the file being appended to (deleted, moved or
     /// replaced), it is first written anew from `overlay`, the live state it held: a signal is
     /// acknowledged only once it is in the file that a restart will read.
-    pub fn append(&self, signal: &Signal, overlay: &Overlay) -> Result<u64, JournalError> {
+    fn append(&self, signal: &Signal, overlay: &Overlay) -> Result<u64, JournalError> {
         let err = |source| JournalError { path: self.path.display().to_string(), source };
         let mut guard = self.file.lock().map_err(|_| err(io::Error::other("journal lock poisoned")))?;
         let tail = &mut *guard;
@@ -731,16 +884,8 @@ impl Journal {
         let entries = overlay.entries();
         // The sequence moves on only once the compacted journal replaces the old one.
         let mut seq = tail.seq;
-        for (field, target, value, mark) in &entries {
-            let signal = Signal {
-                kind: kind_for(*field, *value),
-                field: *field,
-                target: target.clone(),
-                value: *value,
-                reason: mark.reason.clone(),
-                actor: mark.by.clone(),
-                at: mark.at,
-            };
+        for Listed { target, change, mark } in &entries {
+            let signal = Signal { kind: change.verb(), change: *change, target: target.clone(), mark: mark.clone() };
             seq += 1;
             let mut line = serde_json::to_vec(&Entry { seq, signal }).map_err(io::Error::other)?;
             line.push(b'\n');
@@ -777,19 +922,6 @@ fn cut_back(tail: &mut Tail) -> io::Result<()> {
     Ok(())
 }
 
-/// The signal kind that sets `field` to `value` (used when compacting).
-fn kind_for(field: Field, value: Value) -> SignalKind {
-    match (field, value) {
-        (Field::AgentEnabled, Value::Flag(true)) => SignalKind::EnableAgent,
-        (Field::AgentEnabled, _) => SignalKind::DisableAgent,
-        (Field::BlueprintEnabled, Value::Flag(true)) => SignalKind::EnableBlueprint,
-        (Field::BlueprintEnabled, _) => SignalKind::DisableBlueprint,
-        (Field::SponsorActive, Value::Flag(true)) => SignalKind::SponsorActive,
-        (Field::SponsorActive, _) => SignalKind::SponsorInactive,
-        (Field::AgentRisk, _) => SignalKind::SetRisk,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -815,7 +947,7 @@ mod tests {
         assert_eq!(control("", "bob\r").field, "actor");
         assert_eq!(control(&"x".repeat(MAX_REASON_LEN + 1), "").field, "reason");
         let s = signal("confirm_compromised", "a", "");
-        assert_eq!((s.field, s.value), (Field::AgentRisk, Value::Risk(RiskLevel::High)));
+        assert_eq!(s.change(), Change::AgentRisk(RiskLevel::High));
     }
 
     #[test]
@@ -848,6 +980,65 @@ mod tests {
         let (_, replayed) = Journal::open(dir.path(), &overlay).unwrap();
         assert_eq!((replayed.applied, replayed.skipped.len()), (4, 0));
         assert_eq!(overlay.agent_enabled("ag-1").map(|l| l.value), Some(true));
+    }
+
+    #[test]
+    fn a_journal_line_whose_verb_and_change_disagree_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), &Overlay::new()).unwrap();
+        journal.append(&signal("disable_agent", "ag-1", ""), &Overlay::new()).unwrap();
+        drop(journal);
+        let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
+        let at = r#""reason":"","actor":"x","at":"2026-11-27T10:00:00Z"}"#;
+        for body in [
+            // A verb that says enable with a value that disables.
+            r#""kind":"enable_agent","field":"agent_enabled","target":"ag-2","value":false,"#,
+            // A flag where a risk level belongs.
+            r#""kind":"set_risk","field":"agent_risk","target":"ag-3","value":true,"#,
+            // A verb for another field.
+            r#""kind":"disable_blueprint","field":"sponsor_active","target":"s-1","value":false,"#,
+            // A clear without the `clear` verb.
+            r#""kind":"dismiss_risk","field":"agent_risk","target":"ag-1","value":null,"#,
+        ] {
+            writeln!(f, "{{\"seq\":9,{body}{at}").unwrap();
+        }
+        drop(f);
+        let overlay = Overlay::new();
+        let (_, replayed) = Journal::open(dir.path(), &overlay).unwrap();
+        assert_eq!(replayed.applied, 1);
+        let skipped: Vec<u64> = replayed.skipped.iter().map(|(line, _)| *line).collect();
+        assert_eq!(skipped, [2, 3, 4, 5], "{:?}", replayed.skipped);
+        assert!(
+            replayed.skipped[0].1.contains("enable_agent does not set agent_enabled to false"),
+            "{:?}",
+            replayed.skipped
+        );
+        assert_eq!(overlay.len(), 1);
+        assert_eq!(overlay.agent_enabled("ag-1").map(|l| l.value), Some(false));
+    }
+
+    #[test]
+    fn a_clear_replays_and_a_signal_reads_back_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let overlay = Overlay::new();
+        let (journal, _) = Journal::open(dir.path(), &overlay).unwrap();
+        let sent = [
+            signal("confirm_compromised", "ag-1", ""),
+            signal("disable_agent", "ag-1", ""),
+            Signal::clear(Field::AgentRisk, "ag-1", "false alarm", "soc").unwrap(),
+        ];
+        for s in &sent {
+            journal.record(s, &overlay).unwrap();
+        }
+        assert_eq!(overlay.entries(), Overlay::from_signals(&sent).entries());
+        assert!(overlay.agent_risk("ag-1").is_none());
+        drop(journal);
+        let text = fs::read_to_string(dir.path().join(JOURNAL_FILE)).unwrap();
+        let read: Vec<Signal> = text.lines().map(|l| serde_json::from_str::<Entry>(l).unwrap().signal).collect();
+        assert_eq!(read, sent);
+        let replayed = Overlay::new();
+        Journal::open(dir.path(), &replayed).unwrap();
+        assert_eq!(replayed.entries(), overlay.entries());
     }
 
     #[test]
@@ -935,11 +1126,12 @@ mod tests {
         overlay.apply(&signal("disable_blueprint", "bp-1", ""));
         let (first, more) = overlay.page(None, 5);
         assert!(more);
-        let last = first.last().map(|(f, t, ..)| (*f, t.clone())).unwrap();
+        let last = first.last().map(|l| (l.change.field(), l.target.clone())).unwrap();
         let (second, more) = overlay.page(Some((last.0, &last.1)), 5);
         assert!(!more);
-        let seen: Vec<_> = first.iter().chain(&second).map(|(f, t, ..)| (f.as_str(), t.clone())).collect();
-        let all: Vec<_> = overlay.entries().into_iter().map(|(f, t, ..)| (f.as_str(), t)).collect();
+        let key = |l: &Listed| (l.change.field().as_str(), l.target.clone());
+        let seen: Vec<_> = first.iter().chain(&second).map(key).collect();
+        let all: Vec<_> = overlay.entries().iter().map(key).collect();
         assert_eq!((seen.len(), &seen), (8, &all));
     }
 

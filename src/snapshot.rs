@@ -14,10 +14,10 @@ use cedar_policy::{Authorizer, Entities, EntityUid, PolicySet, Request as CedarR
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
 use crate::bundle::{Bundle, BundleError, BundleErrors, BundlePolicy, DIRECTORY_FILE, PolicyState};
-use crate::cedar::ContextBuilder;
+use crate::cedar::{CedarError, ContextBuilder};
 use crate::directory::{Agent, Blueprint, EntityTypes, Resource, RiskLevel, Sponsor};
 use crate::index::{Evaluated, Index, Keys};
-use crate::request::{Action, Request};
+use crate::request::{Action, Ask, Request};
 
 /// An agent's entity id and the positions of its blueprint and sponsor.
 #[derive(Debug)]
@@ -119,7 +119,7 @@ impl Snapshot {
         let directory_file = bundle.dir().join(DIRECTORY_FILE).display().to_string();
         let fail = |message: String| BundleError { file: directory_file.clone(), line: None, column: None, message };
         let dir = bundle.directory();
-        let entities = dir.to_entities(bundle.schema(), &types).map_err(&fail)?;
+        let entities = dir.to_entities(bundle.schema(), &types).map_err(|e| fail(e.0))?;
         let index = Index::build(bundle.policies(), &types, &entities);
 
         let position = |ids: &mut dyn Iterator<Item = &String>| -> HashMap<String, usize> {
@@ -277,13 +277,13 @@ impl Snapshot {
         agent: AgentRef<'_>,
         resource: ResourceRef<'_>,
         agent_risk: RiskLevel,
-    ) -> Result<CedarRequest, String> {
+    ) -> Result<CedarRequest, CedarError> {
         let context = self.context(req, agent_risk)?;
-        CedarRequest::new(agent.uid.clone(), self.action_uid(req.action).clone(), resource.uid.clone(), context, None)
-            .map_err(|e| e.to_string())
+        CedarRequest::new(agent.uid.clone(), self.action_uid(req.action()).clone(), resource.uid.clone(), context, None)
+            .map_err(|e| CedarError(e.to_string()))
     }
 
-    fn context(&self, req: &Request, agent_risk: RiskLevel) -> Result<cedar_policy::Context, String> {
+    fn context(&self, req: &Request, agent_risk: RiskLevel) -> Result<cedar_policy::Context, CedarError> {
         let mut c = ContextBuilder::new();
         let locations = req.client_ip.into_iter().flat_map(|ip| self.locations_containing(ip));
         c.strings("locations", locations.map(|l| &**l));
@@ -296,17 +296,17 @@ impl Snapshot {
         c.string("weekday", WEEKDAYS[req.time.weekday().num_days_from_monday() as usize]);
         c.string("agent_risk", agent_risk.as_str());
         c.string("signin_risk", req.signin_risk.as_str());
-        match req.action {
-            Action::RequestToken => {
-                c.strings("scopes", req.scopes.iter().map(String::as_str));
-                c.string("grant_type", req.grant_type.as_deref().unwrap_or_default());
-                if let Some(user) = &req.user {
+        match &req.ask {
+            Ask::Token { scopes, grant_type, user } => {
+                c.strings("scopes", scopes.iter().map(String::as_str));
+                c.string("grant_type", grant_type);
+                if let Some(user) = user {
                     c.entity("user", &EntityTypes::uid(&self.types.user, user));
                 }
             }
-            Action::CallApi => {
-                c.string("method", req.method.as_deref().unwrap_or_default());
-                c.string("path", req.path.as_deref().unwrap_or_default());
+            Ask::Call { method, path } => {
+                c.string("method", method);
+                c.string("path", path);
             }
         }
         Ok(c.build())
@@ -503,7 +503,7 @@ mod tests {
             let ctx = snap.context(&req, RiskLevel::Low).unwrap();
             let checked = CedarRequest::new(
                 agent.uid().clone(),
-                snap.action_uid(req.action).clone(),
+                snap.action_uid(req.action()).clone(),
                 resource.uid().clone(),
                 ctx,
                 Some(snap.bundle.schema()),

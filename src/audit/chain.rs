@@ -95,17 +95,36 @@ pub(super) fn read_tail(file: &mut File, path: &Path) -> Result<(Option<Tail>, O
         if line.is_empty() {
             return Ok((None, torn_at));
         }
-        let tail =
-            parse_tail(line).map_err(|message| AuditError::Corrupt { path: path.display().to_string(), message })?;
+        let tail = parse_tail(line)
+            .map_err(|e| AuditError::Corrupt { path: path.display().to_string(), message: e.to_string() })?;
         return Ok((Some(tail), torn_at));
     }
 }
 
-fn parse_tail(line: &[u8]) -> Result<Tail, String> {
-    let v: Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-    let seq = v.get("seq").and_then(Value::as_u64).ok_or("no `seq`")?;
-    let hash = v.get("hash").and_then(Value::as_str).ok_or("no `hash`")?.to_string();
+fn parse_tail(line: &[u8]) -> Result<Tail, BadRecord> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| BadRecord::NotJson(e.to_string()))?;
+    let seq = v.get("seq").and_then(Value::as_u64).ok_or(BadRecord::NoSeq)?;
+    let hash = v.get("hash").and_then(Value::as_str).ok_or(BadRecord::Missing { seq, field: "hash" })?.to_string();
     Ok(Tail { seq, hash })
+}
+
+/// Why a line is not the next record of the chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRecord {
+    #[error("not a whole JSON record (torn or edited): {0}")]
+    NotJson(String),
+    #[error("the record has no `seq`")]
+    NoSeq,
+    #[error("record seq {seq} has no `{field}`")]
+    Missing { seq: u64, field: &'static str },
+    #[error("record seq {seq} follows seq {prev}: records were removed or reordered (expected seq {})", .prev.wrapping_add(1))]
+    OutOfOrder { seq: u64, prev: u64 },
+    #[error("record seq {seq}: its prev_hash is not the hash of record seq {prev}")]
+    PrevHash { seq: u64, prev: u64 },
+    #[error("record seq {seq}: `hash` is not the last field: the record was rewritten")]
+    HashNotLast { seq: u64 },
+    #[error("record seq {seq} was edited: its hash does not match its content")]
+    Edited { seq: u64 },
 }
 
 /// What `verify` found in an intact chain.
@@ -180,7 +199,7 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, Broken> {
             if line.last() == Some(&b'\n') {
                 line.pop();
             }
-            let tail = check_line(&line, prev.as_ref()).map_err(&broken)?;
+            let tail = check_line(&line, prev.as_ref()).map_err(|e| broken(e.to_string()))?;
             if prev.is_none() {
                 let first: Value = serde_json::from_slice(&line).unwrap_or_default();
                 verified.first_seq = tail.seq;
@@ -203,31 +222,26 @@ const MAX_RECORD_BYTES: u64 = 16 << 20;
 
 pub(super) const HASH_SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
 
-fn check_line(line: &[u8], prev: Option<&Tail>) -> Result<Tail, String> {
-    let v: Value =
-        serde_json::from_slice(line).map_err(|e| format!("not a whole JSON record (torn or edited): {e}"))?;
-    let seq = v.get("seq").and_then(Value::as_u64).ok_or("the record has no `seq`")?;
-    let hash = v.get("hash").and_then(Value::as_str).ok_or(format!("record seq {seq} has no `hash`"))?;
-    let prev_hash = v.get("prev_hash").and_then(Value::as_str).ok_or(format!("record seq {seq} has no `prev_hash`"))?;
+fn check_line(line: &[u8], prev: Option<&Tail>) -> Result<Tail, BadRecord> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| BadRecord::NotJson(e.to_string()))?;
+    let seq = v.get("seq").and_then(Value::as_u64).ok_or(BadRecord::NoSeq)?;
+    let hash = v.get("hash").and_then(Value::as_str).ok_or(BadRecord::Missing { seq, field: "hash" })?;
+    let prev_hash = v.get("prev_hash").and_then(Value::as_str).ok_or(BadRecord::Missing { seq, field: "prev_hash" })?;
     if let Some(p) = prev {
-        if seq != p.seq + 1 {
-            return Err(format!(
-                "record seq {seq} follows seq {}: records were removed or reordered (expected seq {})",
-                p.seq,
-                p.seq + 1
-            ));
+        if seq != p.seq.wrapping_add(1) {
+            return Err(BadRecord::OutOfOrder { seq, prev: p.seq });
         }
         if prev_hash != p.hash {
-            return Err(format!("record seq {seq}: its prev_hash is not the hash of record seq {}", p.seq));
+            return Err(BadRecord::PrevHash { seq, prev: p.seq });
         }
     }
     let suffix_ok = line.len() > HASH_SUFFIX_LEN && line.ends_with(format!(",\"hash\":\"{hash}\"}}").as_bytes());
     if !suffix_ok {
-        return Err(format!("record seq {seq}: `hash` is not the last field: the record was rewritten"));
+        return Err(BadRecord::HashNotLast { seq });
     }
     let unclosed = &line[..line.len() - HASH_SUFFIX_LEN];
     if chain_hash(prev_hash, unclosed) != hash {
-        return Err(format!("record seq {seq} was edited: its hash does not match its content"));
+        return Err(BadRecord::Edited { seq });
     }
     Ok(Tail { seq, hash: hash.to_string() })
 }

@@ -146,7 +146,7 @@ pub(crate) enum Error {
     #[error("bundle `{}` is invalid: {} error{}", dir.display(), errors.0.len(), if errors.0.len() == 1 { "" } else { "s" })]
     InvalidBundle { dir: PathBuf, errors: BundleErrors },
     #[error("invalid request: {0}")]
-    Request(String),
+    Request(#[from] eval::RequestInputError),
     #[error("cannot print the decision: {0}")]
     Print(serde_json::Error),
     #[error(transparent)]

@@ -77,31 +77,59 @@ fn default_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn read_cases(file: &Path) -> Result<Vec<Value>, String> {
-    let text = crate::input::read_file(file, crate::input::MAX_TEST_FILE_BYTES).map_err(|e| e.to_string())?;
-    match crate::input::parse_json(&text).map_err(|e| format!("not JSON: {e}"))? {
+/// A test case file that cannot be read as cases.
+#[derive(Debug, thiserror::Error)]
+enum CaseFileError {
+    #[error(transparent)]
+    Read(#[from] crate::input::InputError),
+    #[error("not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("expected a JSON array of test cases")]
+    NotAnArray,
+}
+
+fn read_cases(file: &Path) -> Result<Vec<Value>, CaseFileError> {
+    let text = crate::input::read_file(file, crate::input::MAX_TEST_FILE_BYTES)?;
+    match crate::input::parse_json(&text)? {
         Value::Array(cases) => Ok(cases),
-        _ => Err("expected a JSON array of test cases".into()),
+        _ => Err(CaseFileError::NotAnArray),
+    }
+}
+
+/// What a failed case got wrong (or why it could not run), in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CaseFailed(String);
+
+impl From<&str> for CaseFailed {
+    fn from(why: &str) -> Self {
+        CaseFailed(why.to_string())
+    }
+}
+
+impl From<String> for CaseFailed {
+    fn from(why: String) -> Self {
+        CaseFailed(why)
     }
 }
 
 /// Runs one case; Ok with a one-line summary, or Err saying what differed.
-fn run_case(snap: &Snapshot, live: &Overlay, case: &Value, audit: Option<&Audit>) -> Result<String, String> {
+fn run_case(snap: &Snapshot, live: &Overlay, case: &Value, audit: Option<&Audit>) -> Result<String, CaseFailed> {
     let field = |name: &str| case.get(name).filter(|v| !v.is_null());
     let expect = match field("expect").and_then(Value::as_str) {
         Some(e @ ("allow" | "deny" | "error")) => e,
-        Some(other) => return Err(format!("field `expect`: `{other}` is not one of allow, deny, error")),
+        Some(other) => return Err(format!("field `expect`: `{other}` is not one of allow, deny, error").into()),
         None => return Err("field `expect` is required: allow, deny or error".into()),
     };
     let request = field("request").ok_or("field `request` is required")?;
-    let strings = |name: &str| -> Result<Vec<&str>, String> {
+    let strings = |name: &str| -> Result<Vec<&str>, CaseFailed> {
         match field(name) {
             None => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_str().ok_or_else(|| format!("field `{name}`: expected an array of strings")))
+                .map(|v| v.as_str().ok_or_else(|| format!("field `{name}`: expected an array of strings").into()))
                 .collect(),
-            Some(_) => Err(format!("field `{name}`: expected an array of strings")),
+            Some(_) => Err(format!("field `{name}`: expected an array of strings").into()),
         }
     };
     let reasons = strings("reasons")?;
@@ -109,12 +137,13 @@ fn run_case(snap: &Snapshot, live: &Overlay, case: &Value, audit: Option<&Audit>
     let request = match (parse_request(request), expect) {
         (Err(e), "error") => {
             // An expected error may name what it must mention, through `reasons`.
+            let e = e.to_string();
             return match reasons.iter().find(|r| !e.contains(*r)) {
                 None => Ok(format!("error: {e}")),
-                Some(missing) => Err(format!("expected an error mentioning `{missing}`, got: {e}")),
+                Some(missing) => Err(format!("expected an error mentioning `{missing}`, got: {e}").into()),
             };
         }
-        (Err(e), _) => return Err(format!("expected {expect}, got an invalid request: {e}")),
+        (Err(e), _) => return Err(format!("expected {expect}, got an invalid request: {e}").into()),
         (Ok(_), "error") => return Err("expected an invalid request, but it was accepted".into()),
         (Ok(r), _) => r,
     };
@@ -122,7 +151,7 @@ fn run_case(snap: &Snapshot, live: &Overlay, case: &Value, audit: Option<&Audit>
     // A record not written fails this case, and the run goes on.
     audit_decision(audit, snap, &request, &d).map_err(|e| {
         print_error(&e);
-        "the audit record could not be written".to_string()
+        CaseFailed::from("the audit record could not be written")
     })?;
     let got = verdict(d.decision);
     let mut problems = Vec::new();
@@ -145,7 +174,7 @@ fn run_case(snap: &Snapshot, live: &Overlay, case: &Value, audit: Option<&Audit>
         }
     }
     let summary = summarize(&d);
-    if problems.is_empty() { Ok(summary) } else { Err(format!("{} ({summary})", problems.join("; "))) }
+    if problems.is_empty() { Ok(summary) } else { Err(format!("{} ({summary})", problems.join("; ")).into()) }
 }
 
 fn verdict(v: Verdict) -> &'static str {

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::bundle::PolicyState;
 use crate::directory::RiskLevel;
-use crate::request::Action;
+use crate::request::Ask;
 
 const SCHEMA: &str = include_str!("../../policies/schema.cedarschema");
 
@@ -212,25 +212,25 @@ proptest! {
             let agent = format!("a{}", r.agent % g.agents.len());
             let resource = format!("r{}", r.resource % g.resources.len());
             let time = Utc.with_ymd_and_hms(2026, 11, 25, r.hour, 30, 0).unwrap();
+            let ask = if r.call_api {
+                Ask::Call { method: "GET".into(), path: "/".into() }
+            } else {
+                Ask::Token { scopes: Vec::new(), grant_type: "client_credentials".into(), user: None }
+            };
             let req = Request {
                 agent: agent.clone(),
                 resource: resource.clone(),
-                action: if r.call_api { Action::CallApi } else { Action::RequestToken },
-                scopes: Vec::new(),
+                ask,
                 flow: crate::request::Flow::AppOnly,
-                grant_type: (!r.call_api).then(|| "client_credentials".to_string()),
-                user: None,
                 client_ip: Some(if r.corp { "10.1.1.1" } else { "192.0.2.1" }.parse().unwrap()),
                 time,
                 signin_risk: RiskLevel::None,
                 request_id: None,
-                method: r.call_api.then(|| "GET".to_string()),
-                path: r.call_api.then(|| "/".to_string()),
             };
             let a = snap.agent(&agent).unwrap();
             let res = snap.resource(&resource).unwrap();
             let cedar = snap.cedar_request(&req, a, res, a.agent.risk).unwrap();
-            let got = snap.evaluate_slices(a, res, req.action, &cedar);
+            let got = snap.evaluate_slices(a, res, req.action(), &cedar);
 
             let full = snap.is_authorized(&cedar, &full_on);
             prop_assert_eq!(got.on.allows(), full.decision() == CedarDecision::Allow, "decision\n{}", g.policies());

@@ -7,7 +7,7 @@ use chrono::Utc;
 use super::*;
 use crate::directory::RiskLevel;
 use crate::request::RawRequest;
-use crate::signals::{Live, Mark};
+use crate::signals::Signal;
 
 fn sample() -> Snapshot {
     Snapshot::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies").as_path()).unwrap()
@@ -144,10 +144,6 @@ fn every_failing_guard_is_listed() {
     assert_eq!(&*d.reasons[0].reason, "agent `nobody` is not in the directory");
 }
 
-fn mark(reason: &str) -> Mark {
-    Mark { by: "admin@contoso".into(), reason: reason.into(), at: "2026-11-27T09:00:00Z".parse().unwrap() }
-}
-
 #[test]
 fn live_signals_override_the_directory() {
     let snap = sample();
@@ -155,31 +151,36 @@ fn live_signals_override_the_directory() {
     let req = mail_read();
     assert!(evaluate(&snap, &live, &req).is_allow());
 
-    live.set_agent_enabled("ag-mail-01", Live { value: false, mark: mark("token theft suspected") });
-    let d = evaluate(&snap, &live, &req);
+    let at = "2026-11-27T09:00:00Z".parse().unwrap();
+    let signal = |kind: &str, target: &str, reason: &str| {
+        Signal::new(kind, target, "", reason, "admin@contoso").unwrap().sent_at(at)
+    };
+    let mut sent = vec![signal("disable_agent", "ag-mail-01", "token theft suspected")];
+    let d = evaluate(&snap, &Overlay::from_signals(&sent), &req);
     assert_eq!(codes(&d), ["agent_disabled"]);
     assert_eq!(
         &*d.reasons[0].reason,
         "agent `ag-mail-01` was disabled by admin@contoso at 2026-11-27T09:00:00Z: token theft suspected"
     );
-    live.set_agent_enabled("ag-mail-01", Live { value: true, mark: mark("") });
-    assert!(evaluate(&snap, &live, &req).is_allow());
+    sent.push(signal("enable_agent", "ag-mail-01", ""));
+    assert!(evaluate(&snap, &Overlay::from_signals(&sent), &req).is_allow());
 
-    live.set_agent_risk("ag-mail-01", Live { value: RiskLevel::High, mark: mark("confirmed compromised") });
-    assert_eq!(codes(&evaluate(&snap, &live, &req)), ["block-high-risk-agents"]);
-    live.set_agent_risk("ag-mail-01", Live { value: RiskLevel::None, mark: mark("confirmed safe") });
+    sent.push(signal("confirm_compromised", "ag-mail-01", "confirmed compromised"));
+    assert_eq!(codes(&evaluate(&snap, &Overlay::from_signals(&sent), &req)), ["block-high-risk-agents"]);
+    sent.push(signal("confirm_safe", "ag-mail-01", "confirmed safe"));
 
-    live.set_blueprint_enabled("bp-mail", Live { value: false, mark: mark("") });
-    assert_eq!(codes(&evaluate(&snap, &live, &req)), ["blueprint_disabled"]);
-    live.set_blueprint_enabled("bp-mail", Live { value: true, mark: mark("") });
+    sent.push(signal("disable_blueprint", "bp-mail", ""));
+    assert_eq!(codes(&evaluate(&snap, &Overlay::from_signals(&sent), &req)), ["blueprint_disabled"]);
+    sent.push(signal("enable_blueprint", "bp-mail", ""));
 
-    live.set_sponsor_active("s-alice", Live { value: false, mark: mark("left the company") });
-    assert_eq!(codes(&evaluate(&snap, &live, &req)), ["sponsor_inactive"]);
+    sent.push(signal("sponsor_inactive", "s-alice", "left the company"));
+    assert_eq!(codes(&evaluate(&snap, &Overlay::from_signals(&sent), &req)), ["sponsor_inactive"]);
 
     // A signal can also lift the directory's value: ag-support-02 is disabled there.
     let support = request(r#"{"agent": "ag-support-02", "resource": "tickets", "scopes": ["Tickets.Read"]}"#);
-    assert_eq!(codes(&evaluate(&snap, &live, &support)), ["agent_disabled"]);
-    live.set_agent_enabled("ag-support-02", Live { value: true, mark: mark("investigated") });
+    assert_eq!(codes(&evaluate(&snap, &Overlay::from_signals(&sent), &support)), ["agent_disabled"]);
+    sent.push(signal("enable_agent", "ag-support-02", "investigated"));
+    let live = Overlay::from_signals(&sent);
     assert!(evaluate(&snap, &live, &support).is_allow());
 }
 

@@ -6,7 +6,7 @@ use chrono::{SecondsFormat, Utc};
 use tonic::{Request, Response, Status};
 
 use crate::service::{Service, SignalFailure};
-use crate::signals::{Field, Signal};
+use crate::signals::{Change, Field, Mark, Signal};
 use crate::snapshot::Reloaded;
 
 use super::pb;
@@ -112,19 +112,14 @@ impl pb::admin_service_server::AdminService for Admin {
             }
             let field = match r.field.as_str() {
                 "" => None,
-                f => Some(Field::parse(f).ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "field `field`: unknown live value `{}`: expected one of agent_enabled, agent_risk, blueprint_enabled, sponsor_active",
-                        f.escape_default()
-                    ))
-                })?),
+                f => Some(f.parse::<Field>().map_err(|e| Status::invalid_argument(format!("field `field`: {e}")))?),
             };
             let done = self.service.clear(&r.target, field, &r.reason, &r.actor, caller).await.map_err(failure)?;
             // INVARIANT: `clear` answers at least one signal or an error.
             let last = done.last().ok_or_else(|| Status::internal("nothing was cleared"))?;
             return Ok(Response::new(pb::SignalResponse {
                 seq: last.seq,
-                signal: Some(live_signal(&last.signal, last.unknown_target)),
+                signal: Some(signalled(&last.signal, last.unknown_target)),
                 unknown_target: last.unknown_target,
             }));
         }
@@ -139,7 +134,7 @@ impl pb::admin_service_server::AdminService for Admin {
         match self.service.signal(signal, caller).await {
             Ok(done) => Ok(Response::new(pb::SignalResponse {
                 seq: done.seq,
-                signal: Some(live_signal(&done.signal, done.unknown_target)),
+                signal: Some(signalled(&done.signal, done.unknown_target)),
                 unknown_target: done.unknown_target,
             })),
             Err(e) => Err(failure(e)),
@@ -161,32 +156,23 @@ impl pb::admin_service_server::AdminService for Admin {
             token => Some(
                 token
                     .split_once('/')
-                    .filter(|(f, _)| Field::parse(f).is_some())
+                    .and_then(|(f, t)| Some((f.parse::<Field>().ok()?, t)))
                     .ok_or_else(|| Status::invalid_argument("field `page_token`: not a token this server gave"))?,
             ),
         };
         let snap = self.service.store().current();
         let live = self.service.live();
         let total = live.len() as u64;
-        let (page, more) = live.page(after.and_then(|(f, t)| Field::parse(f).map(|f| (f, t))), size);
+        let (page, more) = live.page(after, size);
         let next_page_token = match page.last() {
-            Some((f, t, ..)) if more => format!("{}/{t}", f.as_str()),
+            Some(last) if more => format!("{}/{}", last.change.field().as_str(), last.target),
             _ => String::new(),
         };
         let signals = page
-            .into_iter()
-            .map(|(field, target, value, mark)| {
-                let signal = Signal {
-                    kind: crate::signals::SignalKind::SetRisk,
-                    field,
-                    target,
-                    value,
-                    reason: mark.reason,
-                    actor: mark.by,
-                    at: mark.at,
-                };
-                let unknown = self.service.unknown_target(&snap, &signal);
-                live_signal(&signal, unknown)
+            .iter()
+            .map(|l| {
+                let unknown = self.service.unknown_target(&snap, l.change.field(), &l.target);
+                live_signal(l.change, &l.target, &l.mark, unknown)
             })
             .collect();
         Ok(Response::new(pb::ListSignalsResponse { signals, next_page_token, total }))
@@ -207,14 +193,18 @@ fn failure(e: SignalFailure) -> Status {
     }
 }
 
-fn live_signal(s: &Signal, unknown_target: bool) -> pb::LiveSignal {
+fn live_signal(change: Change, target: &str, mark: &Mark, unknown_target: bool) -> pb::LiveSignal {
     pb::LiveSignal {
-        field: s.field.as_str().into(),
-        target: s.target.clone(),
-        value: s.value.to_string(),
-        reason: s.reason.clone(),
-        actor: s.actor.clone(),
-        at: rfc3339(s.at),
+        field: change.field().as_str().into(),
+        target: target.to_string(),
+        value: change.value().to_string(),
+        reason: mark.reason.clone(),
+        actor: mark.by.clone(),
+        at: rfc3339(mark.at),
         unknown_target,
     }
+}
+
+fn signalled(s: &Signal, unknown_target: bool) -> pb::LiveSignal {
+    live_signal(s.change(), s.target(), s.mark(), unknown_target)
 }

@@ -105,14 +105,15 @@ fn bodies() -> Vec<String> {
     record.time = time;
     out.push(body(&record));
 
-    let mut risk = Signal::new("set_risk", "ag-mail-02", "high", "impossible travel", "soc").unwrap();
-    risk.at = at("2026-11-27T10:00:00.5Z");
+    let risk = Signal::new("set_risk", "ag-mail-02", "high", "impossible travel", "soc")
+        .unwrap()
+        .sent_at(at("2026-11-27T10:00:00.5Z"));
     let mut record = SignalRecord::new(7, &risk, false, &grpc);
     record.time = time;
     out.push(body(&record));
 
-    let mut gone = Signal::new("disable_agent", "ag-yet-to-come", "", "", "").unwrap();
-    gone.at = at("2026-11-27T10:00:00.5Z");
+    let gone =
+        Signal::new("disable_agent", "ag-yet-to-come", "", "", "").unwrap().sent_at(at("2026-11-27T10:00:00.5Z"));
     let mut record = SignalRecord::new(8, &gone, true, &grpc);
     record.time = time;
     out.push(body(&record));
