@@ -12,9 +12,11 @@
 //!   conditions and their evaluator, contexts and entities built as values
 //! - [`directory`]: agents, blueprints, sponsors, users, resources, and their Cedar entities
 //! - [`bundle`]: reads a `policies/` folder: schema, policies, directory, locations, revision
-//! - [`request`]: the raw request, its validation, and the typed request
+//! - [`request`]: the raw request, its validation, and the typed request (an `Ask`: a token or
+//!   an API call, each with its own fields, defaults filled once)
 //! - [`index`]: policy slices keyed by principal scope, action and resource
-//! - [`signals`]: live state (disabled agents, risk) layered over the directory
+//! - [`signals`]: live state (disabled agents, risk) layered over the directory: the `Change` a
+//!   signal makes, the journal, and the overlay, which a server changes only through the journal
 //! - [`snapshot`]: one revision, asked rather than reached into (an agent, a resource, counts,
 //!   the Cedar request, slice evaluation), and the `arc-swap` store that reloads it
 //! - [`watch`]: reloads the bundle when its folder changes (notify, debounced)
