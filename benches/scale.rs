@@ -102,7 +102,7 @@ fn slice_size(snap: &Snapshot, req: &Request) -> usize {
 fn typical_request(snap: &Snapshot) -> Option<(Request, usize)> {
     let mut candidates = Vec::new();
     for agent in snap.agents().take(3_000) {
-        let blueprint = agent.blueprint;
+        let Some(blueprint) = snap.blueprint(agent.blueprint_id()) else { continue };
         let (Some(resource), Some(scope)) = (
             blueprint.allowed_resources.first(),
             blueprint.allowed_scopes.iter().find(|s| s.ends_with(".Read")).or(blueprint.allowed_scopes.first()),
@@ -110,7 +110,7 @@ fn typical_request(snap: &Snapshot) -> Option<(Request, usize)> {
             continue;
         };
         let raw = RawRequest {
-            agent: Some(agent.agent.id.clone()),
+            agent: Some(agent.id().to_string()),
             resource: Some(resource.clone()),
             scopes: vec![scope.clone()],
             client_ip: Some("10.1.2.3".into()),
@@ -143,7 +143,7 @@ fn cedar_request(snap: &Snapshot, schema: &Schema, req: &Request) -> CedarReques
         ("time", RestrictedExpression::new_datetime(req.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())),
         ("hour", RestrictedExpression::new_long(i64::from(req.time.hour()))),
         ("weekday", s(WEEKDAYS[req.time.weekday().num_days_from_monday() as usize])),
-        ("agent_risk", s(agent.agent.risk.as_str())),
+        ("agent_risk", s(agent.risk().as_str())),
         ("signin_risk", s(req.signin_risk.as_str())),
     ];
     if let Some(ip) = req.client_ip {

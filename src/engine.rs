@@ -167,7 +167,7 @@ fn decide(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
     let (Some(agent), Some(resource), true) = (agent, resource, guards.is_empty()) else {
         return Decision::denied(guards, revision, req.request_id.clone());
     };
-    let risk = live.agent_risk(&agent.agent.id).map_or(agent.agent.risk, |l| l.value);
+    let risk = live.agent_risk(agent.id()).map_or(agent.risk(), |l| l.value);
     let cedar_request = match snap.cedar_request(req, agent, resource, risk) {
         Ok(r) => r,
         Err(message) => {
@@ -195,7 +195,7 @@ fn guard_reasons(live: &Overlay, req: &Request, agent: Option<AgentRef<'_>>, res
     if !resource_known {
         push(ReasonCode::UnknownResource, format!("resource `{}` is not in the directory", req.resource));
     }
-    let Some(AgentRef { agent, blueprint, sponsor, .. }) = agent else { return reasons };
+    let Some(agent) = agent else { return reasons };
     // A live value (a signal) wins over the directory's.
     let mut flag = |live: Option<LiveRef<'_, bool>>,
                     in_directory: bool,
@@ -213,24 +213,24 @@ fn guard_reasons(live: &Overlay, req: &Request, agent: Option<AgentRef<'_>>, res
         }
     };
     flag(
-        live.agent_enabled(&agent.id),
-        agent.enabled,
+        live.agent_enabled(agent.id()),
+        agent.enabled(),
         ReasonCode::AgentDisabled,
-        &|| format!("agent `{}`", agent.id),
+        &|| format!("agent `{}`", agent.id()),
         ("disabled", "disabled"),
     );
     flag(
-        live.blueprint_enabled(&blueprint.id),
-        blueprint.enabled,
+        live.blueprint_enabled(agent.blueprint_id()),
+        agent.blueprint_enabled(),
         ReasonCode::BlueprintDisabled,
-        &|| format!("blueprint `{}` of agent `{}`", blueprint.id, agent.id),
+        &|| format!("blueprint `{}` of agent `{}`", agent.blueprint_id(), agent.id()),
         ("disabled", "disabled"),
     );
     flag(
-        live.sponsor_active(&sponsor.id),
-        sponsor.active,
+        live.sponsor_active(agent.sponsor_id()),
+        agent.sponsor_active(),
         ReasonCode::SponsorInactive,
-        &|| format!("sponsor `{}` of agent `{}`", sponsor.id, agent.id),
+        &|| format!("sponsor `{}` of agent `{}`", agent.sponsor_id(), agent.id()),
         ("marked inactive", "inactive"),
     );
     reasons
@@ -344,7 +344,7 @@ pub enum Unmet {
 pub fn explain(snap: &Snapshot, live: &Overlay, req: &Request) -> Vec<Explanation> {
     let request = match (snap.agent(&req.agent), snap.resource(&req.resource)) {
         (Some(agent), Some(resource)) => {
-            let risk = live.agent_risk(&agent.agent.id).map_or(agent.agent.risk, |l| l.value);
+            let risk = live.agent_risk(agent.id()).map_or(agent.risk(), |l| l.value);
             snap.cedar_request(req, agent, resource, risk).ok()
         }
         _ => None,

@@ -1069,11 +1069,11 @@ mod tests {
             if policies >= 3 {
                 assert!(d.reasons.iter().all(|r| r.policy.is_some()), "{:?}", d.reasons);
             }
-            for agent in snap.agents().take(100).map(|a| a.agent) {
+            for agent in snap.agents().take(100) {
                 for resource in ["graph", "ledger", "hr"] {
                     for action in ["request_token", "call_api"] {
-                        let d = evaluate(&snap, &live, &request(&agent.id, resource, action, &["Graph.Read".into()]));
-                        assert!(d.errors.is_empty(), "{}: {:?}", agent.id, d.errors);
+                        let d = evaluate(&snap, &live, &request(agent.id(), resource, action, &["Graph.Read".into()]));
+                        assert!(d.errors.is_empty(), "{}: {:?}", agent.id(), d.errors);
                     }
                 }
             }

@@ -51,14 +51,8 @@ impl<'a> DecisionRecord<'a> {
     /// The record of `decision`, with the agent's blueprint and sponsor from the snapshot
     /// that decided it.
     pub fn new(snap: &'a Snapshot, request: &'a Request, decision: &'a Decision, caller: &'a Caller) -> Self {
-        let agent = snap.agent(&request.agent).map(|a| a.agent);
-        DecisionRecord::of(
-            request,
-            agent.map(|a| a.blueprint.as_str()),
-            agent.map(|a| a.sponsor.as_str()),
-            decision,
-            caller,
-        )
+        let agent = snap.agent(&request.agent);
+        DecisionRecord::of(request, agent.map(|a| a.blueprint_id()), agent.map(|a| a.sponsor_id()), decision, caller)
     }
 
     /// The record of `decision` for an agent of `blueprint` and `sponsor` (None: unknown).

@@ -30,9 +30,9 @@ struct AgentEntry {
 /// An agent of the snapshot with its blueprint and sponsor (it has exactly one of each).
 #[derive(Debug, Clone, Copy)]
 pub struct AgentRef<'a> {
-    pub agent: &'a Agent,
-    pub blueprint: &'a Blueprint,
-    pub sponsor: &'a Sponsor,
+    agent: &'a Agent,
+    blueprint: &'a Blueprint,
+    sponsor: &'a Sponsor,
     uid: &'a EntityUid,
 }
 
@@ -41,16 +41,57 @@ impl<'a> AgentRef<'a> {
     pub fn uid(&self) -> &'a EntityUid {
         self.uid
     }
+
+    pub fn id(&self) -> &'a str {
+        &self.agent.id
+    }
+
+    /// Enabled in the directory (a live signal may say otherwise).
+    pub fn enabled(&self) -> bool {
+        self.agent.enabled
+    }
+
+    /// The risk level in the directory (a live signal may say otherwise).
+    pub fn risk(&self) -> RiskLevel {
+        self.agent.risk
+    }
+
+    pub fn blueprint_id(&self) -> &'a str {
+        &self.blueprint.id
+    }
+
+    /// The agent's blueprint is enabled in the directory.
+    pub fn blueprint_enabled(&self) -> bool {
+        self.blueprint.enabled
+    }
+
+    pub fn sponsor_id(&self) -> &'a str {
+        &self.sponsor.id
+    }
+
+    /// The agent's sponsor is active in the directory.
+    pub fn sponsor_active(&self) -> bool {
+        self.sponsor.active
+    }
 }
 
 /// A resource of the snapshot.
 #[derive(Debug, Clone, Copy)]
 pub struct ResourceRef<'a> {
-    pub resource: &'a Resource,
+    resource: &'a Resource,
     uid: &'a EntityUid,
 }
 
 impl<'a> ResourceRef<'a> {
+    pub fn id(&self) -> &'a str {
+        &self.resource.id
+    }
+
+    /// The audiences a token for this resource may name.
+    pub fn audiences(&self) -> &'a [String] {
+        &self.resource.audiences
+    }
+
     /// The resource's Cedar entity id.
     pub fn uid(&self) -> &'a EntityUid {
         self.uid
@@ -536,8 +577,8 @@ mod tests {
         let snap = sample();
         let graph = snap.resource("graph").unwrap();
         assert_eq!(graph.uid().to_string(), r#"Resource::"graph""#);
-        let audience = graph.resource.audiences.first().unwrap().clone();
-        assert_eq!(snap.resource(&audience).map(|r| r.resource.id.as_str()), Some("graph"));
+        let audience = graph.audiences().first().unwrap().clone();
+        assert_eq!(snap.resource(&audience).map(|r| r.id()), Some("graph"));
         assert_eq!(snap.resource_by_audience(&audience).map(|r| r.id.as_str()), Some("graph"));
         assert!(snap.resource_by_audience("graph").is_none());
         assert!(snap.resource("nowhere").is_none());

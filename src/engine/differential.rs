@@ -229,7 +229,7 @@ proptest! {
             };
             let a = snap.agent(&agent).unwrap();
             let res = snap.resource(&resource).unwrap();
-            let cedar = snap.cedar_request(&req, a, res, a.agent.risk).unwrap();
+            let cedar = snap.cedar_request(&req, a, res, a.risk()).unwrap();
             let got = snap.evaluate_slices(a, res, req.action(), &cedar);
 
             let full = snap.is_authorized(&cedar, &full_on);
