@@ -334,6 +334,16 @@ impl Bundle {
     }
 }
 
+/// Parses and validates policy text against schema text, as a bundle of these two files would
+/// be (nesting limits, `@id` and `@reason` rules, strict validation): the number of policies,
+/// or every error, located in `policy_file`.
+pub fn check_policy_text(schema_src: &str, policy_file: &str, policy_src: &str) -> Result<usize, BundleErrors> {
+    let cedar_srcs = [(policy_file.to_string(), policy_src.to_string())];
+    let parsed = parse_and_validate(SCHEMA_FILE, Some(schema_src), &cedar_srcs);
+    let errors: Vec<BundleError> = parsed.errors.into_iter().chain(parsed.validation_errors).collect();
+    if errors.is_empty() { Ok(parsed.policies.len()) } else { Err(BundleErrors(errors)) }
+}
+
 /// The schema and the policies, parsed and validated.
 struct Parsed {
     schema: Option<Schema>,

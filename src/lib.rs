@@ -40,6 +40,9 @@ pub mod cedar;
 pub mod cli;
 pub mod directory;
 pub mod engine;
+// Fuzzing entry points: built for `fuzz/` (the `fuzzing` feature) and for the tests.
+#[cfg(any(feature = "fuzzing", test))]
+pub mod fuzz;
 // A tool, not the product; its own unit tests run in every `cargo test`.
 #[cfg(any(feature = "tools", test))]
 pub mod generate;

@@ -31,7 +31,7 @@ pub fn server(service: Arc<Service>, limit: usize) -> AuthorizationServer<Check>
 
 /// Turns Envoy's attributes into our raw request; the host is resolved later, against the
 /// snapshot that decides.
-fn raw_request(check: &CheckRequest) -> (RawRequest, Option<String>) {
+pub(crate) fn raw_request(check: &CheckRequest) -> (RawRequest, Option<String>) {
     let attributes = check.attributes.as_ref();
     let http = attributes.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
     let extensions = attributes.map(|a| &a.context_extensions);
@@ -58,7 +58,7 @@ fn raw_request(check: &CheckRequest) -> (RawRequest, Option<String>) {
 
 /// A host names a resource by one of its audiences, bare or as `https://host`. A host that
 /// names none stays as `https://host`, an audience no resource has: an unknown resource.
-fn resolve_host(snap: &Snapshot, host: &str) -> String {
+pub(crate) fn resolve_host(snap: &Snapshot, host: &str) -> String {
     let bare =
         host.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
     let candidates = [host.to_string(), format!("https://{host}"), bare.to_string(), format!("https://{bare}")];

@@ -5,7 +5,7 @@ mod admin;
 pub mod client;
 mod convert;
 mod decision;
-mod envoy;
+pub(crate) mod envoy;
 pub mod limits;
 #[cfg(feature = "tools")]
 pub mod load;
