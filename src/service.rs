@@ -8,7 +8,7 @@ use chrono::Utc;
 
 use crate::audit::{self, Audit, Refused};
 use crate::engine::{Decision, ReasonCode, evaluate};
-use crate::records::{self, Caller, DecisionRecord, ReloadRecord, SignalRecord};
+use crate::records::{self, Caller, DecisionRecord, RefusedRecord, ReloadRecord, SignalRecord};
 use crate::request::{RawRequest, Request, RequestError};
 use crate::signals::{Change, Field, Journal, JournalError, Overlay, Signal, SignalError};
 use crate::snapshot::{Reloaded, Snapshot, Store};
@@ -340,6 +340,16 @@ impl Service {
             let _ = self.audit.submit_waiting(records::body(&record)).await;
         }
         result
+    }
+
+    /// Records a call the access rules refused, before the refusal is answered. It takes the
+    /// overflow policy of decisions: under `deny` a full queue refuses (and counts) it.
+    pub async fn refused(&self, method: &str, need: &str, reason: &str, caller: &Caller) {
+        if !self.audit.is_on() {
+            return;
+        }
+        let record = RefusedRecord::new(method, need, reason, caller);
+        let _ = self.audit.submit(records::body(&record)).await;
     }
 
     /// Records the first load.

@@ -69,7 +69,7 @@ struct BundleArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gRPC decision service (exit 0 on clean shutdown, 3 if the bundle is invalid).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Parse and validate the bundle (exit 0 valid, 3 invalid).
     Validate {
         #[command(flatten)]
@@ -156,6 +156,10 @@ pub(crate) enum Error {
     #[error(transparent)]
     AdminAccess(#[from] serve::AdminAccess),
     #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
+    #[error(transparent)]
     Journal(#[from] JournalError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
@@ -219,7 +223,7 @@ pub(crate) const STACK: usize = 32 << 20;
 
 fn dispatch(command: Command) -> Result<ExitCode, Error> {
     match command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Validate { bundle } => validate::run(&bundle.policies),
         Command::Eval { bundle, request, explain, audit } => {
             eval::run(&bundle.policies, &request, explain, audit.as_deref())
@@ -320,7 +324,7 @@ fn audit_decision(
     decision: &crate::engine::Decision,
 ) -> Result<(), Error> {
     let Some(audit) = audit else { return Ok(()) };
-    let caller = crate::records::Caller { peer: None, identity: std::env::var("USER").ok(), via: "cli" };
+    let caller = crate::records::Caller { identity: std::env::var("USER").ok(), via: "cli", ..Default::default() };
     let record = crate::records::DecisionRecord::new(snap, request, decision, &caller);
     Ok(audit.submit_blocking(crate::records::body(&record))?)
 }
