@@ -66,6 +66,40 @@ struct BundleArgs {
     policies: PathBuf,
 }
 
+/// How a client command reaches a secured server: TLS files and a bearer token in a file.
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// The CA that issued the server's certificate (PEM): connect with TLS (a bare address
+    /// becomes https://).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) to present, for a server that requires mutual TLS.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Send `authorization: Bearer <token>` with the token read from this file (one line).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The connection settings, with `token` unless a token file is given.
+    fn connect(&self, token: Option<&str>) -> Result<crate::grpc::client::Connect, Error> {
+        let token = match &self.token_file {
+            Some(path) => Some(crate::grpc::client::read_token_file(path)?),
+            None => token.map(str::to_string),
+        };
+        Ok(crate::grpc::client::Connect {
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            token,
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gRPC decision service (exit 0 on clean shutdown, 3 if the bundle is invalid).
