@@ -300,16 +300,7 @@ impl Access {
         let mut granted = Granted::default();
         let mut roles = Roles::default();
         if let Some(header) = authorization {
-            let token = header.strip_prefix(b"Bearer ").ok_or(Refusal::BadToken)?;
-            let hash: [u8; 32] = Sha256::digest(token).into();
-            // Every entry is compared, in constant time, whichever matches.
-            let mut found = None;
-            for t in &self.tokens {
-                if constant_time_eq(&t.sha256, &hash) {
-                    found = Some(t);
-                }
-            }
-            let t = found.ok_or(Refusal::BadToken)?;
+            let t = self.token(header).ok_or(Refusal::BadToken)?;
             roles.add(t.roles);
             granted.token = Some(t.name.clone());
         }
@@ -324,6 +315,26 @@ impl Access {
             return Err(Refusal::NoCredentials);
         }
         if roles.allow(need) { Ok(granted) } else { Err(Refusal::NoRole) }
+    }
+
+    /// The token entry an `authorization` header value (`Bearer <token>`) names.
+    fn token(&self, header: &[u8]) -> Option<&Token> {
+        let token = header.strip_prefix(b"Bearer ")?;
+        let hash: [u8; 32] = Sha256::digest(token).into();
+        // Every entry is compared, in constant time, whichever matches.
+        let mut found = None;
+        for t in &self.tokens {
+            if constant_time_eq(&t.sha256, &hash) {
+                found = Some(t);
+            }
+        }
+        found
+    }
+
+    /// The name of the token an `authorization` header value carries, if the file knows it
+    /// (for the record of a call refused to a known token).
+    pub fn token_name(&self, authorization: &[u8]) -> Option<&str> {
+        self.token(authorization).map(|t| t.name.as_str())
     }
 
     /// Calls refused so far, by reason.

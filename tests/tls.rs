@@ -511,8 +511,12 @@ async fn tokens_from_the_access_file_and_the_admin_command_over_tls() {
     // The refused admin calls are in the audit log; the token's name (never its value) is
     // with the signal it allowed.
     let all = records(&pki.env.path("audit.jsonl"));
-    let reasons: Vec<_> = all.iter().filter(|r| r["kind"] == "refused").map(|r| r["reason"].clone()).collect();
+    let refused: Vec<_> = all.iter().filter(|r| r["kind"] == "refused").collect();
+    let reasons: Vec<_> = refused.iter().map(|r| r["reason"].as_str().unwrap()).collect();
     assert_eq!(reasons, ["no_credentials", "bad_token", "no_role", "no_role", "no_credentials"]);
+    // A known token without the role is named; an unknown one is not.
+    let tokens: Vec<_> = refused.iter().map(|r| r["caller"]["token"].as_str()).collect();
+    assert_eq!(tokens, [None, None, Some("soc"), Some("soc"), None]);
     let signal = all.iter().find(|r| r["kind"] == "signal").unwrap();
     assert_eq!(signal["caller"]["token"], "soc");
     let text = std::fs::read_to_string(pki.env.path("audit.jsonl")).unwrap();
@@ -707,4 +711,21 @@ fn bad_tls_and_access_settings_are_errors_naming_the_flag_file_and_field() {
     let (code, err) = serve(&["--access", access.to_str().unwrap(), "--admin-token", "secret"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("--admin-token (or AGENTCA_ADMIN_TOKEN) and --access cannot be used together"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_in_the_handshake_loses_its_connection() {
+    let pki = Pki::new();
+    let server = pki.start(false, &["--max-connections", "1", "--tls-handshake-timeout-ms", "300"]);
+    // Connects and never says a word: its place under --max-connections is given back when
+    // the handshake timeout ends it (the server closes it: the read sees the end).
+    let mut stalled = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(20), stalled.read(&mut buf)).await.expect("never closed");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // The one place is free again: a client is served, and Status counts the timeout.
+    let client = pki.client(None);
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(client.channel(&server).await.unwrap());
+    let tls = admin.status(pb::StatusRequest {}).await.unwrap().into_inner().tls.unwrap();
+    assert_eq!((tls.handshakes_timed_out, tls.handshakes_failed), (1, 0));
 }

@@ -135,6 +135,7 @@ where
                 let caller = Caller {
                     peer: peer.map(|p| p.to_string()),
                     identity: identity.map(|i| i.to_string()),
+                    token: authorization.as_deref().and_then(|a| access.token_name(a)).map(str::to_string),
                     via: "grpc",
                     ..Caller::default()
                 };
