@@ -120,6 +120,9 @@ pub struct ReloadRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
     pub trigger: &'a str,
+    /// Who asked for it, for a reload asked for through AdminService.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<&'a Caller>,
 }
 
 impl<'a> ReloadRecord<'a> {
@@ -130,7 +133,7 @@ impl<'a> ReloadRecord<'a> {
         error: Option<&'a str>,
         trigger: &'a str,
     ) -> Self {
-        ReloadRecord { kind: "reload", time: Utc::now(), outcome, from, revision, error, trigger }
+        ReloadRecord { kind: "reload", time: Utc::now(), outcome, from, revision, error, trigger, caller: None }
     }
 }
 

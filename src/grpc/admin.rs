@@ -115,8 +115,9 @@ impl pb::admin_service_server::AdminService for Admin {
         }))
     }
 
-    async fn reload(&self, _: Request<pb::ReloadRequest>) -> Result<Response<pb::ReloadResponse>, Status> {
-        let response = match self.service.reload("admin").await {
+    async fn reload(&self, request: Request<pb::ReloadRequest>) -> Result<Response<pb::ReloadResponse>, Status> {
+        let caller = super::caller(&request, "grpc");
+        let response = match self.service.reload_for("admin", Some(caller)).await {
             Reloaded::Swapped { from, to } => pb::ReloadResponse {
                 outcome: "swapped".into(),
                 revision: to.to_string(),

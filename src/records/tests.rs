@@ -150,6 +150,12 @@ fn bodies() -> Vec<String> {
 
     out.push(audit::recovery_body(time, "cut 26 bytes of a torn last line from `audit/decisions.jsonl`"));
 
+    // A reload an admin asked for, with who asked.
+    let mut record = ReloadRecord::new("swapped", Some("8b1d07"), "5c33e1", None, "admin");
+    record.time = time;
+    record.caller = Some(&stranger);
+    out.push(body(&record));
+
     // Callers known by their client certificate, and a gateway's downstream subject.
     let mut record = DecisionRecord::of(&token, Some("bp-mail"), Some("sp-ops"), &allow, &mtls);
     record.time = time;
@@ -181,7 +187,7 @@ fn every_kind_of_record_keeps_its_exact_bytes() {
     }
     drop(log);
     let written = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(audit::verify(std::slice::from_ref(&path)).unwrap().records, 14);
+    assert_eq!(audit::verify(std::slice::from_ref(&path)).unwrap().records, 15);
 
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/audit-records.jsonl");
     if std::env::var_os("AGENTCA_BLESS").is_some() {
