@@ -729,3 +729,29 @@ async fn a_client_that_stalls_in_the_handshake_loses_its_connection() {
     let tls = admin.status(pb::StatusRequest {}).await.unwrap().into_inner().tls.unwrap();
     assert_eq!((tls.handshakes_timed_out, tls.handshakes_failed), (1, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_ca_decides_who_may_connect_from_then_on() {
+    let pki = Pki::new();
+    let server = pki.start(true, &[]);
+    let next = Ca::new("next CA");
+    let old_client = pki.client(Some(&pki.ca.client(Name::Spiffe(ISSUER))));
+    let new_client = pki.client(Some(&next.client(Name::Spiffe(ISSUER))));
+    let channel = old_client.channel(&server).await.unwrap();
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
+    assert_eq!(alert(&new_client.probe(&server).await.unwrap_err()), Some(rustls::AlertDescription::UnknownCA));
+
+    // Both CAs during the changeover, then the new one alone.
+    std::fs::write(pki.file("ca.pem"), format!("{}{}", pki.ca.pem(), next.pem())).unwrap();
+    status_until(&mut admin, &server, "the first CA reload", |s| s.tls.as_ref().is_some_and(|t| t.reloads == 1)).await;
+    assert!(old_client.probe(&server).await.is_ok());
+    assert!(new_client.probe(&server).await.is_ok());
+    std::fs::write(pki.file("ca.pem"), next.pem()).unwrap();
+    status_until(&mut admin, &server, "the second CA reload", |s| s.tls.as_ref().is_some_and(|t| t.reloads == 2)).await;
+    assert_eq!(alert(&old_client.probe(&server).await.unwrap_err()), Some(rustls::AlertDescription::UnknownCA));
+    assert!(new_client.probe(&server).await.is_ok());
+    // The connection opened under the old CA is not cut.
+    let mut decisions = pb::decision_service_client::DecisionServiceClient::new(channel);
+    assert!(decisions.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.is_ok());
+    assert_eq!(old_client.connects.load(Ordering::SeqCst), 1);
+}
