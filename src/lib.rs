@@ -21,9 +21,14 @@
 //!   the Cedar request, slice evaluation), and the `arc-swap` store that reloads it
 //! - [`watch`]: reloads the bundle when its folder changes (notify, debounced)
 //! - [`engine`]: `evaluate(&Snapshot, &Overlay, &Request) -> Decision`, and `explain`
-//! - [`records`]: what the service writes to the audit log: decision, signal and reload records
+//! - [`records`]: what the service writes to the audit log: decision, signal, reload and
+//!   refused-call records
 //! - [`audit`]: the hash-chained log of record bodies (it uses no other module): writer, `verify`
 //! - [`service`]: the running service: decide + audit, signals, reloads (no transport)
+//! - [`tls`]: the rustls server configuration, reloaded when its files change, and the caller's
+//!   identity from its certificate
+//! - [`access`]: who may ask what (`--access`): identities and token hashes to roles, refusals
+//!   counted
 //! - [`grpc`]: tonic services (decision, admin, Envoy ext_authz); proto conversion lives here
 //! - [`cli`]: the `agentca` command line, one file per command; one error type and reporter
 //!
@@ -34,6 +39,7 @@
 //! - `grpc::load`: a load generator for `Evaluate`, and a no-op DecisionService as its baseline
 //! - their commands: `agentca generate`, `agentca loadgen`, `agentca noop-serve`
 
+pub mod access;
 pub mod audit;
 pub mod bundle;
 pub mod cedar;
@@ -55,4 +61,5 @@ pub mod request;
 pub mod service;
 pub mod signals;
 pub mod snapshot;
+pub mod tls;
 pub mod watch;

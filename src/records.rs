@@ -1,5 +1,5 @@
-//! What the service writes to the audit log: the record of each decision, signal and reload,
-//! and who asked. The log frames a record's body (`v`, `seq`, the hashes); the fields here are
+//! What the service writes to the audit log: the record of each decision, signal, reload and
+//! refused admin call, and who asked. The log frames a record's body (`v`, `seq`, the hashes); the fields here are
 //! the rest of a record whose `v` is 1, so their names and order are part of the file format.
 
 use chrono::{DateTime, Utc};
@@ -21,8 +21,16 @@ pub fn body<T: Serialize>(record: &T) -> String {
 pub struct Caller {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// The identity of the peer's client certificate (its SPIFFE ID, DNS name or common name).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// For a gateway's Check: the downstream principal the gateway reports (Envoy's
+    /// `attributes.source.principal`), the party the call is made for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The name (never the value) of the access file's token that allowed the call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// `grpc`, `envoy`, `cli`.
     pub via: &'static str,
 }
@@ -112,6 +120,9 @@ pub struct ReloadRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
     pub trigger: &'a str,
+    /// Who asked for it, for a reload asked for through AdminService.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<&'a Caller>,
 }
 
 impl<'a> ReloadRecord<'a> {
@@ -122,7 +133,27 @@ impl<'a> ReloadRecord<'a> {
         error: Option<&'a str>,
         trigger: &'a str,
     ) -> Self {
-        ReloadRecord { kind: "reload", time: Utc::now(), outcome, from, revision, error, trigger }
+        ReloadRecord { kind: "reload", time: Utc::now(), outcome, from, revision, error, trigger, caller: None }
+    }
+}
+
+/// The record of an admin call refused by the access rules (`serve --access`).
+#[derive(Serialize)]
+pub struct RefusedRecord<'a> {
+    pub kind: &'static str,
+    pub time: DateTime<Utc>,
+    /// The gRPC method, as `/agentca.v1.AdminService/Signal`.
+    pub method: &'a str,
+    /// The role the call needs: `decide`, `read`, `signal` or `admin`.
+    pub need: &'a str,
+    /// `no_credentials`, `bad_token` or `no_role`.
+    pub reason: &'a str,
+    pub caller: &'a Caller,
+}
+
+impl<'a> RefusedRecord<'a> {
+    pub fn new(method: &'a str, need: &'a str, reason: &'a str, caller: &'a Caller) -> Self {
+        RefusedRecord { kind: "refused", time: Utc::now(), method, need, reason, caller }
     }
 }
 

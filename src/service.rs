@@ -8,7 +8,7 @@ use chrono::Utc;
 
 use crate::audit::{self, Audit, Refused};
 use crate::engine::{Decision, ReasonCode, evaluate};
-use crate::records::{self, Caller, DecisionRecord, ReloadRecord, SignalRecord};
+use crate::records::{self, Caller, DecisionRecord, RefusedRecord, ReloadRecord, SignalRecord};
 use crate::request::{RawRequest, Request, RequestError};
 use crate::signals::{Change, Field, Journal, JournalError, Overlay, Signal, SignalError};
 use crate::snapshot::{Reloaded, Snapshot, Store};
@@ -295,8 +295,13 @@ impl Service {
 
     /// Reloads the bundle and records the outcome, to the end even if the caller goes away.
     pub async fn reload(self: &Arc<Self>, trigger: &'static str) -> Reloaded {
+        self.reload_for(trigger, None).await
+    }
+
+    /// As `reload`, asked for by `caller` (recorded with the outcome).
+    pub async fn reload_for(self: &Arc<Self>, trigger: &'static str, caller: Option<Caller>) -> Reloaded {
         let service = self.clone();
-        match tokio::spawn(async move { service.take_reload(trigger).await }).await {
+        match tokio::spawn(async move { service.take_reload(trigger, caller.as_ref()).await }).await {
             Ok(result) => result,
             Err(_) => self.reload_failed(),
         }
@@ -314,7 +319,7 @@ impl Service {
         Reloaded::Failed { kept, error }
     }
 
-    async fn take_reload(self: &Arc<Self>, trigger: &str) -> Reloaded {
+    async fn take_reload(self: &Arc<Self>, trigger: &str, caller: Option<&Caller>) -> Reloaded {
         let result = match self.blocking(|s| s.store.reload()).await {
             Some(result) => result,
             None => self.reload_failed(),
@@ -335,11 +340,22 @@ impl Service {
                 tracing::error!(kept = %kept, trigger, "reload failed; the old bundle is still served:\n{error}")
             }
         }
-        let record = ReloadRecord::new(outcome, from, revision, error.as_deref(), trigger);
+        let mut record = ReloadRecord::new(outcome, from, revision, error.as_deref(), trigger);
+        record.caller = caller;
         if outcome != "unchanged" {
             let _ = self.audit.submit_waiting(records::body(&record)).await;
         }
         result
+    }
+
+    /// Records a call the access rules refused, before the refusal is answered. It takes the
+    /// overflow policy of decisions: under `deny` a full queue refuses (and counts) it.
+    pub async fn refused(&self, method: &str, need: &str, reason: &str, caller: &Caller) {
+        if !self.audit.is_on() {
+            return;
+        }
+        let record = RefusedRecord::new(method, need, reason, caller);
+        let _ = self.audit.submit(records::body(&record)).await;
     }
 
     /// Records the first load.

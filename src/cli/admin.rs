@@ -13,12 +13,14 @@ use super::{Error, Threads, block_on, exit};
 
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
-    /// The running server.
+    /// The running server: `host:port`, or an `http://` or `https://` URL.
     #[arg(long, default_value = "127.0.0.1:50051", env = "AGENTCA_SERVER")]
     server: String,
-    /// The server's admin token.
-    #[arg(long, env = "AGENTCA_ADMIN_TOKEN", hide_env_values = true)]
+    /// The server's admin token (prefer --token-file: a command line is visible to others).
+    #[arg(long, env = "AGENTCA_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     token: Option<String>,
+    #[command(flatten)]
+    client: super::ClientArgs,
     /// Who sends the signal (recorded with it); defaults to $USER.
     #[arg(long, env = "USER", default_value = "cli")]
     actor: String,
@@ -81,7 +83,8 @@ pub fn run(args: AdminArgs) -> Result<ExitCode, Error> {
 }
 
 async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
-    let mut admin = Admin::connect(&args.server, args.token.as_deref()).await?;
+    let connect = args.client.connect(args.token.as_deref())?;
+    let mut admin = Admin::connect(&args.server, &connect).await?;
     let signal = |kind: &str, t: &Target| pb::SignalRequest {
         kind: kind.into(),
         target: t.id.clone(),
@@ -166,6 +169,33 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
             )?;
             if !s.signals_error.is_empty() {
                 outln!("SIGNALS ERROR  {}", printable(&s.signals_error))?;
+            }
+            if let Some(t) = &s.tls {
+                outln!(
+                    "tls            {} until {} (sha256 {}), loaded at {}; client certificates {}; {} failed handshakes",
+                    printable(if t.identity.is_empty() { "(no name)" } else { &t.identity }),
+                    t.not_after,
+                    t.fingerprint,
+                    t.loaded_at,
+                    if t.client_auth { "required" } else { "not asked for" },
+                    t.handshakes_failed + t.handshakes_timed_out
+                )?;
+                if !t.reload_error.is_empty() {
+                    outln!(
+                        "TLS RELOAD     failed at {}; still serving the certificate above: {}",
+                        t.reload_error_at,
+                        printable(&t.reload_error)
+                    )?;
+                }
+            }
+            if let Some(a) = &s.access {
+                outln!(
+                    "access         {}: refused {} without credentials, {} with a bad token, {} without the role",
+                    printable(&a.file),
+                    a.refused_no_credentials,
+                    a.refused_bad_token,
+                    a.refused_no_role
+                )?;
             }
             return Ok(ExitCode::SUCCESS);
         }

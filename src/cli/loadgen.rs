@@ -32,9 +32,12 @@ pub struct LoadArgs {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 1)]
     warmup: u64,
-    /// Also load this server (e.g. `agentca noop-serve`) the same way, first, and compare.
+    /// Also load this server (e.g. `agentca noop-serve`) the same way, first, and compare
+    /// (an `http://` URL is loaded in plaintext, whatever the TLS flags).
     #[arg(long, value_name = "ADDR")]
     baseline: Option<String>,
+    #[command(flatten)]
+    client: super::ClientArgs,
 }
 
 pub fn run_load(args: LoadArgs) -> Result<ExitCode, Error> {
@@ -50,12 +53,20 @@ pub fn run_load(args: LoadArgs) -> Result<ExitCode, Error> {
         connections: args.connections,
         duration: Duration::from_secs(args.duration.max(1)),
         warmup: Duration::from_secs(args.warmup),
+        connect: args.client.connect(None)?,
     };
     block_on(Threads::Many, async {
         let baseline = match &args.baseline {
             None => None,
             Some(addr) => {
-                let r = run(LoadConfig { target: addr.clone(), ..config.clone() }).await?;
+                // An explicit http:// baseline is plaintext whatever the TLS flags (TLS against
+                // plaintext, on the same machine).
+                let connect = if addr.starts_with("http://") {
+                    crate::grpc::client::Connect { token: config.connect.token.clone(), ..Default::default() }
+                } else {
+                    config.connect.clone()
+                };
+                let r = run(LoadConfig { target: addr.clone(), connect, ..config.clone() }).await?;
                 print_report(&format!("baseline {addr}"), &r)?;
                 Some(r)
             }

@@ -66,10 +66,44 @@ struct BundleArgs {
     policies: PathBuf,
 }
 
+/// How a client command reaches a secured server: TLS files and a bearer token in a file.
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// The CA that issued the server's certificate (PEM): connect with TLS (a bare address
+    /// becomes https://).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) to present, for a server that requires mutual TLS.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Send `authorization: Bearer <token>` with the token read from this file (one line).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The connection settings, with `token` unless a token file is given.
+    fn connect(&self, token: Option<&str>) -> Result<crate::grpc::client::Connect, Error> {
+        let token = match &self.token_file {
+            Some(path) => Some(crate::grpc::client::read_token_file(path)?),
+            None => token.map(str::to_string),
+        };
+        Ok(crate::grpc::client::Connect {
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            token,
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gRPC decision service (exit 0 on clean shutdown, 3 if the bundle is invalid).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Parse and validate the bundle (exit 0 valid, 3 invalid).
     Validate {
         #[command(flatten)]
@@ -156,6 +190,10 @@ pub(crate) enum Error {
     #[error(transparent)]
     AdminAccess(#[from] serve::AdminAccess),
     #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
+    #[error(transparent)]
     Journal(#[from] JournalError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
@@ -219,7 +257,7 @@ pub(crate) const STACK: usize = 32 << 20;
 
 fn dispatch(command: Command) -> Result<ExitCode, Error> {
     match command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Validate { bundle } => validate::run(&bundle.policies),
         Command::Eval { bundle, request, explain, audit } => {
             eval::run(&bundle.policies, &request, explain, audit.as_deref())
@@ -320,7 +358,7 @@ fn audit_decision(
     decision: &crate::engine::Decision,
 ) -> Result<(), Error> {
     let Some(audit) = audit else { return Ok(()) };
-    let caller = crate::records::Caller { peer: None, identity: std::env::var("USER").ok(), via: "cli" };
+    let caller = crate::records::Caller { identity: std::env::var("USER").ok(), via: "cli", ..Default::default() };
     let record = crate::records::DecisionRecord::new(snap, request, decision, &caller);
     Ok(audit.submit_blocking(crate::records::body(&record))?)
 }

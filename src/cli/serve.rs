@@ -4,15 +4,18 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::access::Access;
 use crate::audit::{self, Audit, Target};
 use crate::grpc;
 use crate::service::{Service, Settings};
 use crate::signals::{Journal, Overlay};
 use crate::snapshot::Store;
+use crate::tls::{Files, Tls};
 
 use super::{BundleArgs, Error, Threads, block_on, exit};
 
@@ -23,6 +26,13 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051", env = "AGENTCA_LISTEN")]
     listen: SocketAddr,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Who may ask what: certificate identities and bearer-token hashes mapped to the roles
+    /// decide, read, signal and admin (TOML, or JSON; see the README). Without it, decisions
+    /// are open and AdminService follows --admin-token.
+    #[arg(long, value_name = "FILE", env = "AGENTCA_ACCESS")]
+    access: Option<PathBuf>,
     #[command(flatten)]
     audit: AuditArgs,
     /// Folder of the live-signal journal.
@@ -57,6 +67,26 @@ pub struct ServeArgs {
     /// audit log gets to be written, in milliseconds (each).
     #[arg(long, default_value_t = 10_000)]
     shutdown_grace_ms: u64,
+}
+
+/// TLS on the listener; the files are reloaded when they change (and on SIGHUP).
+#[derive(Debug, clap::Args)]
+pub struct TlsArgs {
+    /// Serve TLS with this certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "FILE", requires = "tls_key", env = "AGENTCA_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", env = "AGENTCA_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: require a client certificate issued by one of these CAs (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", env = "AGENTCA_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> Option<Files> {
+        Some(Files { cert: self.tls_cert.clone()?, key: self.tls_key.clone()?, client_ca: self.tls_client_ca.clone() })
+    }
 }
 
 /// What one caller can take; the defaults hold about 2 GB (README, "Limits").
@@ -97,6 +127,13 @@ pub struct LimitArgs {
     /// As `--call-timeout-secs`, in milliseconds (for tests).
     #[arg(long, hide = true)]
     call_timeout_ms: Option<u64>,
+    /// Close a connection whose TLS handshake is not done within this many seconds, so that a
+    /// client that connects and stalls cannot hold a place under --max-connections.
+    #[arg(long, default_value_t = 10)]
+    tls_handshake_timeout_secs: u64,
+    /// As `--tls-handshake-timeout-secs`, in milliseconds (for tests).
+    #[arg(long, hide = true)]
+    tls_handshake_timeout_ms: Option<u64>,
 }
 
 impl LimitArgs {
@@ -115,6 +152,10 @@ impl LimitArgs {
                 .max(Duration::from_millis(1)),
             keepalive_interval: Duration::from_secs(self.keepalive_interval_secs.max(1)),
             keepalive_timeout: Duration::from_secs(self.keepalive_timeout_secs.max(1)),
+            handshake_timeout: self
+                .tls_handshake_timeout_ms
+                .map_or(Duration::from_secs(self.tls_handshake_timeout_secs), Duration::from_millis)
+                .max(Duration::from_millis(1)),
         }
     }
 }
@@ -214,15 +255,27 @@ pub enum AdminAccess {
     EmptyTokenVariable,
     #[error(
         "refusing to serve AdminService without authentication on {0}, which is not a loopback address: \
-         anyone who can reach it could re-enable a disabled agent. Set --admin-token (or AGENTCA_ADMIN_TOKEN), \
-         listen on 127.0.0.1, or pass --insecure-admin to accept the risk"
+         anyone who can reach it could re-enable a disabled agent. Set --access FILE or --admin-token (or \
+         AGENTCA_ADMIN_TOKEN), listen on 127.0.0.1, or pass --insecure-admin to accept the risk"
     )]
     Open(SocketAddr),
+    #[error(
+        "--admin-token (or AGENTCA_ADMIN_TOKEN) and --access cannot be used together: put the token's \
+         SHA-256 hash in the access file with the `admin` role"
+    )]
+    TokenWithAccess,
 }
 
 /// Refuses an admin port that anyone on the network could use: without a token, AdminService
 /// is served only on a loopback address, unless `--insecure-admin` says so on purpose.
 fn check_admin_access(args: &ServeArgs) -> Result<(), AdminAccess> {
+    if args.access.is_some() {
+        // The access file decides who may call AdminService, on any address.
+        if args.admin_token.is_some() || std::env::var_os("AGENTCA_ADMIN_TOKEN").is_some() {
+            return Err(AdminAccess::TokenWithAccess);
+        }
+        return Ok(());
+    }
     let from_env = std::env::var_os("AGENTCA_ADMIN_TOKEN").is_some_and(|v| v.is_empty());
     match args.admin_token.as_deref() {
         Some(t) if t.trim().is_empty() => return Err(AdminAccess::EmptyToken),
@@ -240,6 +293,8 @@ fn check_admin_access(args: &ServeArgs) -> Result<(), AdminAccess> {
 
 async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     check_admin_access(&args)?;
+    let access = args.access.as_deref().map(Access::load).transpose()?.map(Arc::new);
+    let tls = args.tls.files().map(Tls::load).transpose()?;
     let dir = args.bundle.policies.clone();
     let store = tokio::task::block_in_place(|| Store::open(&dir))
         .map_err(|errors| Error::InvalidBundle { dir: dir.clone(), errors })?;
@@ -265,8 +320,32 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
     let snap = service.store().current();
     tracing::info!(%addr, revision = %snap.revision(), policies = snap.policies().len(), audit = %service.audit().config().target.describe(), "serving");
-    if args.admin_token.is_none() {
-        tracing::warn!("AdminService has no token: anyone who can reach {addr} may send signals (set --admin-token)");
+    if let Some(tls) = &tls {
+        let (served, _) = tls.status();
+        tracing::info!(
+            identity = %served.identity.as_deref().map(crate::input::printable).unwrap_or_default(),
+            not_after = %served.not_after,
+            client_auth = served.client_auth,
+            "serving TLS"
+        );
+    }
+    match &access {
+        Some(access) => {
+            if access.has_identities() && args.tls.tls_client_ca.is_none() {
+                tracing::warn!(
+                    "the access file names identities, which only client certificates give: without --tls-client-ca they never match"
+                );
+            }
+            if tls.is_none() && !args.listen.ip().is_loopback() {
+                tracing::warn!("bearer tokens travel in clear text without TLS (set --tls-cert and --tls-key)");
+            }
+        }
+        None if args.admin_token.is_none() => {
+            tracing::warn!(
+                "AdminService has no token: anyone who can reach {addr} may send signals (set --access or --admin-token)"
+            );
+        }
+        None => {}
     }
     // Tests and scripts wait for this line.
     errln!("agentca listening on {addr}");
@@ -286,11 +365,26 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
             }
         }
     };
+    // Certificates rotate by themselves (cert-manager, SPIRE): their files are always watched.
+    let _tls_watch = match &tls {
+        Some(tls) => match tls.watch() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the TLS files: reload them with SIGHUP");
+                None
+            }
+        },
+        None => None,
+    };
     let hup_tx = reload_tx.clone();
+    let hup_tls = tls.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
         while hup.recv().await.is_some() {
             let _ = hup_tx.try_send("sighup");
+            if let Some(tls) = hup_tls.clone() {
+                let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+            }
         }
     });
     let reloader = {
@@ -306,6 +400,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
         max_message_bytes: args.max_message_bytes,
         admin_token: args.admin_token.clone(),
         limits: args.limits.limits(),
+        tls: tls.clone(),
+        access,
     };
     let grace = Duration::from_millis(args.shutdown_grace_ms);
     let (stopping, stopped) = tokio::sync::oneshot::channel();

@@ -5,19 +5,53 @@ use std::sync::Arc;
 use chrono::{SecondsFormat, Utc};
 use tonic::{Request, Response, Status};
 
+use crate::access::Access;
 use crate::service::{Service, SignalFailure};
 use crate::signals::{Change, Field, Mark, Signal};
 use crate::snapshot::Reloaded;
+use crate::tls::Tls;
 
+use super::limits::Shed;
 use super::pb;
 
 pub struct Admin {
     service: Arc<Service>,
+    tls: Option<Arc<Tls>>,
+    access: Option<Arc<Access>>,
+    shed: Arc<Shed>,
 }
 
 impl Admin {
-    pub fn new(service: Arc<Service>) -> Self {
-        Admin { service }
+    pub fn new(service: Arc<Service>, tls: Option<Arc<Tls>>, access: Option<Arc<Access>>, shed: Arc<Shed>) -> Self {
+        Admin { service, tls, access, shed }
+    }
+
+    fn tls_status(&self) -> Option<pb::TlsStatus> {
+        let tls = self.tls.as_ref()?;
+        let (served, failure) = tls.status();
+        Some(pb::TlsStatus {
+            client_auth: served.client_auth,
+            identity: served.identity.unwrap_or_default(),
+            not_after: rfc3339(served.not_after),
+            fingerprint: served.fingerprint,
+            loaded_at: rfc3339(served.loaded_at),
+            reloads: tls.reloads(),
+            reload_error: failure.as_ref().map(|f| f.error.clone()).unwrap_or_default(),
+            reload_error_at: failure.as_ref().map(|f| rfc3339(f.at)).unwrap_or_default(),
+            handshakes_failed: self.shed.handshakes_failed.load(std::sync::atomic::Ordering::Relaxed),
+            handshakes_timed_out: self.shed.handshakes_timed_out.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    fn access_status(&self) -> Option<pb::AccessStatus> {
+        let access = self.access.as_ref()?;
+        let [(_, no_credentials), (_, bad_token), (_, no_role)] = access.refused();
+        Some(pb::AccessStatus {
+            file: access.path().display().to_string(),
+            refused_no_credentials: no_credentials,
+            refused_bad_token: bad_token,
+            refused_no_role: no_role,
+        })
     }
 }
 
@@ -76,11 +110,14 @@ impl pb::admin_service_server::AdminService for Admin {
             unknown_target_signals: self.service.unknown_signals(&snap) as u64,
             max_unknown_target_signals: self.service.settings().max_unknown_signals as u64,
             signals_error: self.service.journal_error().unwrap_or_default(),
+            tls: self.tls_status(),
+            access: self.access_status(),
         }))
     }
 
-    async fn reload(&self, _: Request<pb::ReloadRequest>) -> Result<Response<pb::ReloadResponse>, Status> {
-        let response = match self.service.reload("admin").await {
+    async fn reload(&self, request: Request<pb::ReloadRequest>) -> Result<Response<pb::ReloadResponse>, Status> {
+        let caller = super::caller(&request, "grpc");
+        let response = match self.service.reload_for("admin", Some(caller)).await {
             Reloaded::Swapped { from, to } => pb::ReloadResponse {
                 outcome: "swapped".into(),
                 revision: to.to_string(),

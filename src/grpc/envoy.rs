@@ -56,6 +56,23 @@ pub(crate) fn raw_request(check: &CheckRequest) -> (RawRequest, Option<String>) 
     (raw, host)
 }
 
+/// Most bytes of a downstream principal kept in the audit record.
+const MAX_SUBJECT: usize = 1024;
+
+/// The downstream principal Envoy reports (`attributes.source.principal`: the SAN of the
+/// client's certificate, or what the gateway authenticated), cut to `MAX_SUBJECT` bytes.
+fn subject(check: &CheckRequest) -> Option<String> {
+    let principal = &check.attributes.as_ref()?.source.as_ref()?.principal;
+    if principal.is_empty() {
+        return None;
+    }
+    let mut end = principal.len().min(MAX_SUBJECT);
+    while !principal.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(principal[..end].to_string())
+}
+
 /// A host names a resource by one of its audiences, bare or as `https://host`. A host that
 /// names none stays as `https://host`, an audience no resource has: an unknown resource.
 pub(crate) fn resolve_host(snap: &Snapshot, host: &str) -> String {
@@ -74,7 +91,8 @@ pub(crate) fn resolve_host(snap: &Snapshot, host: &str) -> String {
 #[tonic::async_trait]
 impl Authorization for Check {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        let caller = super::caller(&request, "envoy");
+        let mut caller = super::caller(&request, "envoy");
+        caller.subject = subject(request.get_ref());
         let (raw, host) = raw_request(request.get_ref());
         let mut response = CheckResponse::new();
         let resolve = |snap: &Snapshot, raw: &mut RawRequest| {

@@ -41,6 +41,9 @@ pub struct Limits {
     /// HTTP/2 PING interval, and how long to wait for its answer before closing.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// A TLS handshake not done within this is dropped, and its place under
+    /// `max_connections` freed: a client that connects and stalls cannot hold one.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -57,6 +60,7 @@ impl Default for Limits {
             call_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -67,6 +71,10 @@ pub struct Shed {
     pub connections: AtomicU64,
     pub calls: AtomicU64,
     pub idle_closed: AtomicU64,
+    /// TLS handshakes that failed (no or an untrusted client certificate, not TLS at all).
+    pub handshakes_failed: AtomicU64,
+    /// TLS handshakes not done within the handshake timeout.
+    pub handshakes_timed_out: AtomicU64,
 }
 
 /// Accepted connections, at most `max_connections` open at once.
@@ -108,8 +116,16 @@ pub fn incoming(
                 }
                 let state = Arc::new(Activity::new());
                 let timer = idle.map(|d| Box::pin(tokio::time::sleep(d)));
-                let conn =
-                    Conn { io: stream, remote: Some(remote), state, idle, timer, shed: shed.clone(), _open: permit };
+                let conn = Conn {
+                    io: stream,
+                    remote: Some(remote),
+                    identity: None,
+                    state,
+                    idle,
+                    timer,
+                    shed: shed.clone(),
+                    _open: permit,
+                };
                 return Some((Ok(conn), listener));
             }
         }
@@ -163,6 +179,8 @@ impl Drop for Running {
 pub struct Conn {
     io: TcpStream,
     remote: Option<SocketAddr>,
+    /// The identity of the client's certificate, once a TLS handshake has given one.
+    identity: Option<Arc<str>>,
     state: Arc<Activity>,
     idle: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
@@ -174,6 +192,8 @@ pub struct Conn {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
+    /// The identity of the client's certificate (mutual TLS), if it has one.
+    pub identity: Option<Arc<str>>,
     activity: Arc<Activity>,
 }
 
@@ -181,11 +201,16 @@ impl Connected for Conn {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
-        ConnInfo { remote: self.remote, activity: self.state.clone() }
+        ConnInfo { remote: self.remote, identity: self.identity.clone(), activity: self.state.clone() }
     }
 }
 
 impl Conn {
+    /// Records the identity of the client's certificate, once the TLS handshake is done.
+    pub fn set_identity(&mut self, identity: Option<Arc<str>>) {
+        self.identity = identity;
+    }
+
     /// True once the connection has had no call for the idle timeout. A PING answer is not a
     /// call: a client that only keeps the connection alive is idle all the same.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use super::client::{ClientError, connect};
+use super::client::{ClientError, Connect, connect, decisions};
 use super::pb;
 
 #[derive(Debug, Clone)]
@@ -20,6 +20,8 @@ pub struct LoadConfig {
     pub duration: Duration,
     /// Requests in this first stretch are sent but not counted.
     pub warmup: Duration,
+    /// TLS and the bearer token.
+    pub connect: Connect,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -49,14 +51,14 @@ struct Worker {
 pub async fn run(config: LoadConfig) -> Result<LoadReport, ClientError> {
     let mut channels = Vec::with_capacity(config.connections.max(1));
     for _ in 0..config.connections.max(1) {
-        channels.push(connect(&config.target).await?);
+        channels.push(connect(&config.target, &config.connect).await?);
     }
     let start = Instant::now();
     let counted_from = start + config.warmup;
     let end = counted_from + config.duration;
     let mut workers = Vec::with_capacity(config.concurrency.max(1));
     for i in 0..config.concurrency.max(1) {
-        let mut client = pb::decision_service_client::DecisionServiceClient::new(channels[i % channels.len()].clone());
+        let mut client = decisions(channels[i % channels.len()].clone(), config.connect.token.as_deref())?;
         let request = config.request.clone();
         workers.push(tokio::spawn(async move {
             let mut w =

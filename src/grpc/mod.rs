@@ -6,6 +6,8 @@ pub mod client;
 mod convert;
 mod decision;
 pub(crate) mod envoy;
+mod gate;
+pub mod handshake;
 pub mod limits;
 #[cfg(feature = "tools")]
 pub mod load;
@@ -18,8 +20,10 @@ use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::access::Access;
 use crate::records::Caller;
 use crate::service::Service;
+use crate::tls::Tls;
 
 /// The generated messages and services of `proto/agentca/v1/agentca.proto`.
 pub mod pb {
@@ -38,14 +42,24 @@ pub use pb::decision_service_client::DecisionServiceClient;
 pub struct Options {
     /// Largest message accepted or sent.
     pub max_message_bytes: usize,
-    /// If set, AdminService calls need `authorization: Bearer <token>`.
+    /// If set, AdminService calls need `authorization: Bearer <token>` (without `access`).
     pub admin_token: Option<String>,
     pub limits: limits::Limits,
+    /// TLS on the listener (mutual if its files name a client CA).
+    pub tls: Option<Arc<Tls>>,
+    /// Who may ask what; without it decisions are open and admin follows `admin_token`.
+    pub access: Option<Arc<Access>>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_message_bytes: 4 * 1024 * 1024, admin_token: None, limits: limits::Limits::default() }
+        Options {
+            max_message_bytes: 4 * 1024 * 1024,
+            admin_token: None,
+            limits: limits::Limits::default(),
+            tls: None,
+            access: None,
+        }
     }
 }
 
@@ -75,6 +89,7 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let limit = options.max_message_bytes;
+    let shed = Arc::new(limits::Shed::default());
     let batch_items = limits::BatchItems::new(options.limits.max_batch_items_in_flight);
     let decisions = pb::decision_service_server::DecisionServiceServer::new(decision::Decisions::new(
         service.clone(),
@@ -84,9 +99,14 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let admin = tonic::service::interceptor::InterceptedService::new(
-        pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(service.clone()))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit),
+        pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(
+            service.clone(),
+            options.tls.clone(),
+            options.access.clone(),
+            shed.clone(),
+        ))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit),
         admin::authorize(options.admin_token.clone()),
     );
     let check = envoy::server(service.clone(), limit);
@@ -96,19 +116,26 @@ pub async fn serve(
     let watcher = tokio::spawn(track_health(reporter, service.serving_changes()));
 
     let limits = &options.limits;
-    let shed = Arc::new(limits::Shed::default());
+    let accepted = limits::incoming(listener, limits, shed.clone());
+    let incoming: std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<handshake::Io>> + Send>> =
+        match &options.tls {
+            Some(tls) => Box::pin(handshake::tls(accepted, tls.clone(), limits.handshake_timeout, shed.clone())),
+            None => Box::pin(handshake::plain(accepted)),
+        };
+    let gate = gate::GateLayer::new(options.access.clone(), service.clone(), options.tls.is_some());
     let result = Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(limits::GuardLayer::new(limits, shed.clone()))
+        .layer(gate)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(decisions)
         .add_service(admin)
         .add_service(check)
-        .serve_with_incoming_shutdown(limits::incoming(listener, limits, shed), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     watcher.abort();
     result.map_err(ServeError::from)
@@ -137,8 +164,15 @@ async fn track_health(reporter: tonic_health::server::HealthReporter, mut servin
     }
 }
 
-/// Who is calling: the peer address (and, once TLS is configured, its identity).
+/// Who is calling: the peer address, the identity of its client certificate, and the name of
+/// the access file's token that let the call through.
 fn caller<T>(request: &tonic::Request<T>, via: &'static str) -> Caller {
-    let peer = request.extensions().get::<limits::ConnInfo>().and_then(|c| c.remote).map(|a| a.to_string());
-    Caller { peer, identity: None, via }
+    let conn = request.extensions().get::<limits::ConnInfo>();
+    Caller {
+        peer: conn.and_then(|c| c.remote).map(|a| a.to_string()),
+        identity: conn.and_then(|c| c.identity.as_deref()).map(str::to_string),
+        token: gate::granted_token(request),
+        via,
+        ..Caller::default()
+    }
 }

@@ -38,8 +38,28 @@ fn decision(verdict: Verdict, id: &str, request_id: Option<&str>) -> Decision {
 /// One record of each kind, as the service makes them, at fixed times and ids.
 fn bodies() -> Vec<String> {
     let time = at("2026-11-27T10:00:01.250Z");
-    let cli = Caller { peer: None, identity: Some("alice".into()), via: "cli" };
-    let grpc = Caller { peer: Some("127.0.0.1:50000".into()), identity: None, via: "grpc" };
+    let cli = Caller { identity: Some("alice".into()), via: "cli", ..Caller::default() };
+    let grpc = Caller { peer: Some("127.0.0.1:50000".into()), via: "grpc", ..Caller::default() };
+    let mtls = Caller {
+        peer: Some("10.0.0.7:41000".into()),
+        identity: Some("spiffe://corp.example/ns/issuers/sa/mint".into()),
+        via: "grpc",
+        ..Caller::default()
+    };
+    let gateway = Caller {
+        peer: Some("10.0.0.9:42000".into()),
+        identity: Some("gw.corp.example".into()),
+        subject: Some("spiffe://corp.example/ns/apps/sa/mail-agent".into()),
+        via: "envoy",
+        ..Caller::default()
+    };
+    let stranger = Caller {
+        peer: Some("10.0.0.8:43000".into()),
+        identity: Some("spiffe://corp.example/ns/issuers/sa/mint".into()),
+        token: Some("soc".into()),
+        via: "grpc",
+        ..Caller::default()
+    };
     let mut out = Vec::new();
 
     let token = request(json!({
@@ -129,6 +149,31 @@ fn bodies() -> Vec<String> {
     }
 
     out.push(audit::recovery_body(time, "cut 26 bytes of a torn last line from `audit/decisions.jsonl`"));
+
+    // A reload an admin asked for, with who asked.
+    let mut record = ReloadRecord::new("swapped", Some("8b1d07"), "5c33e1", None, "admin");
+    record.time = time;
+    record.caller = Some(&stranger);
+    out.push(body(&record));
+
+    // Callers known by their client certificate, and a gateway's downstream subject.
+    let mut record = DecisionRecord::of(&token, Some("bp-mail"), Some("sp-ops"), &allow, &mtls);
+    record.time = time;
+    out.push(body(&record));
+    let mut record = DecisionRecord::of(&call, Some("bp-mail"), Some("sp-ops"), &deny, &gateway);
+    record.time = time;
+    out.push(body(&record));
+
+    // Admin calls the access rules refused.
+    let mut record = RefusedRecord::new("/agentca.v1.AdminService/Signal", "signal", "no_role", &mtls);
+    record.time = time;
+    out.push(body(&record));
+    let mut record = RefusedRecord::new("/agentca.v1.AdminService/Reload", "admin", "no_role", &stranger);
+    record.time = time;
+    out.push(body(&record));
+    let mut record = RefusedRecord::new("/agentca.v1.AdminService/Status", "read", "no_credentials", &grpc);
+    record.time = time;
+    out.push(body(&record));
     out
 }
 
@@ -142,7 +187,7 @@ fn every_kind_of_record_keeps_its_exact_bytes() {
     }
     drop(log);
     let written = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(audit::verify(std::slice::from_ref(&path)).unwrap().records, 9);
+    assert_eq!(audit::verify(std::slice::from_ref(&path)).unwrap().records, 15);
 
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/audit-records.jsonl");
     if std::env::var_os("AGENTCA_BLESS").is_some() {
