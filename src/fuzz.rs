@@ -21,7 +21,7 @@ use crate::snapshot::Snapshot;
 pub type Target = fn(&[u8]);
 
 /// The targets, by the names `fuzz/fuzz_targets/` and `fuzz/corpus/` use.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 11] = [
     ("request_json", request_json),
     ("request_proto", request_proto),
     ("envoy_check", envoy_check),
@@ -31,6 +31,8 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("schema_file", schema_file),
     ("journal_replay", journal_replay),
     ("audit_verify", audit_verify),
+    ("access_file", access_file),
+    ("certificate", certificate),
 ];
 
 fn sample_dir() -> &'static Path {
@@ -57,7 +59,7 @@ fn decide(raw: RawRequest) {
     let _ = raw.clone().validate_with(now, Some(TimeDelta::minutes(5)));
     let (Ok(request), Some(snap)) = (raw.validate(now), sample()) else { return };
     let decision = evaluate(snap, &Overlay::new(), &request);
-    let caller = crate::records::Caller { peer: None, identity: None, via: "cli" };
+    let caller = crate::records::Caller { peer: None, identity: None, subject: None, token: None, via: "cli" };
     let record = crate::records::DecisionRecord::new(snap, &request, &decision, &caller);
     let _ = crate::records::body(&record);
 }
@@ -159,6 +161,27 @@ pub fn audit_verify(data: &[u8]) {
     if std::fs::write(&path, data).is_ok() {
         let _ = crate::audit::verify(std::slice::from_ref(&path));
     }
+}
+
+/// An access file (`--access`), as TOML and as JSON; one that reads is asked about a caller
+/// with the first line of the input as its identity and bearer token.
+pub fn access_file(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let probe = text.lines().next().unwrap_or_default();
+    for name in ["access.toml", "access.json"] {
+        if let Ok(access) = crate::access::Access::parse(Path::new(name), text) {
+            let bearer = format!("Bearer {probe}");
+            for need in [None, Some(crate::access::Role::Decide), Some(crate::access::Role::Admin)] {
+                let _ = access.check(Some(probe), Some(bearer.as_bytes()), need);
+                let _ = access.check(None, Some(probe.as_bytes()), need);
+            }
+        }
+    }
+}
+
+/// A client certificate (DER), as the TLS layer reads the caller's identity from it.
+pub fn certificate(data: &[u8]) {
+    let _ = crate::tls::identity(data);
 }
 
 #[cfg(test)]
@@ -276,13 +299,22 @@ mod tests {
 
     #[test]
     fn binary_seeds_are_current() {
+        // Maps encode in hash order: the seeds are compared as messages, not bytes.
+        fn same<M: Message + Default + PartialEq>(a: &[u8], b: &[u8]) -> bool {
+            matches!((M::decode(a), M::decode(b)), (Ok(a), Ok(b)) if a == b)
+        }
         let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
         for (target, name, bytes) in binary_seeds() {
             let path = corpus.join(target).join(name);
             if std::env::var_os("AGENTCA_BLESS").is_some() {
                 std::fs::write(&path, &bytes).unwrap();
             }
-            assert_eq!(std::fs::read(&path).ok(), Some(bytes), "{} (AGENTCA_BLESS=1 rewrites it)", path.display());
+            let file = std::fs::read(&path).unwrap_or_default();
+            let current = match target {
+                "envoy_check" => same::<envoy_types::ext_authz::v3::pb::CheckRequest>(&file, &bytes),
+                _ => same::<pb::EvaluateRequest>(&file, &bytes),
+            };
+            assert!(current, "{} is not current (AGENTCA_BLESS=1 rewrites it)", path.display());
         }
     }
 
