@@ -457,11 +457,11 @@ async fn tokens_from_the_access_file_and_the_admin_command_over_tls() {
     let channel = client.channel(&server).await.unwrap();
     let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
 
-    // No credentials, a token the file does not know: UNAUTHENTICATED.
+    // No credentials: UNAUTHENTICATED; wrong ones (a token the file does not know): PERMISSION_DENIED.
     let none = admin.list_signals(pb::ListSignalsRequest::default()).await.unwrap_err();
     assert_eq!(none.code(), tonic::Code::Unauthenticated, "{none}");
     let bad = admin.list_signals(with("soc-secreT", pb::ListSignalsRequest::default())).await.unwrap_err();
-    assert_eq!(bad.code(), tonic::Code::Unauthenticated, "{bad}");
+    assert_eq!(bad.code(), tonic::Code::PermissionDenied, "{bad}");
     // The soc token reads and signals, and may not reload.
     assert!(admin.list_signals(with("soc-secret", pb::ListSignalsRequest::default())).await.is_ok());
     let reload = admin.reload(with("soc-secret", pb::ReloadRequest {})).await.unwrap_err();

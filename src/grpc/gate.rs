@@ -169,7 +169,7 @@ fn status(refusal: Refusal, need: Need) -> tonic::Status {
         Refusal::NoCredentials => tonic::Status::unauthenticated(format!(
             "this call needs {needs}: present a client certificate or `authorization: Bearer <token>`"
         )),
-        Refusal::BadToken => tonic::Status::unauthenticated("the bearer token is not one the server knows"),
+        Refusal::BadToken => tonic::Status::permission_denied("the bearer token is not one the server knows"),
         Refusal::NoRole => {
             tonic::Status::permission_denied(format!("this call needs {needs}, which the caller does not have"))
         }
