@@ -1,4 +1,5 @@
-//! One decision end to end (typed request -> Decision with reasons) on the sample bundle.
+//! One decision end to end (typed request -> Decision with reasons) on the sample bundle, and
+//! one through the service (validation, decision, its metrics; the audit log off).
 //!
 //! Run: `cargo bench --bench evaluate`
 
@@ -82,5 +83,44 @@ fn signals(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sample, signals);
+/// `Service::decide`: what the gRPC and Envoy doors call for each request, minus the transport
+/// and the audit log: the raw request validated, decided, and counted.
+fn service(c: &mut Criterion) {
+    use agentca::audit::{Audit, Config, Target};
+    use agentca::records::Caller;
+    use agentca::service::{Service, Settings};
+    use agentca::snapshot::Store;
+
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let store = Store::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap();
+    let audit = Audit::start(Config::new(Target::Off)).unwrap();
+    let service = Service::new(store, Overlay::new(), None, audit, Settings::default());
+    let caller = Caller { peer: Some("127.0.0.1:50000".into()), via: "grpc", ..Caller::default() };
+    let raw = |json: &str| RawRequest::from_json(&serde_json::from_str(json).unwrap()).unwrap();
+    let cases = [
+        (
+            "decide_allow",
+            raw(r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3",
+                "time": "2026-11-25T10:00:00Z", "request_id": "r-1"}"#),
+        ),
+        (
+            "decide_deny_forbid",
+            raw(r#"{"agent": "ag-recon-01", "resource": "ledger", "scopes": ["Ledger.Read"],
+                "client_ip": "203.0.113.7", "time": "2026-11-25T10:00:00Z"}"#),
+        ),
+    ];
+    let mut group = c.benchmark_group("service");
+    for (name, raw) in cases {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || raw.clone(),
+                |raw| runtime.block_on(service.decide(raw, &caller)).unwrap(),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, sample, signals, service);
 criterion_main!(benches);
