@@ -11,7 +11,7 @@ mod writer;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -128,13 +128,30 @@ struct Stats {
     /// Records accepted into the queue, and those of them written: the difference is pending.
     accepted: AtomicU64,
     landed: AtomicU64,
+    /// Write attempts that failed (each is retried until it succeeds).
+    failed_writes: AtomicU64,
     failing: AtomicBool,
     /// True while writes succeed; changed only when `failing` flips.
     healthy: watch::Sender<bool>,
     error: Mutex<Option<String>>,
     /// The last `recovery` note (file deleted or moved, writes that failed), with its time.
     notice: Mutex<Option<String>>,
+    /// Told how long each successful write (and its fsync) took.
+    on_write: WriteHook,
 }
+
+#[derive(Default)]
+struct WriteHook(OnceLock<OnWrite>);
+
+impl std::fmt::Debug for WriteHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "WriteHook(set)" } else { "WriteHook(none)" })
+    }
+}
+
+/// Told, on the writer thread, how long one write of a group of records (and its fsync, if
+/// any) took: it must return at once.
+pub type OnWrite = Box<dyn Fn(Duration) + Send + Sync>;
 
 impl Stats {
     fn new() -> Stats {
@@ -145,10 +162,12 @@ impl Stats {
             seq: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             landed: AtomicU64::new(0),
+            failed_writes: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             healthy: watch::Sender::new(true),
             error: Mutex::new(None),
             notice: Mutex::new(None),
+            on_write: WriteHook::default(),
         }
     }
 
@@ -178,6 +197,8 @@ pub struct AuditStats {
     pub seq: u64,
     /// Records accepted and not yet written.
     pub pending: u64,
+    /// Write attempts that failed (each retried until it succeeded).
+    pub failed_writes: u64,
     pub error: Option<String>,
     pub notice: Option<String>,
 }
@@ -348,9 +369,15 @@ impl Audit {
                 .accepted
                 .load(Ordering::Relaxed)
                 .saturating_sub(self.stats.landed.load(Ordering::Relaxed)),
+            failed_writes: self.stats.failed_writes.load(Ordering::Relaxed),
             error: self.stats.error.lock().ok().and_then(|e| e.clone()),
             notice: self.stats.notice.lock().ok().and_then(|e| e.clone()),
         }
+    }
+
+    /// Has `hook` told how long each write takes from now on (the first hook set stays).
+    pub fn on_write(&self, hook: OnWrite) {
+        let _ = self.stats.on_write.0.set(hook);
     }
 
     /// False while writes fail: with `on_full = deny`, the service reports NOT_SERVING.

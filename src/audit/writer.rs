@@ -449,7 +449,9 @@ impl Writer {
             };
             // A failed write is retried until it succeeds: an accepted record is never dropped.
             let mut outage: Option<Outage> = None;
+            let mut started = Instant::now();
             while let Err(e) = self.attempt(&mut lines, &mut batch, outage.as_ref(), sync_now) {
+                self.stats.failed_writes.fetch_add(1, Ordering::Relaxed);
                 // Loud, but not a line every retry: the first failure, then every 10 s.
                 if last_complaint.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
                     tracing::error!(error = %e, "audit write failed; retrying until it succeeds");
@@ -473,6 +475,12 @@ impl Writer {
                     self.refuse_waiting(&mut batch);
                 }
                 std::thread::sleep(RETRY_AFTER);
+                started = Instant::now();
+            }
+            if (!batch.is_empty() || sync_now)
+                && let Some(hook) = self.stats.on_write.0.get()
+            {
+                hook(started.elapsed());
             }
             if self.stats.set_failing(false) {
                 tracing::info!("audit writes succeed again");
