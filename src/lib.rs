@@ -24,6 +24,8 @@
 //! - [`records`]: what the service writes to the audit log: decision, signal, reload and
 //!   refused-call records
 //! - [`audit`]: the hash-chained log of record bodies (it uses no other module): writer, `verify`
+//! - [`metrics`]: the metric names and their recording (atomic counters, no labels built per
+//!   call), the Prometheus text, and `listener`: `/metrics`, `/healthz`, `/readyz` over HTTP
 //! - [`service`]: the running service: decide + audit, signals, reloads (no transport)
 //! - [`tls`]: the rustls server configuration, reloaded when its files change, and the caller's
 //!   identity from its certificate
@@ -55,6 +57,7 @@ pub mod generate;
 pub mod grpc;
 pub mod index;
 pub mod input;
+pub mod metrics;
 pub mod nesting;
 pub mod records;
 pub mod request;

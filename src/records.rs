@@ -35,6 +35,18 @@ pub struct Caller {
     pub via: &'static str,
 }
 
+/// As logs show a caller: how it came, and who it is (its identity, else its address).
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.identity, &self.peer) {
+            (Some(identity), Some(peer)) => write!(f, "{} {} ({peer})", self.via, crate::input::printable(identity)),
+            (Some(identity), None) => write!(f, "{} {}", self.via, crate::input::printable(identity)),
+            (None, Some(peer)) => write!(f, "{} {peer}", self.via),
+            (None, None) => f.write_str(self.via),
+        }
+    }
+}
+
 /// The record of one decision.
 #[derive(Serialize)]
 pub struct DecisionRecord<'a> {

@@ -8,6 +8,7 @@ use chrono::Utc;
 
 use crate::audit::{self, Audit, Refused};
 use crate::engine::{Decision, ReasonCode, evaluate};
+use crate::metrics::{Metrics, Sample, listener::Source};
 use crate::records::{self, Caller, DecisionRecord, RefusedRecord, ReloadRecord, SignalRecord};
 use crate::request::{RawRequest, Request, RequestError};
 use crate::signals::{Change, Field, Journal, JournalError, Overlay, Signal, SignalError};
@@ -37,6 +38,7 @@ pub struct Service {
     journal: Option<Journal>,
     audit: Audit,
     settings: Settings,
+    metrics: Arc<Metrics>,
     /// The journal's upkeep (compaction) error, reported once and shown in Status.
     journal_error: std::sync::Mutex<Option<String>>,
     /// One signal at a time: journal order is apply order, a compaction sees every signal
@@ -79,12 +81,17 @@ impl Service {
         audit: Audit,
         settings: Settings,
     ) -> Arc<Service> {
+        let metrics = Metrics::new();
+        metrics.serving(&store.current());
+        let recorder = metrics.clone();
+        audit.on_write(Box::new(move |took| recorder.audit_wrote(took)));
         Arc::new(Service {
             store,
             live,
             journal,
             audit,
             settings,
+            metrics,
             journal_error: std::sync::Mutex::new(None),
             signalling: tokio::sync::Mutex::new(()),
         })
@@ -108,6 +115,11 @@ impl Service {
         &self.settings
     }
 
+    /// What the service counts (decisions, signals, reloads, RPCs recorded by the doors).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Validates, decides and audits one request. Only malformed input is an error.
     pub async fn decide(&self, raw: RawRequest, caller: &Caller) -> Result<Decision, RequestError> {
         self.decide_with(raw, caller, |_, _| {}).await
@@ -124,7 +136,10 @@ impl Service {
         let _in_flight = self.live.enter();
         let snap = self.store.current();
         complete(&snap, &mut raw);
-        let request = raw.validate_with(Utc::now(), self.settings.max_clock_skew)?;
+        let request = raw.validate_with(Utc::now(), self.settings.max_clock_skew).inspect_err(|e| {
+            self.metrics.invalid_request();
+            tracing::debug!(caller = %caller, error = %e, "invalid request");
+        })?;
         let decision = evaluate(&snap, &self.live, &request);
         Ok(self.audited(&snap, &request, decision, caller).await)
     }
@@ -136,7 +151,11 @@ impl Service {
         let now = Utc::now();
         let mut pending = Vec::with_capacity(raws.len());
         for raw in raws {
-            pending.push(raw.validate_with(now, self.settings.max_clock_skew).map(|request| {
+            let item = raw.validate_with(now, self.settings.max_clock_skew).inspect_err(|e| {
+                self.metrics.invalid_request();
+                tracing::debug!(caller = %caller, error = %e, "invalid batch item");
+            });
+            pending.push(item.map(|request| {
                 let decision = evaluate(&snap, &self.live, &request);
                 (request, decision)
             }));
@@ -153,7 +172,26 @@ impl Service {
         futures::future::join_all(audits).await
     }
 
+    /// Audits a decision (see `recorded`), counts it and logs it (at debug level).
     async fn audited(&self, snap: &Snapshot, request: &Request, decision: Decision, caller: &Caller) -> Decision {
+        self.metrics.evaluated(decision.eval_us);
+        let decision = self.recorded(snap, request, decision, caller).await;
+        self.metrics.decided(&decision);
+        tracing::debug!(
+            decision_id = %decision.decision_id,
+            request_id = decision.request_id.as_deref().unwrap_or(""),
+            caller = %caller,
+            agent = %request.agent,
+            decision = if decision.is_allow() { "allow" } else { "deny" },
+            code = decision.reasons.first().map_or("", |r| r.code.as_str()),
+            eval_us = decision.eval_us,
+            "decided"
+        );
+        decision
+    }
+
+    /// The decision once its record is accepted, or a deny (audit_unavailable) if it is not.
+    async fn recorded(&self, snap: &Snapshot, request: &Request, decision: Decision, caller: &Caller) -> Decision {
         if !self.audit.is_on() {
             return decision;
         }
@@ -168,6 +206,7 @@ impl Service {
                     Refused::Closed => "the audit log is closed, so no decision can be recorded",
                     Refused::Unavailable => "the audit log cannot be written, so no decision can be recorded",
                 };
+                tracing::debug!(decision_id = %decision.decision_id, caller = %caller, refused = %refused, "denied: {why}");
                 Decision::deny(ReasonCode::AuditUnavailable, why, decision.revision, decision.request_id)
             }
         }
@@ -243,6 +282,15 @@ impl Service {
             .await
             .ok_or(SignalFailure::Aborted)?;
         let seq = recorded?;
+        self.metrics.signalled(signal.kind());
+        tracing::info!(
+            seq,
+            caller = %caller,
+            kind = signal.kind().as_str(),
+            target = signal.target(),
+            actor = %signal.mark().by,
+            "signal applied"
+        );
         self.live.quiesce().await;
         let unknown_target = self.unknown_target(&self.store.current(), signal.change().field(), signal.target());
         let record = SignalRecord::new(seq, &signal, unknown_target, caller);
@@ -324,6 +372,10 @@ impl Service {
             Some(result) => result,
             None => self.reload_failed(),
         };
+        self.metrics.reloaded(&result);
+        if matches!(result, Reloaded::Swapped { .. }) {
+            self.metrics.serving(&self.store.current());
+        }
         let error = match &result {
             Reloaded::Failed { error, .. } => Some(error.to_string()),
             _ => None,
@@ -378,6 +430,30 @@ impl Service {
         } else {
             tokio::sync::watch::channel(true).1
         }
+    }
+}
+
+/// What `/metrics` and `/readyz` read.
+impl Source for Service {
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn sample(&self) -> Sample {
+        let audit = self.audit.stats();
+        let stale = self.store.last_failure().map_or(0, |f| (Utc::now() - f.stale_since).num_seconds().max(0));
+        Sample {
+            revision: Some(self.store.current().revision().clone()),
+            stale_seconds: stale as u64,
+            live_signals: self.live.len() as u64,
+            audit_pending: audit.pending,
+            audit_written: audit.written,
+            audit_errors: audit.failed_writes,
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.serving()
     }
 }
 

@@ -195,8 +195,10 @@ pub(crate) enum Error {
     Access(#[from] crate::access::AccessError),
     #[error(transparent)]
     Journal(#[from] JournalError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on {addr} (--{flag}): {source}")]
+    Listen { flag: &'static str, addr: SocketAddr, source: io::Error },
+    #[error("--metrics-listen {0} is the gRPC address (--listen): give the metrics listener a port of its own")]
+    MetricsOnGrpcPort(SocketAddr),
     #[error(transparent)]
     Serve(#[from] crate::grpc::ServeError),
     #[error(transparent)]
@@ -232,12 +234,27 @@ pub fn run() -> ExitCode {
     let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    match &cli.command {
+        Command::Serve(args) if args.log_format() == serve::LogFormat::Json => {
+            // One JSON object a line, the event's fields beside `message` (no ANSI colours).
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+        }
+        _ => {
+            use std::io::IsTerminal;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .init();
+        }
+    }
     // Every command runs where Cedar's evaluator has the room that `serve` gives its request
     // threads, so that a deep policy decides offline exactly as it does when served.
     let command = std::thread::Builder::new()

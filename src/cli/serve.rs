@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::access::Access;
 use crate::audit::{self, Audit, Target};
 use crate::grpc;
+use crate::metrics::listener::Probes;
 use crate::service::{Service, Settings};
 use crate::signals::{Journal, Overlay};
 use crate::snapshot::Store;
@@ -26,6 +27,13 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051", env = "AGENTCA_LISTEN")]
     listen: SocketAddr,
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` over HTTP on this address (off
+    /// by default).
+    #[arg(long, value_name = "ADDR", env = "AGENTCA_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log lines as `text` or `json` (one object a line, on standard error).
+    #[arg(long, value_enum, default_value = "text", env = "AGENTCA_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(flatten)]
     tls: TlsArgs,
     /// Who may ask what: certificate identities and bearer-token hashes mapped to the roles
@@ -67,6 +75,21 @@ pub struct ServeArgs {
     /// audit log gets to be written, in milliseconds (each).
     #[arg(long, default_value_t = 10_000)]
     shutdown_grace_ms: u64,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line, for log shippers.
+    Json,
+}
+
+impl ServeArgs {
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
 }
 
 /// TLS on the listener; the files are reloaded when they change (and on SIGHUP).
@@ -295,6 +318,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     check_admin_access(&args)?;
     let access = args.access.as_deref().map(Access::load).transpose()?.map(Arc::new);
     let tls = args.tls.files().map(Tls::load).transpose()?;
+    // The probes answer while the bundle loads (up, not ready): a large bundle takes a while.
+    let probes = match args.metrics_listen {
+        Some(addr) => Some(start_probes(addr, args.listen, args.log_format).await?),
+        None => None,
+    };
     let dir = args.bundle.policies.clone();
     let store = tokio::task::block_in_place(|| Store::open(&dir))
         .map_err(|errors| Error::InvalidBundle { dir: dir.clone(), errors })?;
@@ -315,8 +343,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     let service = Service::new(store, live, Some(journal), audit, settings);
     service.loaded().await;
 
-    let listener =
-        TcpListener::bind(args.listen).await.map_err(|source| Error::Listen { addr: args.listen, source })?;
+    let listener = TcpListener::bind(args.listen).await.map_err(|source| Error::Listen {
+        flag: "listen",
+        addr: args.listen,
+        source,
+    })?;
     let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
     let snap = service.store().current();
     tracing::info!(%addr, revision = %snap.revision(), policies = snap.policies().len(), audit = %service.audit().config().target.describe(), "serving");
@@ -347,8 +378,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
         }
         None => {}
     }
+    // Ready from here on: the bundle is loaded and the gRPC port bound (calls queue in its
+    // backlog until `grpc::serve` takes them).
+    if let Some(probes) = &probes {
+        probes.serve_from(service.clone());
+    }
     // Tests and scripts wait for this line.
-    errln!("agentca listening on {addr}");
+    announce("agentca listening on", &addr, args.log_format);
 
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<&'static str>(4);
     let _watch = if args.no_watch {
@@ -407,6 +443,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     let (stopping, stopped) = tokio::sync::oneshot::channel();
     let signal = async move {
         shutdown_signal().await;
+        if let Some(probes) = &probes {
+            probes.stopping();
+        }
         let _ = stopping.send(());
     };
     let serving = grpc::serve(listener, service.clone(), options, signal);
@@ -439,6 +478,35 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Binds the metrics listener and serves the probes on it until the process ends.
+async fn start_probes(addr: SocketAddr, grpc: SocketAddr, format: LogFormat) -> Result<Arc<Probes>, Error> {
+    if addr == grpc && addr.port() != 0 {
+        return Err(Error::MetricsOnGrpcPort(addr));
+    }
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| Error::Listen { flag: "metrics-listen", addr, source })?;
+    let bound = listener.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+    let probes = Probes::new();
+    tokio::spawn(crate::metrics::listener::serve(listener, probes.clone(), std::future::pending()));
+    // Tests and scripts wait for this line.
+    announce("agentca metrics listening on", &bound, format);
+    Ok(probes)
+}
+
+/// A line that tests and scripts wait for (`agentca listening on ADDR`), whatever the log
+/// level: plain text, or in JSON mode an object whose `message` is that line and whose `addr`
+/// is the address.
+fn announce(what: &str, addr: &str, format: LogFormat) {
+    match format {
+        LogFormat::Text => errln!("{what} {addr}"),
+        LogFormat::Json => {
+            let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            let line = serde_json::json!({"timestamp": time, "level": "INFO", "message": format!("{what} {addr}"), "addr": addr});
+            errln!("{line}");
+        }
+    }
 }
 
 /// Says how many records the audit log could not write before exit, and what that meant for

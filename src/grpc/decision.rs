@@ -49,6 +49,7 @@ impl pb::decision_service_server::DecisionService for Decisions {
         }
         // Batches are where memory goes: their items in flight are bounded across all callers.
         let Some(_room) = self.batch_items.try_take(requests.len()) else {
+            self.service.metrics().refused(crate::metrics::Refusal::BatchItems);
             return Err(Status::resource_exhausted(
                 "the server is at its limit of batch items in flight (--max-batch-items-in-flight): retry with backoff",
             ));

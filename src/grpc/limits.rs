@@ -20,6 +20,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
 
+use crate::metrics::{Metrics, Refusal, Rpc};
+
 /// The server's limits; every one is a flag of `agentca serve`.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -65,7 +67,7 @@ impl Default for Limits {
     }
 }
 
-/// Counters of what the limits turned away.
+/// Counters of what the limits turned away, and the metrics that calls are recorded in.
 #[derive(Debug, Default)]
 pub struct Shed {
     pub connections: AtomicU64,
@@ -75,6 +77,13 @@ pub struct Shed {
     pub handshakes_failed: AtomicU64,
     /// TLS handshakes not done within the handshake timeout.
     pub handshakes_timed_out: AtomicU64,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shed {
+    pub fn new(metrics: Arc<Metrics>) -> Shed {
+        Shed { metrics, ..Shed::default() }
+    }
 }
 
 /// Accepted connections, at most `max_connections` open at once.
@@ -102,6 +111,7 @@ pub fn incoming(
                     }
                 };
                 let Ok(permit) = open.clone().try_acquire_owned() else {
+                    shed.metrics.refused(Refusal::Connections);
                     if shed.connections.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
                         tracing::warn!(%remote, "too many connections (--max-connections): closing new ones");
                     }
@@ -319,17 +329,19 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
         let running = request.extensions().get::<ConnInfo>().map(|c| c.activity.begin());
         // Admin and health calls have an allowance of their own: a flood of decisions must not
         // keep an operator from disabling an agent or a probe from reading health.
         let path = request.uri().path();
-        let pool = if path.starts_with("/agentca.v1.DecisionService/") || path.starts_with("/envoy.") {
-            &self.layer.decisions
-        } else {
-            &self.layer.admin
-        };
+        let rpc = Rpc::of_path(path);
+        let metrics = self.layer.shed.metrics.clone();
+        let decision = path.starts_with("/agentca.v1.DecisionService/") || path.starts_with("/envoy.");
+        let pool = if decision { &self.layer.decisions } else { &self.layer.admin };
         let Ok(permit) = pool.clone().try_acquire_owned() else {
             self.layer.shed.calls.fetch_add(1, Ordering::Relaxed);
+            metrics.refused(if decision { Refusal::InFlight } else { Refusal::AdminInFlight });
+            metrics.handled(rpc, tonic::Code::ResourceExhausted as i32, started.elapsed());
             let status = tonic::Status::resource_exhausted(
                 "the server is at its limit of calls in flight (--max-in-flight): retry with backoff",
             );
@@ -340,7 +352,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let call_timeout = self.layer.call_timeout;
         Box::pin(async move {
+            let in_flight = metrics.call();
             let Ok(answered) = tokio::time::timeout(call_timeout, inner.call(request)).await else {
+                metrics.refused(Refusal::CallTimeout);
+                metrics.handled(rpc, tonic::Code::DeadlineExceeded as i32, started.elapsed());
                 let status = tonic::Status::deadline_exceeded(
                     "the call was not answered within the server's call timeout (--call-timeout-secs)",
                 );
@@ -349,14 +364,19 @@ where
             let mut response = answered?;
             drop(permit);
             drop(running);
-            remap_limits(&mut response);
+            drop(in_flight);
+            if remap_limits(&mut response) {
+                metrics.refused(Refusal::MessageSize);
+            }
+            metrics.handled(rpc, status_code(&response), started.elapsed());
             Ok(response)
         })
     }
 }
 
 /// tonic answers a request over the message limit with OUT_OF_RANGE; it is a resource limit.
-fn remap_limits(response: &mut http::Response<tonic::body::Body>) {
+/// True if the answer was such.
+fn remap_limits(response: &mut http::Response<tonic::body::Body>) -> bool {
     let too_large = response
         .extensions()
         .get::<tonic::Status>()
@@ -365,6 +385,18 @@ fn remap_limits(response: &mut http::Response<tonic::body::Body>) {
         let code = http::HeaderValue::from(tonic::Code::ResourceExhausted as i32);
         response.headers_mut().insert(tonic::Status::GRPC_STATUS, code);
     }
+    too_large
+}
+
+/// The gRPC status of an answer: in its headers when it is an error (trailers only), else OK
+/// (a unary answer's OK comes in its trailers, after the message).
+fn status_code(response: &http::Response<tonic::body::Body>) -> i32 {
+    response
+        .headers()
+        .get(tonic::Status::GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tonic::Code::Ok as i32)
 }
 
 /// Batch items in flight across all batches.

@@ -89,7 +89,7 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let limit = options.max_message_bytes;
-    let shed = Arc::new(limits::Shed::default());
+    let shed = Arc::new(limits::Shed::new(service.metrics().clone()));
     let batch_items = limits::BatchItems::new(options.limits.max_batch_items_in_flight);
     let decisions = pb::decision_service_server::DecisionServiceServer::new(decision::Decisions::new(
         service.clone(),

@@ -31,6 +31,8 @@ pub struct Server {
     pub child: Child,
     pub addr: String,
     pub stderr: Arc<Mutex<String>>,
+    /// The metrics listener's address, if started with `--metrics-listen`.
+    pub metrics_addr: Option<String>,
     /// The thread reading stderr: it ends with the process's last line.
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -46,9 +48,11 @@ impl Server {
     /// Starts a server from `command` (say, a shell that sets limits and execs agentca) and
     /// waits for its listening line.
     pub fn start_command(command: &mut Command) -> Server {
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let mut child = command
             .current_dir(root())
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -58,14 +62,18 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
+        let metrics = Arc::new(Mutex::new(None));
+        let metrics_addr = metrics.clone();
         let reader = std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("agentca listening on ")
+                if let Some(addr) = announced(&line, "agentca metrics listening on ") {
+                    *metrics_addr.lock().unwrap() = Some(addr);
+                } else if let Some(addr) = announced(&line, "agentca listening on ")
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(addr.trim().to_string());
+                    let _ = tx.send(addr);
                 }
                 let mut s = sink.lock().unwrap();
                 s.push_str(&line);
@@ -79,7 +87,9 @@ impl Server {
                 panic!("the server did not start:\n{}", log.lock().unwrap());
             }
         };
-        Server { child, addr, stderr: log, reader: Some(reader) }
+        // The metrics line comes before the gRPC one.
+        let metrics_addr = metrics.lock().unwrap().clone();
+        Server { child, addr, stderr: log, metrics_addr, reader: Some(reader) }
     }
 
     pub fn url(&self) -> String {
@@ -122,6 +132,16 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The address of a line `WHAT ADDR`, plain or as the `message` of a JSON log line.
+fn announced(line: &str, what: &str) -> Option<String> {
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        v["message"].as_str()?.strip_prefix(what)?;
+        return v["addr"].as_str().map(str::to_string);
+    }
+    line.strip_prefix(what).map(|a| a.trim().to_string())
 }
 
 /// Counts the answers that load tasks receive, so that a test waits until its load has been
