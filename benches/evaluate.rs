@@ -110,6 +110,17 @@ fn service(c: &mut Criterion) {
         ),
     ];
     let mut group = c.benchmark_group("service");
+    // What recording one decision costs on its own: its time, its verdict and code, and its
+    // determining policy (a read lock and a hash lookup).
+    let snap = service.store().current();
+    let allow = evaluate(&snap, service.live(), &cases[0].1.clone().validate(Utc::now()).unwrap());
+    let metrics = service.metrics().clone();
+    group.bench_function("record_decision", |b| {
+        b.iter(|| {
+            metrics.evaluated(black_box(allow.eval_us));
+            metrics.decided(black_box(&allow));
+        })
+    });
     for (name, raw) in cases {
         group.bench_function(name, |b| {
             b.iter_batched(

@@ -114,9 +114,11 @@ pub struct NoopArgs {
 
 pub fn run_noop(args: NoopArgs) -> Result<ExitCode, Error> {
     block_on(Threads::Many, async {
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .map_err(|source| Error::Listen { addr: args.listen, source })?;
+        let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|source| Error::Listen {
+            flag: "listen",
+            addr: args.listen,
+            source,
+        })?;
         errln!("agentca noop listening on {}", listener.local_addr().map_or(args.listen, |a| a));
         serve_noop(listener, async {
             let _ = tokio::signal::ctrl_c().await;
