@@ -272,6 +272,53 @@ async fn counters_match_the_calls_made() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_are_counted_and_the_policy_labels_follow_the_bundle() {
+    let env = Env::new();
+    let server = start(&env, "info", &[]);
+    let mut admin = server.admin().await;
+    let first = scrape(&server);
+    let revision = |m: &Scrape| {
+        let info: Vec<_> = m.0.keys().filter(|(n, _)| n == "agentca_bundle_info").collect();
+        assert_eq!(info.len(), 1, "one revision at a time: {info:?}");
+        info[0].1["revision"].clone()
+    };
+    let old = revision(&first);
+    let extra = std::path::Path::new(&env.path("policies")).join("extra.cedar");
+    std::fs::write(
+        &extra,
+        "@id(\"extra-permit\")\n@reason(\"extra\")\npermit(principal, action, resource) when { false };\n",
+    )
+    .unwrap();
+    let reloaded = admin.reload(admin_request(pb::ReloadRequest {})).await.unwrap().into_inner();
+    assert_eq!(reloaded.outcome, "swapped");
+    let m = scrape(&server);
+    assert_eq!(revision(&m), reloaded.revision);
+    assert_ne!(reloaded.revision, old);
+    assert_eq!(m.get("agentca_reloads_total", &[("outcome", "swapped")]), 1.0);
+    assert!(
+        m.0.contains_key(&("agentca_policy_decisions_total".into(), [("policy".into(), "extra-permit".into())].into()))
+    );
+
+    // A broken bundle: the old one is served, and says since when it is stale.
+    std::fs::write(&extra, "permit(principal, action, resource) when {").unwrap();
+    let failed = admin.reload(admin_request(pb::ReloadRequest {})).await.unwrap().into_inner();
+    assert_eq!(failed.outcome, "failed");
+    let m = scrape(&server);
+    assert_eq!(m.get("agentca_reloads_total", &[("outcome", "failed")]), 1.0);
+    assert_eq!(revision(&m), reloaded.revision);
+    assert!(m.0.contains_key(&("agentca_bundle_stale_seconds".into(), BTreeMap::new())));
+    assert!(m.0.keys().any(|(_, l)| l.get("policy").is_some_and(|p| p == "extra-permit")));
+
+    // Fixed by removing the file: the policy leaves the label set with the bundle.
+    std::fs::remove_file(&extra).unwrap();
+    assert_eq!(admin.reload(admin_request(pb::ReloadRequest {})).await.unwrap().into_inner().outcome, "swapped");
+    let m = scrape(&server);
+    assert_eq!(revision(&m), old);
+    assert!(!m.0.keys().any(|(_, l)| l.get("policy").is_some_and(|p| p == "extra-permit")));
+    assert_eq!(m.get("agentca_bundle_stale_seconds", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_counted_by_reason() {
     let env = Env::new();
     let server = start(&env, "info", &["--max-message-bytes", "16384"]);
