@@ -319,6 +319,45 @@ async fn reloads_are_counted_and_the_policy_labels_follow_the_bundle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_door_is_counted_under_its_own_method() {
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+
+    let env = Env::new();
+    let server = start(&env, "info", &[]);
+    let mut envoy = AuthorizationClient::new(server.channel().await);
+    let check = |method: &str| CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest { method: method.into(), path: "/v1/tickets/42".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            context_extensions: [("agent", "ag-support-01"), ("resource", "tickets")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    envoy.check(check("GET")).await.unwrap();
+    envoy.check(check("POST")).await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+
+    let m = scrape(&server);
+    let envoy_check =
+        [("grpc_service", "envoy.service.auth.v3.Authorization"), ("grpc_method", "Check"), ("grpc_code", "OK")];
+    assert_eq!(m.get("grpc_server_handled_total", &envoy_check), 2.0);
+    let health_check = [("grpc_service", "grpc.health.v1.Health"), ("grpc_method", "Check"), ("grpc_code", "OK")];
+    assert_eq!(m.get("grpc_server_handled_total", &health_check), 1.0);
+    // A read within the blueprint is allowed; nothing permits the write.
+    assert_eq!(m.get("agentca_decisions_total", &[("decision", "allow"), ("code", "policy")]), 1.0);
+    assert_eq!(m.get("agentca_decisions_total", &[("decision", "deny"), ("code", "no_permit")]), 1.0);
+    assert_eq!(m.get("agentca_policy_decisions_total", &[("policy", "gateway-read-within-blueprint")]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_counted_by_reason() {
     let env = Env::new();
     let server = start(&env, "info", &["--max-message-bytes", "16384"]);
