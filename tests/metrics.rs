@@ -119,9 +119,7 @@ fn scrape(server: &Server) -> Scrape {
 }
 
 fn admin_request<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {TOKEN}")).unwrap());
-    request
+    bearer(TOKEN, message)
 }
 
 fn signal(kind: &str, target: &str) -> pb::SignalRequest {
@@ -132,6 +130,13 @@ fn signal(kind: &str, target: &str) -> pb::SignalRequest {
         actor: "secops@contoso".into(),
         ..Default::default()
     }
+}
+
+/// `message` with `authorization: Bearer TOKEN`.
+fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).unwrap());
+    request
 }
 
 /// `serve` on `env` with `--metrics-listen 127.0.0.1:0`, JSON logs at `log` level, the admin
@@ -449,4 +454,62 @@ fn metrics_listen_errors_name_the_flag() {
     let (code, stderr) = run(&["--log-format", "yaml"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--log-format"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_refusals_are_counted_and_the_call_span_is_on_json_lines() {
+    use sha2::{Digest, Sha256};
+    const DECIDER: &str = "decider-token-3c1e";
+    let env = Env::new();
+    let access = env.path("access.toml");
+    std::fs::write(
+        &access,
+        format!(
+            "[[tokens]]\nname = \"issuer\"\nsha256 = \"{}\"\nroles = [\"decide\"]\n",
+            hex::encode(Sha256::digest(DECIDER.as_bytes()))
+        ),
+    )
+    .unwrap();
+    let (policies, audit, state) = (env.path("policies"), env.path("audit.jsonl"), env.path("state"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agentca"));
+    command
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--policies", &policies, "--audit", &audit, "--state", &state, "--no-watch", "--access", &access])
+        .env("RUST_LOG", "trace");
+    let server = Server::start_command(&mut command);
+    let mut decisions = server.decisions().await;
+    let ask = || token_request("ag-mail-01", "graph", "Mail.Read");
+    let none = decisions.evaluate(ask()).await.unwrap_err();
+    assert_eq!(none.code(), tonic::Code::Unauthenticated);
+    let bad = decisions.evaluate(bearer("not-a-known-token", ask())).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::Unauthenticated);
+    let decided = decisions.evaluate(bearer(DECIDER, ask())).await.unwrap().into_inner();
+    let mut admin = server.admin().await;
+    let no_role = admin.signal(bearer(DECIDER, signal("disable_agent", "ag-mail-01"))).await.unwrap_err();
+    assert_eq!(no_role.code(), tonic::Code::PermissionDenied);
+
+    let m = scrape(&server);
+    for (reason, n) in [("no_credentials", 1.0), ("bad_token", 1.0), ("no_role", 1.0), ("in_flight", 0.0)] {
+        assert_eq!(m.get("agentca_refused_total", &[("reason", reason)]), n, "{reason}");
+    }
+    let evaluate = |code| {
+        m.get(
+            "grpc_server_handled_total",
+            &[("grpc_service", "agentca.v1.DecisionService"), ("grpc_method", "Evaluate"), ("grpc_code", code)],
+        )
+    };
+    assert_eq!(evaluate("Unauthenticated"), 2.0);
+    assert_eq!(evaluate("OK"), 1.0);
+    assert_eq!(m.sum("agentca_decisions_total", &[]), 1.0);
+
+    let log = server.log();
+    let line = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["decision_id"] == decided.decision_id.as_str())
+        .unwrap_or_else(|| panic!("no line for the decision:\n{log}"));
+    assert_eq!(line["span"]["method"], "/agentca.v1.DecisionService/Evaluate", "{line}");
+    assert!(line["span"]["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{line}");
+    assert!(!log.contains(DECIDER), "a token is in the log");
 }

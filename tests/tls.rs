@@ -259,7 +259,7 @@ impl Pki {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_admits_only_trusted_current_client_certificates() {
     let pki = Pki::new();
-    let server = pki.start(true, &[]);
+    let server = pki.start(true, &["--metrics-listen", "127.0.0.1:0"]);
     let issuer = pki.ca.client(Name::Spiffe(ISSUER));
 
     // A trusted client certificate: served, and its SPIFFE ID is the caller in the audit log.
@@ -305,6 +305,10 @@ async fn mutual_tls_admits_only_trusted_current_client_certificates() {
     assert!(tls.client_auth);
     assert_eq!(tls.fingerprint, pki.server.fingerprint());
     assert!(tls.handshakes_failed >= 6, "{tls:?}");
+    // And so does /metrics (plain HTTP on its own port).
+    let scraped = common::scrape(server.metrics_addr.as_ref().unwrap());
+    let refused = format!("agentca_refused_total{{reason=\"tls_handshake\"}} {}\n", tls.handshakes_failed);
+    assert!(scraped.contains(&refused), "{scraped}");
     assert!(tls.reload_error.is_empty());
     assert!(server.log().contains("TLS handshake failed"), "{}", server.log());
     assert_eq!(records(&pki.env.path("audit.jsonl")).iter().filter(|r| r["kind"] == "decision").count(), 1);

@@ -236,11 +236,12 @@ pub fn run() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     match &cli.command {
         Command::Serve(args) if args.log_format() == serve::LogFormat::Json => {
-            // One JSON object a line, the event's fields beside `message` (no ANSI colours).
+            // One JSON object a line, the event's fields beside `message` (no ANSI colours),
+            // and the call's span (`call`: method, peer, identity) under `span`.
             tracing_subscriber::fmt()
                 .json()
                 .flatten_event(true)
-                .with_current_span(false)
+                .with_current_span(true)
                 .with_span_list(false)
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)

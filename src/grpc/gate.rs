@@ -132,6 +132,11 @@ where
             }
             Err(refusal) => {
                 let service = self.layer.service.clone();
+                service.metrics().refused(match refusal {
+                    Refusal::NoCredentials => crate::metrics::Refusal::NoCredentials,
+                    Refusal::BadToken => crate::metrics::Refusal::BadToken,
+                    Refusal::NoRole => crate::metrics::Refusal::NoRole,
+                });
                 let caller = Caller {
                     peer: peer.map(|p| p.to_string()),
                     identity: identity.map(|i| i.to_string()),

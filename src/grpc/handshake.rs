@@ -88,6 +88,7 @@ pub fn tls(
                         let _ = tx.send(Ok(Io::Tls(Box::new(stream)))).await;
                     }
                     Ok(Err(e)) => {
+                        shed.metrics.refused(crate::metrics::Refusal::TlsHandshake);
                         let n = shed.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                         // A scanner could fill the log: the first failure and every 1,000th
                         // are warnings, the rest debug lines.
@@ -98,6 +99,7 @@ pub fn tls(
                         }
                     }
                     Err(_) => {
+                        shed.metrics.refused(crate::metrics::Refusal::TlsHandshakeTimeout);
                         let n = shed.handshakes_timed_out.fetch_add(1, Ordering::Relaxed);
                         if n % 1000 == 0 {
                             tracing::warn!(remote = ?remote, timed_out = n + 1, "TLS handshake not done in time: connection closed");

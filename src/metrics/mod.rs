@@ -36,16 +36,31 @@ pub enum Refusal {
     Connections,
     /// A message larger than `--max-message-bytes`.
     MessageSize,
+    /// A TLS handshake that failed (no or an untrusted client certificate, not TLS at all).
+    TlsHandshake,
+    /// A TLS handshake not done within `--tls-handshake-timeout-secs`.
+    TlsHandshakeTimeout,
+    /// A call that needs a role, without credentials (`--access`; UNAUTHENTICATED).
+    NoCredentials,
+    /// A call with a bearer token the access file does not know (UNAUTHENTICATED).
+    BadToken,
+    /// A known caller without the role the call needs (PERMISSION_DENIED).
+    NoRole,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 11] = [
         Refusal::InFlight,
         Refusal::AdminInFlight,
         Refusal::BatchItems,
         Refusal::CallTimeout,
         Refusal::Connections,
         Refusal::MessageSize,
+        Refusal::TlsHandshake,
+        Refusal::TlsHandshakeTimeout,
+        Refusal::NoCredentials,
+        Refusal::BadToken,
+        Refusal::NoRole,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +71,11 @@ impl Refusal {
             Refusal::CallTimeout => "call_timeout",
             Refusal::Connections => "connections",
             Refusal::MessageSize => "message_size",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Refusal::NoCredentials => "no_credentials",
+            Refusal::BadToken => "bad_token",
+            Refusal::NoRole => "no_role",
         }
     }
 }
