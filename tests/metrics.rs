@@ -483,7 +483,7 @@ async fn access_refusals_are_counted_and_the_call_span_is_on_json_lines() {
     let none = decisions.evaluate(ask()).await.unwrap_err();
     assert_eq!(none.code(), tonic::Code::Unauthenticated);
     let bad = decisions.evaluate(bearer("not-a-known-token", ask())).await.unwrap_err();
-    assert_eq!(bad.code(), tonic::Code::Unauthenticated);
+    assert_eq!(bad.code(), tonic::Code::PermissionDenied);
     let decided = decisions.evaluate(bearer(DECIDER, ask())).await.unwrap().into_inner();
     let mut admin = server.admin().await;
     let no_role = admin.signal(bearer(DECIDER, signal("disable_agent", "ag-mail-01"))).await.unwrap_err();
@@ -499,7 +499,8 @@ async fn access_refusals_are_counted_and_the_call_span_is_on_json_lines() {
             &[("grpc_service", "agentca.v1.DecisionService"), ("grpc_method", "Evaluate"), ("grpc_code", code)],
         )
     };
-    assert_eq!(evaluate("Unauthenticated"), 2.0);
+    assert_eq!(evaluate("Unauthenticated"), 1.0);
+    assert_eq!(evaluate("PermissionDenied"), 1.0);
     assert_eq!(evaluate("OK"), 1.0);
     assert_eq!(m.sum("agentca_decisions_total", &[]), 1.0);
 

@@ -42,7 +42,7 @@ pub enum Refusal {
     TlsHandshakeTimeout,
     /// A call that needs a role, without credentials (`--access`; UNAUTHENTICATED).
     NoCredentials,
-    /// A call with a bearer token the access file does not know (UNAUTHENTICATED).
+    /// A call with a bearer token the access file does not know (PERMISSION_DENIED).
     BadToken,
     /// A known caller without the role the call needs (PERMISSION_DENIED).
     NoRole,
