@@ -40,6 +40,9 @@
 //! - `generate`: writes large synthetic bundles, deterministic from a seed (the scale bench)
 //! - `grpc::load`: a load generator for `Evaluate`, and a no-op DecisionService as its baseline
 //! - their commands: `agentca generate`, `agentca loadgen`, `agentca noop-serve`
+//!
+//! And for fuzzing, with the `fuzzing` feature (and in the tests): `fuzz`, one entry point per
+//! decoder of outside input, which the cargo-fuzz targets in `fuzz/` call.
 
 pub mod access;
 pub mod audit;

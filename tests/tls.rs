@@ -759,3 +759,46 @@ async fn a_new_client_ca_decides_who_may_connect_from_then_on() {
     assert!(decisions.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.is_ok());
     assert_eq!(old_client.connects.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_admin_calls_does_not_crowd_out_the_kill_switch() {
+    let pki = Pki::new();
+    let access = access_file(&pki, "soc-secret");
+    // One admin call at a time: a refused call that took the slot (while its `refused` record
+    // is written and fsynced) would turn the soc's signal away.
+    let server = pki.start(false, &["--access", &access, "--max-admin-in-flight", "1"]);
+    let channel = pki.client(None).channel(&server).await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for _ in 0..16 {
+        let (channel, stop) = (channel.clone(), stop.clone());
+        flood.push(tokio::spawn(async move {
+            let mut stranger = pb::admin_service_client::AdminServiceClient::new(channel);
+            let mut refused = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let e = stranger.status(with("not-a-token", pb::StatusRequest {})).await.unwrap_err();
+                // (RESOURCE_EXHAUSTED if a refused call took an in-flight slot: the signals say so.)
+                assert!(matches!(e.code(), tonic::Code::PermissionDenied | tonic::Code::ResourceExhausted), "{e}");
+                refused += 1;
+            }
+            refused
+        }));
+    }
+    let mut soc = pb::admin_service_client::AdminServiceClient::new(channel);
+    for i in 0..20 {
+        let signal = pb::SignalRequest {
+            kind: if i % 2 == 0 { "disable_agent" } else { "enable_agent" }.into(),
+            target: "ag-mail-01".into(),
+            reason: "drill".into(),
+            ..Default::default()
+        };
+        let answer = soc.signal(with("soc-secret", signal)).await;
+        assert!(answer.is_ok(), "signal {i} was turned away during the flood: {answer:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    for task in flood {
+        refused += task.await.unwrap();
+    }
+    assert!(refused > 0, "the flood made no calls");
+}

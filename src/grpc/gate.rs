@@ -54,12 +54,20 @@ pub struct GateLayer {
     service: Arc<Service>,
     /// Run calls in a span (with TLS or access rules: then a call has an identity to show).
     spans: bool,
+    /// Refused admin calls whose `refused` record is being written. The gate runs before the
+    /// in-flight limits (a refused call must not take a slot from the kill switch), so this
+    /// bounds what a flood of refused calls holds: past it, they wait their turn.
+    recording: Arc<tokio::sync::Semaphore>,
 }
+
+/// Refused admin calls writing their records at once.
+const MAX_REFUSED_RECORDING: usize = 64;
 
 impl GateLayer {
     pub fn new(access: Option<Arc<Access>>, service: Arc<Service>, spans: bool) -> Self {
         let spans = spans || access.is_some();
-        GateLayer { access, service, spans }
+        let recording = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSED_RECORDING));
+        GateLayer { access, service, spans, recording }
     }
 }
 
@@ -131,7 +139,9 @@ where
                 Box::pin(async move { inner.call(request).await }.instrument(span))
             }
             Err(refusal) => {
+                let started = std::time::Instant::now();
                 let service = self.layer.service.clone();
+                let recording = self.layer.recording.clone();
                 service.metrics().refused(match refusal {
                     Refusal::NoCredentials => crate::metrics::Refusal::NoCredentials,
                     Refusal::BadToken => crate::metrics::Refusal::BadToken,
@@ -152,9 +162,13 @@ where
                             "call refused by the access rules"
                         );
                         if method.starts_with("/agentca.v1.AdminService/") {
+                            let _turn = recording.acquire_owned().await;
                             service.refused(&method, need.as_str(), refusal.as_str(), &caller).await;
                         }
-                        Ok(status(refusal, need).into_http())
+                        let status = status(refusal, need);
+                        let rpc = crate::metrics::Rpc::of_path(&method);
+                        service.metrics().handled(rpc, status.code() as i32, started.elapsed());
+                        Ok(status.into_http())
                     }
                     .instrument(span),
                 )

@@ -127,8 +127,10 @@ pub async fn serve(
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .layer(limits::GuardLayer::new(limits, shed.clone()))
+        // The access rules come first: a refused call never takes an in-flight slot, so callers
+        // without rights cannot crowd out the kill switch.
         .layer(gate)
+        .layer(limits::GuardLayer::new(limits, shed.clone()))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
