@@ -223,7 +223,9 @@ impl Tls {
         Ok(TlsWatch { _thread: thread })
     }
 
-    /// The folders to watch: each file's own folder, and the folder of what its link leads to.
+    /// The folders to watch: each file's own folder, and the folder of what its link leads to;
+    /// and the folder above each, so that a folder deleted and made again (its watch gone with
+    /// it) is seen coming back, and watched again.
     fn folders(&self) -> Vec<PathBuf> {
         let mut folders = Vec::new();
         for file in [Some(&self.files.cert), Some(&self.files.key), self.files.client_ca.as_ref()].into_iter().flatten()
@@ -232,8 +234,11 @@ impl Tls {
             let resolved = std::fs::canonicalize(file).ok();
             for path in [Some(given), resolved].into_iter().flatten() {
                 let parent = path.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
-                if !folders.contains(&parent) {
-                    folders.push(parent);
+                let above = parent.parent().map(Path::to_path_buf);
+                for folder in [Some(parent), above].into_iter().flatten() {
+                    if !folders.contains(&folder) {
+                        folders.push(folder);
+                    }
                 }
             }
         }

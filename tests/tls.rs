@@ -802,3 +802,33 @@ async fn a_flood_of_refused_admin_calls_does_not_crowd_out_the_kill_switch() {
     }
     assert!(refused > 0, "the flood made no calls");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_folder_deleted_and_made_again_is_still_watched() {
+    let pki = Pki::new();
+    let server = pki.start(false, &[]);
+    let client = pki.client(None);
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(client.channel(&server).await.unwrap());
+    let dir = pki.file("");
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    // The whole folder goes, and comes back with a new certificate, twice: each is picked up.
+    for round in 1..=2 {
+        let new = pki.ca.server();
+        std::fs::remove_dir_all(&dir).unwrap();
+        // The server sees the files go (a failed reload; the old certificate stays) before the
+        // folder comes back.
+        status_until(&mut admin, &server, &format!("the failed reload of round {round}"), |s| {
+            s.tls.as_ref().is_some_and(|t| !t.reload_error.is_empty())
+        })
+        .await;
+        std::fs::create_dir(&dir).unwrap();
+        write(&dir.join("ca.pem"), &ca);
+        write(&dir.join("tls.key"), &new.key);
+        write(&dir.join("tls.crt"), &new.cert);
+        status_until(&mut admin, &server, &format!("the reload after the folder came back ({round})"), |s| {
+            s.tls.as_ref().is_some_and(|t| t.fingerprint == new.fingerprint())
+        })
+        .await;
+        assert_eq!(pki.client(None).probe(&server).await.unwrap(), new.fingerprint());
+    }
+}
