@@ -71,7 +71,7 @@ pub enum Refusal {
     /// Neither a certificate identity nor a bearer token (gRPC UNAUTHENTICATED).
     NoCredentials,
     /// A bearer token the file does not know, or an `authorization` header that is not
-    /// `Bearer <token>` (UNAUTHENTICATED).
+    /// `Bearer <token>` (PERMISSION_DENIED: wrong credentials).
     BadToken,
     /// A known caller, or a certificate identity the file does not list, without the role the
     /// call needs (PERMISSION_DENIED).
@@ -319,7 +319,7 @@ impl Access {
 
     /// The token entry an `authorization` header value (`Bearer <token>`) names.
     fn token(&self, header: &[u8]) -> Option<&Token> {
-        let token = header.strip_prefix(b"Bearer ")?;
+        let token = bearer(header)?;
         let hash: [u8; 32] = Sha256::digest(token).into();
         // Every entry is compared, in constant time, whichever matches.
         let mut found = None;
@@ -384,6 +384,13 @@ fn parse_sha256(s: &str) -> Option<[u8; 32]> {
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
+}
+
+/// The token of an `authorization` header value `Bearer <token>`; the scheme's name is
+/// case-insensitive (RFC 7235), so `bearer <token>` is the same header.
+pub fn bearer(header: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = header.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
 }
 
 #[cfg(test)]
@@ -453,6 +460,10 @@ roles = ["signal", "read"]
         let text = format!(r#"{{"tokens": [{{"name": "ci", "sha256": "{}", "roles": ["decide"]}}]}}"#, sha("t"));
         let a = Access::parse(Path::new("access.json"), &text).unwrap();
         assert!(a.check(None, Some(b"Bearer t"), Some(Role::Decide)).is_ok());
+        assert!(a.check(None, Some(b"bearer t"), Some(Role::Decide)).is_ok());
+        assert!(a.check(None, Some(b"BEARER t"), Some(Role::Decide)).is_ok());
+        assert_eq!(a.check(None, Some(b"Bearert"), Some(Role::Decide)).unwrap_err(), Refusal::BadToken);
+        assert_eq!(a.check(None, Some(b"Basic t"), Some(Role::Decide)).unwrap_err(), Refusal::BadToken);
         let dup = r#"{"tokens": [], "tokens": []}"#;
         let e = Access::parse(Path::new("access.json"), dup).unwrap_err().to_string();
         assert!(e.contains("tokens"), "{e}");

@@ -59,9 +59,9 @@ impl Admin {
 pub fn authorize(token: Option<String>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
         let Some(token) = &token else { return Ok(request) };
-        let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        match given.and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(request),
+        let given = request.metadata().get("authorization").map(|v| v.as_bytes());
+        match given.and_then(crate::access::bearer) {
+            Some(t) if constant_time_eq(t, token.as_bytes()) => Ok(request),
             _ => Err(Status::unauthenticated("AdminService needs `authorization: Bearer <admin token>`")),
         }
     }
