@@ -45,7 +45,7 @@ impl fmt::Display for RiskLevel {
 impl FromStr for RiskLevel {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {
-        parse_name("risk level", s, &RiskLevel::ALL, &["none", "low", "medium", "high"], RiskLevel::as_str)
+        parse_name("risk level", s, &RiskLevel::ALL, RiskLevel::as_str)
     }
 }
 
@@ -71,7 +71,7 @@ impl FromStr for Sensitivity {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {
         let all = [Sensitivity::Low, Sensitivity::Medium, Sensitivity::High];
-        parse_name("sensitivity", s, &all, &["low", "medium", "high"], Sensitivity::as_str)
+        parse_name("sensitivity", s, &all, Sensitivity::as_str)
     }
 }
 

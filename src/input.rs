@@ -122,21 +122,20 @@ pub fn shown(s: &str) -> String {
 pub struct UnknownName {
     pub what: &'static str,
     pub given: String,
-    pub expected: &'static [&'static str],
+    pub expected: Vec<&'static str>,
 }
 
-/// The item of `all` whose name is `given`, or the error listing every name.
+/// The item of `all` whose `name` is `given`, or the error listing every name.
 pub fn parse_name<T: Copy>(
     what: &'static str,
     given: &str,
     all: &[T],
-    expected: &'static [&'static str],
     name: impl Fn(T) -> &'static str,
 ) -> Result<T, UnknownName> {
     all.iter().copied().find(|item| name(*item) == given).ok_or_else(|| UnknownName {
         what,
         given: given.to_string(),
-        expected,
+        expected: all.iter().map(|item| name(*item)).collect(),
     })
 }
 

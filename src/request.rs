@@ -88,7 +88,7 @@ impl Action {
 impl std::str::FromStr for Action {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {
-        parse_name("action", s, &Action::ALL, &["request_token", "call_api"], Action::as_str)
+        parse_name("action", s, &Action::ALL, Action::as_str)
     }
 }
 
@@ -114,7 +114,7 @@ impl std::str::FromStr for Flow {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {
         let all = [Flow::AppOnly, Flow::OnBehalfOf, Flow::AgentUser];
-        parse_name("flow", s, &all, &["app_only", "on_behalf_of", "agent_user"], Flow::as_str)
+        parse_name("flow", s, &all, Flow::as_str)
     }
 }
 

@@ -87,20 +87,7 @@ impl SignalKind {
 impl FromStr for SignalKind {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {
-        const NAMES: [&str; 11] = [
-            "disable_agent",
-            "enable_agent",
-            "disable_blueprint",
-            "enable_blueprint",
-            "sponsor_inactive",
-            "sponsor_active",
-            "set_risk",
-            "confirm_compromised",
-            "confirm_safe",
-            "dismiss_risk",
-            "clear",
-        ];
-        parse_name("signal", s, &SignalKind::ALL, &NAMES, SignalKind::as_str)
+        parse_name("signal", s, &SignalKind::ALL, SignalKind::as_str)
     }
 }
 
@@ -150,8 +137,7 @@ impl Field {
 impl FromStr for Field {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {
-        let names = &["agent_enabled", "agent_risk", "blueprint_enabled", "sponsor_active"];
-        parse_name("live value", s, &Field::ALL, names, Field::as_str)
+        parse_name("live value", s, &Field::ALL, Field::as_str)
     }
 }
 
