@@ -207,10 +207,14 @@ impl Tls {
             }
         })?;
         let mut armed = arm(&mut watcher, &self.folders(), &[]);
+        let mut own = self.own_folders();
         let tls = Arc::downgrade(self);
         let thread = std::thread::Builder::new().name("agentca-tls-watch".into()).spawn(move || {
             while let Ok(event) = rx.recv() {
-                if matches!(event.kind, EventKind::Access(_)) {
+                // The folders above are watched for the files' folders coming and going only:
+                // what else happens there (an audit log written beside them) is not a reload.
+                let concerns = |p: &PathBuf| own.contains(p) || p.parent().is_some_and(|d| own.iter().any(|o| o == d));
+                if matches!(event.kind, EventKind::Access(_)) || !event.paths.iter().any(concerns) {
                     continue;
                 }
                 while rx.recv_timeout(DEBOUNCE).is_ok() {}
@@ -218,15 +222,15 @@ impl Tls {
                 tls.reload();
                 // The links may lead somewhere else now.
                 armed = arm(&mut watcher, &tls.folders(), &armed);
+                own = tls.own_folders();
             }
         })?;
         Ok(TlsWatch { _thread: thread })
     }
 
-    /// The folders to watch: each file's own folder, and the folder of what its link leads to;
-    /// and the folder above each, so that a folder deleted and made again (its watch gone with
-    /// it) is seen coming back, and watched again.
-    fn folders(&self) -> Vec<PathBuf> {
+    /// The folders of the files: each file's own folder, and the folder of what its link
+    /// leads to.
+    fn own_folders(&self) -> Vec<PathBuf> {
         let mut folders = Vec::new();
         for file in [Some(&self.files.cert), Some(&self.files.key), self.files.client_ca.as_ref()].into_iter().flatten()
         {
@@ -234,12 +238,22 @@ impl Tls {
             let resolved = std::fs::canonicalize(file).ok();
             for path in [Some(given), resolved].into_iter().flatten() {
                 let parent = path.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
-                let above = parent.parent().map(Path::to_path_buf);
-                for folder in [Some(parent), above].into_iter().flatten() {
-                    if !folders.contains(&folder) {
-                        folders.push(folder);
-                    }
+                if !folders.contains(&parent) {
+                    folders.push(parent);
                 }
+            }
+        }
+        folders
+    }
+
+    /// The folders to watch: the files' own, and the folder above each, so that a folder
+    /// deleted and made again (its watch gone with it) is seen coming back, and watched again.
+    fn folders(&self) -> Vec<PathBuf> {
+        let own = self.own_folders();
+        let mut folders = own.clone();
+        for above in own.iter().filter_map(|f| f.parent()) {
+            if !folders.iter().any(|f| f == above) {
+                folders.push(above.to_path_buf());
             }
         }
         folders
