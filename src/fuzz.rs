@@ -160,6 +160,7 @@ pub fn audit_verify(data: &[u8]) {
     if std::fs::write(&path, data).is_ok() {
         let _ = crate::audit::verify(std::slice::from_ref(&path));
     }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// An access file (`--access`), as TOML and as JSON; one that reads is asked about a caller
@@ -330,5 +331,7 @@ mod tests {
                 target(&mutator.mutate(&seeds[i % seeds.len()]));
             }
         }
+        // This thread's scratch folder goes with the test.
+        let _ = std::fs::remove_dir_all(scratch());
     }
 }
