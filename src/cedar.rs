@@ -38,6 +38,41 @@ impl Condition {
         let ast: &ast::Policy = policy.as_ref();
         Condition(ast.non_scope_constraints().cloned().unwrap_or_else(|| Expr::val(true)))
     }
+
+    /// The condition cut in two: its leading conjuncts that do not read the request's
+    /// `context` (their value follows from the principal, action and resource and the
+    /// entities alone), and the conjuncts after them. Cedar evaluates `a && b` left to right
+    /// and stops at the first false or error, so `fixed && rest` is the same condition, and a
+    /// `fixed` that is false, or fails, decides it without `rest`.
+    pub fn split(&self) -> Split {
+        let mut conjuncts = Vec::new();
+        flatten_and(&self.0, &mut conjuncts);
+        let cut = conjuncts.iter().position(|c| reads_context(c)).unwrap_or(conjuncts.len());
+        let join = |part: &[&Expr]| part.iter().map(|e| (*e).clone()).reduce(Expr::and).map(Condition);
+        Split { fixed: join(&conjuncts[..cut]), rest: join(&conjuncts[cut..]) }
+    }
+}
+
+/// A condition as `fixed && rest` (see [`Condition::split`]); either may be absent.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub fixed: Option<Condition>,
+    pub rest: Option<Condition>,
+}
+
+/// The operands of a chain of `&&`, in evaluation order.
+fn flatten_and<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
+    match e.expr_kind() {
+        ast::ExprKind::And { left, right } => {
+            flatten_and(left, out);
+            flatten_and(right, out);
+        }
+        _ => out.push(e),
+    }
+}
+
+fn reads_context(e: &Expr) -> bool {
+    e.subexpressions().any(|s| matches!(s.expr_kind(), ast::ExprKind::Var(ast::Var::Context)))
 }
 
 /// What Cedar could not do, in its own words (its message and the causes below it).
@@ -127,17 +162,27 @@ fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, CedarError> {
 }
 
 /// A request context built as values: no expression to evaluate and no schema check (the
-/// caller's types guarantee the shape).
+/// caller's types guarantee the shape). Keys are put in any order and sorted once, at `build`.
 #[derive(Debug, Default)]
-pub struct ContextBuilder(BTreeMap<SmolStr, Value>);
+pub struct ContextBuilder(Vec<(SmolStr, Value)>);
+
+/// What a set of named locations is built from: a snapshot's generation and a client address.
+type LocationsKey = (u64, Option<IpAddr>);
+
+thread_local! {
+    /// The last set of named locations built on this thread, by snapshot generation and
+    /// client address, and the last set of scopes: a caller's requests repeat them.
+    static LAST_LOCATIONS: RefCell<Option<(LocationsKey, Value)>> = const { RefCell::new(None) };
+    static LAST_SCOPES: RefCell<Option<(Vec<String>, Value)>> = const { RefCell::new(None) };
+}
 
 impl ContextBuilder {
     pub fn new() -> Self {
-        Self::default()
+        ContextBuilder(Vec::with_capacity(12))
     }
 
     fn put(&mut self, key: &'static str, value: Value) {
-        self.0.insert(SmolStr::new_static(key), value);
+        self.0.push((SmolStr::new_static(key), value));
     }
 
     pub fn string(&mut self, key: &'static str, value: &str) {
@@ -151,6 +196,32 @@ impl ContextBuilder {
     /// A set of strings.
     pub fn strings<'a>(&mut self, key: &'static str, values: impl IntoIterator<Item = &'a str>) {
         self.put(key, Value::set(values.into_iter().map(Value::from), None));
+    }
+
+    /// A set of strings that depends only on the snapshot (by its generation) and the client
+    /// address: the named locations that contain it.
+    pub fn locations<'a, I: IntoIterator<Item = &'a str>>(
+        &mut self,
+        key: &'static str,
+        of: LocationsKey,
+        values: impl FnOnce() -> I,
+    ) {
+        let value = cached(&LAST_LOCATIONS, of, || Ok(Value::set(values().into_iter().map(Value::from), None)));
+        // INVARIANT: the closure cannot fail.
+        if let Ok(value) = value {
+            self.put(key, value);
+        }
+    }
+
+    /// A set of strings, reused while a thread's requests ask for the same ones.
+    pub fn scopes(&mut self, key: &'static str, scopes: &[String]) {
+        let hit = LAST_SCOPES.with_borrow(|last| last.as_ref().filter(|(s, _)| s == scopes).map(|(_, v)| v.clone()));
+        let value = hit.unwrap_or_else(|| {
+            let value = Value::set(scopes.iter().map(|s| Value::from(s.as_str())), None);
+            LAST_SCOPES.set(Some((scopes.to_vec(), value.clone())));
+            value
+        });
+        self.put(key, value);
     }
 
     pub fn entity(&mut self, key: &'static str, uid: &EntityUid) {
@@ -176,7 +247,8 @@ impl ContextBuilder {
     }
 
     pub fn build(self) -> Context {
-        Context::from(ast::Context::Value(Arc::new(self.0)))
+        // Sorting a handful of keys and building the map in bulk beats inserting them one by one.
+        Context::from(ast::Context::Value(Arc::new(self.0.into_iter().collect::<BTreeMap<_, _>>())))
     }
 }
 

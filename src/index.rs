@@ -10,12 +10,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use dashmap::DashMap;
+
 use cedar_policy::{
     ActionConstraint, Effect, Entities, EntityUid, PrincipalConstraint, Request as CedarRequest, ResourceConstraint,
 };
 
 use crate::bundle::{BundlePolicy, PolicyState};
-use crate::cedar::{Condition, Evaluator};
+use crate::cedar::{Condition, Evaluator, Split};
 use crate::directory::EntityTypes;
 use crate::request::Action;
 
@@ -27,7 +29,73 @@ pub struct Compiled {
     pub reason: Arc<str>,
     /// Position in the bundle, so that reasons come out in a stable order.
     pub order: usize,
-    condition: Condition,
+    /// The condition as `fixed && rest`: `fixed` reads no context, so its value is learned
+    /// once per (agent, resource, action) and kept in the index's memo.
+    condition: Split,
+}
+
+impl Compiled {
+    /// What the context-free part of the condition comes to for the evaluator's request.
+    fn fixed(&self, evaluator: &Evaluator<'_>) -> Fixed {
+        match &self.condition.fixed {
+            None => Fixed::Holds,
+            Some(c) => match evaluator.holds(c) {
+                Ok(true) => Fixed::Holds,
+                Ok(false) => Fixed::False,
+                Err(e) => Fixed::Failed(e.0.into()),
+            },
+        }
+    }
+
+    /// Whether the condition holds, given what its context-free part came to.
+    fn holds(&self, fixed: &Fixed, evaluator: &Evaluator<'_>) -> Result<bool, String> {
+        match fixed {
+            Fixed::False => Ok(false),
+            Fixed::Failed(message) => Err(message.to_string()),
+            Fixed::Holds => match &self.condition.rest {
+                None => Ok(true),
+                Some(rest) => evaluator.holds(rest).map_err(|e| e.0),
+            },
+        }
+    }
+}
+
+/// What a policy's context-free conjuncts came to.
+#[derive(Debug, Clone)]
+enum Fixed {
+    /// True (or there are none): the rest of the condition decides.
+    Holds,
+    False,
+    Failed(Arc<str>),
+}
+
+/// The most (agent, resource, action) entries the memo keeps; when it is full it starts over.
+const MEMO_ENTRIES: usize = 1 << 18;
+
+/// What the context-free conjuncts of a request's slices came to, in slice order, by
+/// (agent, resource, action). They depend on the snapshot's entities and the request's
+/// principal, action and resource only, and a snapshot never changes, so they are learned
+/// on a key's first request and reused; the differential test checks decisions either way.
+#[derive(Default)]
+struct Memo(DashMap<u64, Arc<[Fixed]>>);
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Memo({} entries)", self.0.len())
+    }
+}
+
+impl Memo {
+    fn get(&self, key: u64) -> Option<Arc<[Fixed]>> {
+        self.0.get(&key).map(|e| e.value().clone())
+    }
+
+    fn learn(&self, key: u64, fixed: Vec<Fixed>) {
+        if self.0.len() >= MEMO_ENTRIES {
+            self.0.clear();
+        }
+        self.0.insert(key, fixed.into());
+    }
 }
 
 /// The policies of one (principal scope, action, resource) key.
@@ -69,11 +137,15 @@ pub struct Index {
     sponsors: HashMap<Box<str>, Scope>,
     /// Policies that can never apply to an agent (their scope names another type).
     unreachable: Vec<Arc<str>>,
+    memo: Memo,
 }
 
 /// The keys of one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Keys<'a> {
+    /// The agent's and the resource's positions in the directory: the memo's key.
+    pub agent_at: usize,
+    pub resource_at: usize,
     pub agent: &'a str,
     pub blueprint: &'a str,
     pub sponsor: &'a str,
@@ -106,7 +178,7 @@ impl Index {
             // INVARIANT: a slice is reached only by requests whose agent, blueprint or sponsor,
             // action and resource are its keys, so the scope holds whenever the slice is
             // evaluated (the differential test checks it), and only the body is left to Cedar.
-            let condition = Condition::body_of(&p.policy);
+            let condition = Condition::body_of(&p.policy).split();
             let compiled =
                 Arc::new(Compiled { id: p.id.clone(), effect: p.effect, reason: p.reason.clone(), order, condition });
             for action in actions {
@@ -144,17 +216,37 @@ impl Index {
         })
     }
 
-    /// Evaluates every policy of the request's slices with one evaluator.
+    /// Evaluates every policy of the request's slices with one evaluator; the context-free
+    /// part of each condition comes from the memo once the request's key has been seen.
     pub fn evaluate<'a>(&'a self, keys: &Keys<'a>, request: &CedarRequest, entities: &Entities) -> Evaluated<'a> {
         let evaluator = Evaluator::new(request, entities);
+        let key =
+            (keys.agent_at as u64) << 32 | (keys.resource_at as u64 & 0x7fff_ffff) << 1 | keys.action.index() as u64;
+        let known = self.memo.get(key);
+        let mut learned = Vec::new();
         let mut out = Evaluated::default();
+        let mut at = 0;
         for slice in self.slices(keys) {
-            for p in &slice.on {
-                out.on.add(p, &evaluator);
+            let on = slice.on.iter().map(|p| (p, false));
+            for (p, report_only) in on.chain(slice.report_only.iter().map(|p| (p, true))) {
+                let computed;
+                let fixed = match known.as_deref().and_then(|k| k.get(at)) {
+                    Some(fixed) => fixed,
+                    None => {
+                        computed = p.fixed(&evaluator);
+                        &computed
+                    }
+                };
+                let outcome = if report_only { &mut out.report_only } else { &mut out.on };
+                outcome.add(p, p.holds(fixed, &evaluator));
+                if known.is_none() {
+                    learned.push(fixed.clone());
+                }
+                at += 1;
             }
-            for p in &slice.report_only {
-                out.report_only.add(p, &evaluator);
-            }
+        }
+        if known.is_none() {
+            self.memo.learn(key, learned);
         }
         out
     }
@@ -237,14 +329,14 @@ pub struct Outcome<'a> {
 }
 
 impl<'a> Outcome<'a> {
-    fn add(&mut self, p: &'a Compiled, evaluator: &Evaluator<'_>) {
-        match evaluator.holds(&p.condition) {
+    fn add(&mut self, p: &'a Compiled, holds: Result<bool, String>) {
+        match holds {
             Ok(true) => match p.effect {
                 Effect::Forbid => self.forbids.push(p),
                 Effect::Permit => self.permits.push(p),
             },
             Ok(false) => {}
-            Err(message) => self.errors.push((p, message.0)),
+            Err(message) => self.errors.push((p, message)),
         }
     }
 

@@ -30,6 +30,8 @@ struct AgentEntry {
 /// An agent of the snapshot with its blueprint and sponsor (it has exactly one of each).
 #[derive(Debug, Clone, Copy)]
 pub struct AgentRef<'a> {
+    /// The agent's position in the directory.
+    at: usize,
     agent: &'a Agent,
     blueprint: &'a Blueprint,
     sponsor: &'a Sponsor,
@@ -78,6 +80,8 @@ impl<'a> AgentRef<'a> {
 /// A resource of the snapshot.
 #[derive(Debug, Clone, Copy)]
 pub struct ResourceRef<'a> {
+    /// The resource's position in the directory.
+    at: usize,
     resource: &'a Resource,
     uid: &'a EntityUid,
 }
@@ -116,6 +120,9 @@ pub struct Counts {
 /// One revision of the bundle, ready to decide.
 pub struct Snapshot {
     bundle: Bundle,
+    /// Unique among the snapshots of this process: what per-thread caches of values derived
+    /// from a snapshot are keyed by (an address could be reused by a later snapshot).
+    generation: u64,
     revision: Arc<str>,
     loaded_at: DateTime<Utc>,
     /// How long loading, validating and indexing took.
@@ -189,7 +196,9 @@ impl Snapshot {
         }
         let resource_uids = dir.resources().iter().map(|r| EntityTypes::uid(&types.resource, &r.id)).collect();
         let actions = Action::ALL.map(|a| EntityTypes::uid(&types.action, a.as_str()));
+        static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(Snapshot {
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             revision: Arc::from(bundle.revision()),
             bundle,
             loaded_at: Utc::now(),
@@ -272,6 +281,7 @@ impl Snapshot {
     fn agent_at<'a>(&'a self, i: usize, e: &'a AgentEntry) -> AgentRef<'a> {
         let dir = self.bundle.directory();
         AgentRef {
+            at: i,
             agent: &dir.agents()[i],
             blueprint: &dir.blueprints()[e.blueprint],
             sponsor: &dir.sponsors()[e.sponsor],
@@ -289,9 +299,11 @@ impl Snapshot {
 
     /// A resource by its id or one of its audiences.
     pub fn resource(&self, id_or_audience: &str) -> Option<ResourceRef<'_>> {
-        self.resources
-            .get(id_or_audience)
-            .map(|&i| ResourceRef { resource: &self.bundle.directory().resources()[i], uid: &self.resource_uids[i] })
+        self.resources.get(id_or_audience).map(|&i| ResourceRef {
+            at: i,
+            resource: &self.bundle.directory().resources()[i],
+            uid: &self.resource_uids[i],
+        })
     }
 
     /// The resource that has `audience` among its audiences (an id does not count).
@@ -326,8 +338,9 @@ impl Snapshot {
 
     fn context(&self, req: &Request, agent_risk: RiskLevel) -> Result<cedar_policy::Context, CedarError> {
         let mut c = ContextBuilder::new();
-        let locations = req.client_ip.into_iter().flat_map(|ip| self.locations_containing(ip));
-        c.strings("locations", locations.map(|l| &**l));
+        c.locations("locations", (self.generation, req.client_ip), || {
+            req.client_ip.into_iter().flat_map(|ip| self.locations_containing(ip)).map(|l| &**l)
+        });
         c.string("flow", req.flow.as_str());
         if let Some(client_ip) = req.client_ip {
             c.ip("client_ip", client_ip)?;
@@ -339,7 +352,7 @@ impl Snapshot {
         c.string("signin_risk", req.signin_risk.as_str());
         match &req.ask {
             Ask::Token { scopes, grant_type, user } => {
-                c.strings("scopes", scopes.iter().map(String::as_str));
+                c.scopes("scopes", scopes);
                 c.string("grant_type", grant_type);
                 if let Some(user) = user {
                     c.entity("user", &EntityTypes::uid(&self.types.user, user));
@@ -386,6 +399,8 @@ const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 /// The index keys of a request by `agent` for `resource` (its id, never an audience).
 fn keys<'a>(agent: AgentRef<'a>, resource: ResourceRef<'a>, action: Action) -> Keys<'a> {
     Keys {
+        agent_at: agent.at,
+        resource_at: resource.at,
         agent: &agent.agent.id,
         blueprint: &agent.blueprint.id,
         sponsor: &agent.sponsor.id,
