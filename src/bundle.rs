@@ -370,12 +370,16 @@ fn parse_and_validate(schema_file: &str, schema_src: Option<&str>, cedar_srcs: &
         }
     });
     let mut policies = Vec::new();
-    for (file, src) in cedar_srcs {
-        if let Err(e) = nesting::check_policies(src) {
-            errors.push(nesting_error(file, src, &e));
-            continue;
-        }
-        match parse_policies(file, src) {
+    // Files are parsed apart from each other: a large bundle's files are split among threads.
+    let bytes: usize = cedar_srcs.iter().map(|(_, src)| src.len()).sum();
+    let parsed = in_parallel(
+        cedar_srcs,
+        bytes / PARALLEL_BYTES,
+        |(_, src)| src.len(),
+        |chunk| chunk.iter().map(|(file, src)| parse_file(file, src)).collect::<Vec<_>>(),
+    );
+    for result in parsed.into_iter().flatten() {
+        match result {
             Ok(parsed) => policies.extend(parsed),
             Err(errs) => errors.extend(errs),
         }
@@ -387,6 +391,69 @@ fn parse_and_validate(schema_file: &str, schema_src: Option<&str>, cedar_srcs: &
         validate_policies(schema, &policies, &sources, &mut validation_errors, &mut warnings);
     }
     Parsed { schema, policies, errors, validation_errors, warnings }
+}
+
+/// A bundle's policy text is parsed and validated on one thread per this many bytes (and
+/// per this many policies, below), up to the machine's cores: Cedar's parse and strict
+/// validation are most of the time a large bundle takes to load, and a small one is not
+/// worth a thread.
+const PARALLEL_BYTES: usize = 2 << 20;
+const PARALLEL_POLICIES: usize = 10_000;
+
+/// `work` over `items` cut into at most `chunks` contiguous runs of about equal `weight`
+/// (at least one; no more than the machine's cores), each on its own thread with the
+/// parser's stack; the results in the order of the runs.
+fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    chunks: usize,
+    weight: impl Fn(&T) -> usize,
+    work: impl Fn(&[T]) -> R + Sync,
+) -> Vec<R> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let chunks = chunks.clamp(1, cores.min(8)).min(items.len().max(1));
+    if chunks == 1 {
+        return vec![work(items)];
+    }
+    let total: usize = items.iter().map(&weight).sum::<usize>().max(1);
+    let mut runs = Vec::with_capacity(chunks);
+    let (mut start, mut acc) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        acc += weight(item);
+        if acc * chunks >= total * (runs.len() + 1) && runs.len() + 1 < chunks {
+            runs.push(&items[start..=i]);
+            start = i + 1;
+        }
+    }
+    runs.push(&items[start..]);
+    let work = &work;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|run| {
+                std::thread::Builder::new()
+                    .name("agentca-parse".into())
+                    .stack_size(PARSE_STACK_BYTES)
+                    .spawn_scoped(scope, move || work(run))
+            })
+            .collect();
+        // A thread that cannot be started leaves its run to this thread.
+        handles
+            .into_iter()
+            .zip(&runs)
+            .map(|(handle, run)| match handle {
+                Ok(h) => h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(_) => work(run),
+            })
+            .collect()
+    })
+}
+
+/// One `.cedar` file's policies, or what is wrong with it.
+fn parse_file(file: &str, src: &str) -> Result<Vec<BundlePolicy>, Vec<BundleError>> {
+    if let Err(e) = nesting::check_policies(src) {
+        return Err(vec![nesting_error(file, src, &e)]);
+    }
+    parse_policies(file, src)
 }
 
 /// True if the schema nests shallowly enough for Cedar to read it; otherwise says why in `errors`.
@@ -583,13 +650,46 @@ fn validate_policies(
     errors: &mut Vec<BundleError>,
     warnings: &mut Vec<String>,
 ) {
+    // Policies are validated apart from each other: a large bundle's are split among threads.
+    validate_in_runs(policies.len() / PARALLEL_POLICIES, schema, policies, sources, errors, warnings);
+}
+
+/// As `validate_policies`, with the policies cut into at most `runs` runs.
+fn validate_in_runs(
+    runs: usize,
+    schema: &Schema,
+    policies: &[BundlePolicy],
+    sources: &HashMap<&str, &str>,
+    errors: &mut Vec<BundleError>,
+    warnings: &mut Vec<String>,
+) {
     let by_id: HashMap<&str, &BundlePolicy> = policies.iter().map(|p| (&*p.id, p)).collect();
-    let mut set = PolicySet::new();
-    for p in policies {
-        // A duplicate @id is already reported; the first policy of that id is validated.
-        let _ = set.add(p.policy.clone());
+    let results = in_parallel(
+        policies,
+        runs,
+        |_| 1,
+        |chunk| {
+            let mut set = PolicySet::new();
+            for p in chunk {
+                // A duplicate @id is already reported; the first policy of that id is validated.
+                let _ = set.add(p.policy.clone());
+            }
+            Validator::new(schema.clone()).validate(&set, ValidationMode::Strict)
+        },
+    );
+    for result in &results {
+        report_validation(result, &by_id, sources, errors, warnings);
     }
-    let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+}
+
+/// Puts a validation result's errors and warnings at their policies' places.
+fn report_validation(
+    result: &cedar_policy::ValidationResult,
+    by_id: &HashMap<&str, &BundlePolicy>,
+    sources: &HashMap<&str, &str>,
+    errors: &mut Vec<BundleError>,
+    warnings: &mut Vec<String>,
+) {
     for e in result.validation_errors() {
         let id = e.policy_id().to_string();
         let Some(p) = by_id.get(id.as_str()) else {
@@ -676,6 +776,49 @@ pub fn line_column(src: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parallel_runs_cover_every_item_once_in_order() {
+        let items: Vec<usize> = (0..37).collect();
+        for chunks in 0..12 {
+            let runs = in_parallel(&items, chunks, |i| 1 + i % 5, <[usize]>::to_vec);
+            assert!(!runs.is_empty() && runs.len() <= chunks.max(1), "{chunks} chunks: {} runs", runs.len());
+            assert!(runs.iter().all(|r| !r.is_empty()), "{chunks} chunks: an empty run");
+            assert_eq!(runs.concat(), items, "{chunks} chunks");
+        }
+        assert_eq!(in_parallel(&[] as &[usize], 4, |_| 1, <[usize]>::len), [0]);
+    }
+
+    #[test]
+    fn validation_in_runs_reports_what_one_run_does() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let schema_src = std::fs::read_to_string(dir.join(SCHEMA_FILE)).unwrap();
+        let (schema, _) = Schema::from_cedarschema_str(&schema_src).unwrap();
+        let mut src = std::fs::read_to_string(dir.join("baseline.cedar")).unwrap();
+        for i in 0..6 {
+            // Every other one names an attribute the schema does not have.
+            let attr = if i % 2 == 0 { "sensitivity" } else { "no_such_attribute" };
+            src.push_str(&format!(
+                "@id(\"extra-{i}\") forbid (principal, action, resource) when {{ resource.{attr} == \"x\" }};\n"
+            ));
+        }
+        let policies = parse_policies("p.cedar", &src).unwrap();
+        let sources = HashMap::from([("p.cedar", src.as_str())]);
+        let report = |runs: usize| {
+            let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+            validate_in_runs(runs, &schema, &policies, &sources, &mut errors, &mut warnings);
+            let mut errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            errors.sort();
+            warnings.sort();
+            (errors, warnings)
+        };
+        let one = report(1);
+        assert_eq!(one.0.len(), 3, "{:?}", one.0);
+        assert!(one.0.iter().all(|e| e.contains("no_such_attribute")), "{:?}", one.0);
+        for runs in [2, 3, 8] {
+            assert_eq!(report(runs), one, "{runs} runs");
+        }
+    }
 
     #[test]
     fn line_column_counts_from_one() {
