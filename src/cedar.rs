@@ -36,7 +36,7 @@ pub struct Condition(Expr);
 impl Condition {
     pub fn body_of(policy: &Policy) -> Condition {
         let ast: &ast::Policy = policy.as_ref();
-        Condition(ast.non_scope_constraints().cloned().unwrap_or_else(|| Expr::val(true)))
+        Condition(ast.non_scope_constraints().map_or_else(|| Expr::val(true), unroll_literal_sets))
     }
 
     /// The condition cut in two: its leading conjuncts that do not read the request's
@@ -50,6 +50,51 @@ impl Condition {
         let cut = conjuncts.iter().position(|c| reads_context(c)).unwrap_or(conjuncts.len());
         let join = |part: &[&Expr]| part.iter().map(|e| (*e).clone()).reduce(Expr::and).map(Condition);
         Split { fixed: join(&conjuncts[..cut]), rest: join(&conjuncts[cut..]) }
+    }
+}
+
+/// The most elements of a set literal that `unroll_literal_sets` unrolls.
+const UNROLL_MAX: usize = 8;
+
+/// `e` with its small set literals of literals unrolled where they are tested, through
+/// `&&`, `||` and `!`: `["a", "b"].contains(x)` becomes `x == "a" || x == "b"`,
+/// `s.containsAny(["a", "b"])` (or `["a", "b"].containsAny(s)`) becomes `s.contains("a") ||
+/// s.contains("b")`, and `s.containsAll(["a", "b"])` becomes `s.contains("a") &&
+/// s.contains("b")`. Cedar builds a set literal anew (a tree and a hash set) each time it
+/// evaluates one; the unrolled form tests the same values. It is equivalent: literals cannot
+/// fail, the other operand is evaluated first either way (so it fails the same way), `==`
+/// and set membership are the same equality, and the differential test checks it.
+fn unroll_literal_sets(e: &Expr) -> Expr {
+    use ast::{BinaryOp, ExprKind, UnaryOp};
+    let literals = |x: &Expr| match x.expr_kind() {
+        ExprKind::Set(items)
+            if (1..=UNROLL_MAX).contains(&items.len())
+                && items.iter().all(|i| matches!(i.expr_kind(), ExprKind::Lit(_))) =>
+        {
+            Some(items.clone())
+        }
+        _ => None,
+    };
+    let join = |items: &[Expr], test: &dyn Fn(Expr) -> Expr, with: fn(Expr, Expr) -> Expr| {
+        items.iter().map(|l| test(l.clone())).reduce(with).unwrap_or_else(|| e.clone())
+    };
+    match e.expr_kind() {
+        ExprKind::And { left, right } => Expr::and(unroll_literal_sets(left), unroll_literal_sets(right)),
+        ExprKind::Or { left, right } => Expr::or(unroll_literal_sets(left), unroll_literal_sets(right)),
+        ExprKind::UnaryApp { op: UnaryOp::Not, arg } => Expr::not(unroll_literal_sets(arg)),
+        ExprKind::BinaryApp { op, arg1, arg2 } => {
+            let (a1, a2) = (&**arg1, &**arg2);
+            match (op, literals(a1), literals(a2)) {
+                (BinaryOp::Contains, Some(items), _) => join(&items, &|l| Expr::is_eq(a2.clone(), l), Expr::or),
+                (BinaryOp::ContainsAny, _, Some(items)) => join(&items, &|l| Expr::contains(a1.clone(), l), Expr::or),
+                (BinaryOp::ContainsAny, Some(items), None) => {
+                    join(&items, &|l| Expr::contains(a2.clone(), l), Expr::or)
+                }
+                (BinaryOp::ContainsAll, _, Some(items)) => join(&items, &|l| Expr::contains(a1.clone(), l), Expr::and),
+                _ => e.clone(),
+            }
+        }
+        _ => e.clone(),
     }
 }
 

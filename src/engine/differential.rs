@@ -50,7 +50,7 @@ fn bundles() -> impl Strategy<Value = Gen> {
             prop::option::of(prop::sample::select(vec!["prod", "dev"])),
             prop::sample::select(RISKS.to_vec()),
         );
-        let policy = (any::<bool>(), 0u8..4, 0u8..9, 0usize..8, 0u8..4, 0u8..5, 0usize..4, 0u8..12).prop_map(
+        let policy = (any::<bool>(), 0u8..4, 0u8..9, 0usize..8, 0u8..4, 0u8..5, 0usize..4, 0u8..16).prop_map(
             |(forbid, state, principal, principal_arg, action, resource, resource_arg, condition)| GenPolicy {
                 forbid,
                 state,
@@ -159,6 +159,11 @@ impl Gen {
                 "when { context.hour > 12 && principal.blueprint.allowed_resources.contains(resource) }",
                 "when { principal.hasTag(\"env\") } unless { principal.getTag(\"env\") == \"prod\" || context.locations.contains(\"corp\") }",
                 "when { principal.hasTag(\"env\") && principal.getTag(\"env\") == \"prod\" && 9223372036854775807 + 1 > 0 }",
+                // Set literals (the index tests their values one by one instead of building them).
+                "when { [1, 5, 13, 20].contains(context.hour) }",
+                "unless { context.locations.containsAny([\"corp\", \"lab\"]) || [\"x\"].containsAny(context.locations) }",
+                "when { principal.hasTag(\"env\") && !([\"prod\", \"dev\"].contains(principal.getTag(\"env\"))) }",
+                "unless { context.locations.containsAll([\"corp\", \"lab\"]) }",
             ][p.condition as usize];
             let effect = if p.forbid { "forbid" } else { "permit" };
             let _ = writeln!(
