@@ -424,7 +424,9 @@ fn in_parallel<T: Sync, R: Send>(
             start = i + 1;
         }
     }
-    runs.push(&items[start..]);
+    if start < items.len() {
+        runs.push(&items[start..]);
+    }
     let work = &work;
     std::thread::scope(|scope| {
         let handles: Vec<_> = runs
@@ -787,6 +789,10 @@ mod tests {
             assert_eq!(runs.concat(), items, "{chunks} chunks");
         }
         assert_eq!(in_parallel(&[] as &[usize], 4, |_| 1, <[usize]>::len), [0]);
+        // A heavy last item closes a run by itself: no empty run follows it.
+        let runs = in_parallel(&[1usize, 1, 100], 3, |w| *w, <[usize]>::to_vec);
+        assert!(runs.iter().all(|r| !r.is_empty()), "{runs:?}");
+        assert_eq!(runs.concat(), [1, 1, 100]);
     }
 
     #[test]

@@ -77,7 +77,7 @@ const MEMO_ENTRIES: usize = 1 << 18;
 /// principal, action and resource only, and a snapshot never changes, so they are learned
 /// on a key's first request and reused; the differential test checks decisions either way.
 #[derive(Default)]
-struct Memo(DashMap<u64, Arc<[Fixed]>>);
+struct Memo(DashMap<u128, Arc<[Fixed]>>);
 
 impl std::fmt::Debug for Memo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,11 +86,11 @@ impl std::fmt::Debug for Memo {
 }
 
 impl Memo {
-    fn get(&self, key: u64) -> Option<Arc<[Fixed]>> {
+    fn get(&self, key: u128) -> Option<Arc<[Fixed]>> {
         self.0.get(&key).map(|e| e.value().clone())
     }
 
-    fn learn(&self, key: u64, fixed: Vec<Fixed>) {
+    fn learn(&self, key: u128, fixed: Vec<Fixed>) {
         if self.0.len() >= MEMO_ENTRIES {
             self.0.clear();
         }
@@ -220,8 +220,7 @@ impl Index {
     /// part of each condition comes from the memo once the request's key has been seen.
     pub fn evaluate<'a>(&'a self, keys: &Keys<'a>, request: &CedarRequest, entities: &Entities) -> Evaluated<'a> {
         let evaluator = Evaluator::new(request, entities);
-        let key =
-            (keys.agent_at as u64) << 32 | (keys.resource_at as u64 & 0x7fff_ffff) << 1 | keys.action.index() as u64;
+        let key = (keys.agent_at as u128) << 64 | (keys.resource_at as u128) << 1 | keys.action.index() as u128;
         let known = self.memo.get(key);
         let mut learned = Vec::new();
         let mut out = Evaluated::default();

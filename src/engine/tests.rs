@@ -252,3 +252,34 @@ fn an_action_group_in_the_schema_is_resolved_like_cedar() {
     assert_eq!(full.decision(), cedar_policy::Decision::Deny);
     assert_eq!(full.diagnostics().reason().map(ToString::to_string).collect::<Vec<_>>(), ["no-tokens"]);
 }
+
+#[test]
+fn the_per_thread_context_caches_follow_the_snapshot_and_the_scopes() {
+    // Two snapshots that differ only in where `corp-network` is: the same request, from the
+    // same thread, one after the other, must see each snapshot's own named locations.
+    let policy = r#"@id("allow-all") permit(principal, action, resource);
+        @id("corp-only") @reason("from corp only")
+        forbid(principal, action, resource) unless { context.locations.contains("corp-network") };"#;
+    let (_a_dir, a) = with_policies(policy);
+    let (b_dir, _) = with_policies(policy);
+    std::fs::write(b_dir.path().join("locations.json"), r#"{"corp-network": ["192.0.2.0/24"]}"#).unwrap();
+    let b = Snapshot::load(b_dir.path()).unwrap();
+    let live = Overlay::new();
+    for _ in 0..2 {
+        assert_eq!(evaluate(&a, &live, &mail_read()).decision, Verdict::Allow, "10.1.2.3 is in a's corp-network");
+        assert_eq!(codes(&evaluate(&b, &live, &mail_read())), ["corp-only"], "and not in b's");
+    }
+    // The scope ceiling reads `context.scopes`: allowed, beyond the ceiling, allowed again.
+    let snap = sample();
+    let asking = |scopes: &str| {
+        request(&format!(
+            r#"{{"agent": "ag-mail-01", "resource": "graph", "scopes": {scopes}, "client_ip": "10.1.2.3", "time": "2026-11-25T10:00:00Z"}}"#
+        ))
+    };
+    for _ in 0..2 {
+        assert_eq!(evaluate(&snap, &live, &asking(r#"["Mail.Read"]"#)).decision, Verdict::Allow);
+        let beyond = evaluate(&snap, &live, &asking(r#"["Mail.Read", "Files.ReadWrite.All"]"#));
+        assert_eq!(codes(&beyond), ["blueprint-scope-ceiling"]);
+        assert_eq!(evaluate(&snap, &live, &asking(r#"["Mail.Send", "Mail.Read"]"#)).decision, Verdict::Allow);
+    }
+}
