@@ -69,15 +69,16 @@ enum Fixed {
     Failed(Arc<str>),
 }
 
-/// The most (agent, resource, action) entries the memo keeps; when it is full it starts over.
-const MEMO_ENTRIES: usize = 1 << 18;
+/// The most (agent, resource, action) keys the memo keeps; when it is full it starts over.
+/// A key costs about 200 bytes for a slice of ten policies: at most about 25 MB.
+const MEMO_ENTRIES: usize = 1 << 17;
 
 /// What the context-free conjuncts of a request's slices came to, in slice order, by
 /// (agent, resource, action). They depend on the snapshot's entities and the request's
 /// principal, action and resource only, and a snapshot never changes, so they are learned
 /// on a key's first request and reused; the differential test checks decisions either way.
 #[derive(Default)]
-struct Memo(DashMap<u128, Arc<[Fixed]>>);
+struct Memo(DashMap<u128, Arc<Learned>>);
 
 impl std::fmt::Debug for Memo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,7 +87,7 @@ impl std::fmt::Debug for Memo {
 }
 
 impl Memo {
-    fn get(&self, key: u128) -> Option<Arc<[Fixed]>> {
+    fn get(&self, key: u128) -> Option<Arc<Learned>> {
         self.0.get(&key).map(|e| e.value().clone())
     }
 
@@ -94,7 +95,49 @@ impl Memo {
         if self.0.len() >= MEMO_ENTRIES {
             self.0.clear();
         }
-        self.0.insert(key, fixed.into());
+        self.0.insert(key, Arc::new(Learned::of(fixed)));
+    }
+}
+
+/// One key's `Fixed` values, compactly: a mark per policy, the messages of those that
+/// failed kept apart (there are seldom any).
+struct Learned {
+    marks: Box<[Mark]>,
+    errors: Box<[Arc<str>]>,
+}
+
+#[derive(Clone, Copy)]
+enum Mark {
+    Holds,
+    False,
+    /// The position of its message in `errors`.
+    Failed(u32),
+}
+
+impl Learned {
+    fn of(fixed: Vec<Fixed>) -> Learned {
+        let mut errors = Vec::new();
+        let marks = fixed
+            .into_iter()
+            .map(|f| match f {
+                Fixed::Holds => Mark::Holds,
+                Fixed::False => Mark::False,
+                Fixed::Failed(message) => {
+                    errors.push(message);
+                    Mark::Failed(errors.len() as u32 - 1)
+                }
+            })
+            .collect();
+        Learned { marks, errors: errors.into() }
+    }
+
+    /// The `Fixed` value of the policy at `at`, if one was learned.
+    fn get(&self, at: usize) -> Option<Fixed> {
+        self.marks.get(at).and_then(|m| match *m {
+            Mark::Holds => Some(Fixed::Holds),
+            Mark::False => Some(Fixed::False),
+            Mark::Failed(i) => self.errors.get(i as usize).map(|e| Fixed::Failed(e.clone())),
+        })
     }
 }
 
@@ -228,18 +271,14 @@ impl Index {
         for slice in self.slices(keys) {
             let on = slice.on.iter().map(|p| (p, false));
             for (p, report_only) in on.chain(slice.report_only.iter().map(|p| (p, true))) {
-                let computed;
                 let fixed = match known.as_deref().and_then(|k| k.get(at)) {
                     Some(fixed) => fixed,
-                    None => {
-                        computed = p.fixed(&evaluator);
-                        &computed
-                    }
+                    None => p.fixed(&evaluator),
                 };
                 let outcome = if report_only { &mut out.report_only } else { &mut out.on };
-                outcome.add(p, p.holds(fixed, &evaluator));
+                outcome.add(p, p.holds(&fixed, &evaluator));
                 if known.is_none() {
-                    learned.push(fixed.clone());
+                    learned.push(fixed);
                 }
                 at += 1;
             }
