@@ -185,16 +185,22 @@ thread_local! {
     static LAST_IP: RefCell<Option<(IpAddr, Value)>> = const { RefCell::new(None) };
 }
 
-fn cached<K: PartialEq + Copy>(
+/// The value `slot` holds for `key` (the last one built on this thread), else `build`'s, kept
+/// there for the next caller.
+fn cached<K, Q, E>(
     slot: &'static std::thread::LocalKey<RefCell<Option<(K, Value)>>>,
-    key: K,
-    build: impl FnOnce() -> Result<Value, CedarError>,
-) -> Result<Value, CedarError> {
-    if let Some(v) = slot.with_borrow(|last| last.as_ref().filter(|(k, _)| *k == key).map(|(_, v)| v.clone())) {
+    key: &Q,
+    build: impl FnOnce() -> Result<Value, E>,
+) -> Result<Value, E>
+where
+    K: std::borrow::Borrow<Q>,
+    Q: PartialEq + ToOwned<Owned = K> + ?Sized,
+{
+    if let Some(v) = slot.with_borrow(|last| last.as_ref().filter(|(k, _)| k.borrow() == key).map(|(_, v)| v.clone())) {
         return Ok(v);
     }
     let v = build()?;
-    slot.set(Some((key, v.clone())));
+    slot.set(Some((key.to_owned(), v.clone())));
     Ok(v)
 }
 
@@ -238,11 +244,6 @@ impl ContextBuilder {
         self.put(key, Value::from(value));
     }
 
-    /// A set of strings.
-    pub fn strings<'a>(&mut self, key: &'static str, values: impl IntoIterator<Item = &'a str>) {
-        self.put(key, Value::set(values.into_iter().map(Value::from), None));
-    }
-
     /// A set of strings that depends only on the snapshot (by its generation) and the client
     /// address: the named locations that contain it.
     pub fn locations<'a, I: IntoIterator<Item = &'a str>>(
@@ -251,20 +252,16 @@ impl ContextBuilder {
         of: LocationsKey,
         values: impl FnOnce() -> I,
     ) {
-        let value = cached(&LAST_LOCATIONS, of, || Ok(Value::set(values().into_iter().map(Value::from), None)));
-        // INVARIANT: the closure cannot fail.
-        if let Ok(value) = value {
-            self.put(key, value);
-        }
+        let Ok(value) = cached(&LAST_LOCATIONS, &of, || {
+            Ok::<_, std::convert::Infallible>(Value::set(values().into_iter().map(Value::from), None))
+        });
+        self.put(key, value);
     }
 
     /// A set of strings, reused while a thread's requests ask for the same ones.
     pub fn scopes(&mut self, key: &'static str, scopes: &[String]) {
-        let hit = LAST_SCOPES.with_borrow(|last| last.as_ref().filter(|(s, _)| s == scopes).map(|(_, v)| v.clone()));
-        let value = hit.unwrap_or_else(|| {
-            let value = Value::set(scopes.iter().map(|s| Value::from(s.as_str())), None);
-            LAST_SCOPES.set(Some((scopes.to_vec(), value.clone())));
-            value
+        let Ok(value) = cached(&LAST_SCOPES, scopes, || {
+            Ok::<_, std::convert::Infallible>(Value::set(scopes.iter().map(|s| Value::from(s.as_str())), None))
         });
         self.put(key, value);
     }
@@ -276,7 +273,7 @@ impl ContextBuilder {
     /// An `ip` value.
     pub fn ip(&mut self, key: &'static str, ip: IpAddr) -> Result<(), CedarError> {
         let (constructor, _) = CONSTRUCTORS.ok_or(NO_CONSTRUCTORS)?;
-        let value = cached(&LAST_IP, ip, || construct(constructor, &ip.to_string()))?;
+        let value = cached(&LAST_IP, &ip, || construct(constructor, &ip.to_string()))?;
         self.put(key, value);
         Ok(())
     }
@@ -284,7 +281,7 @@ impl ContextBuilder {
     /// A `datetime` value, to the millisecond.
     pub fn datetime(&mut self, key: &'static str, time: DateTime<Utc>) -> Result<(), CedarError> {
         let (_, constructor) = CONSTRUCTORS.ok_or(NO_CONSTRUCTORS)?;
-        let value = cached(&LAST_TIME, time.timestamp_millis(), || {
+        let value = cached(&LAST_TIME, &time.timestamp_millis(), || {
             construct(constructor, &time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
         })?;
         self.put(key, value);
@@ -446,7 +443,7 @@ mod tests {
         c.datetime("at", "2026-11-25T10:00:00.250Z".parse().unwrap()).unwrap();
         c.long("n", 7);
         c.entity("who", &uid(r#"User::"bob""#));
-        c.strings("tags", ["a", "b"]);
+        c.scopes("tags", &["a".to_string(), "b".to_string()]);
         c.string("s", "x");
         c.build()
     }
