@@ -14,11 +14,11 @@ use crate::snapshot::Snapshot;
 pub fn body<T: Serialize>(record: &T) -> String {
     // Room for a decision record at once (about 900 bytes), rather than growing from 128.
     let mut out = Vec::with_capacity(1024);
-    match serde_json::to_writer(&mut out, record) {
-        // serde_json writes valid UTF-8 only.
-        Ok(()) => String::from_utf8(out).unwrap_or_default(),
-        Err(e) => format!("{{\"kind\":\"unserializable\",\"error\":{:?}}}", e.to_string()),
-    }
+    serde_json::to_writer(&mut out, record)
+        .map_err(|e| e.to_string())
+        // serde_json writes valid UTF-8 only; were it not to, the record says so, never empty.
+        .and_then(|()| String::from_utf8(out).map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| format!("{{\"kind\":\"unserializable\",\"error\":{e:?}}}"))
 }
 
 /// Who asked.
