@@ -2,6 +2,8 @@
 //! refused admin call, and who asked. The log frames a record's body (`v`, `seq`, the hashes); the fields here are
 //! the rest of a record whose `v` is 1, so their names and order are part of the file format.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -25,10 +27,10 @@ pub fn body<T: Serialize>(record: &T) -> String {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Caller {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer: Option<String>,
+    pub peer: Option<Arc<str>>,
     /// The identity of the peer's client certificate (its SPIFFE ID, DNS name or common name).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
+    pub identity: Option<Arc<str>>,
     /// For a gateway's Check: the downstream principal the gateway reports (Envoy's
     /// `attributes.source.principal`), the party the call is made for.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -376,7 +376,11 @@ fn audit_decision(
     decision: &crate::engine::Decision,
 ) -> Result<(), Error> {
     let Some(audit) = audit else { return Ok(()) };
-    let caller = crate::records::Caller { identity: std::env::var("USER").ok(), via: "cli", ..Default::default() };
+    let caller = crate::records::Caller {
+        identity: std::env::var("USER").ok().map(Into::into),
+        via: "cli",
+        ..Default::default()
+    };
     let record = crate::records::DecisionRecord::new(snap, request, decision, &caller);
     Ok(audit.submit_blocking(crate::records::body(&record))?)
 }

@@ -108,7 +108,7 @@ where
         }
         let conn = request.extensions().get::<ConnInfo>().cloned();
         let identity = conn.as_ref().and_then(|c| c.identity.clone());
-        let peer = conn.as_ref().and_then(|c| c.remote);
+        let peer = conn.as_ref().and_then(|c| c.peer.clone());
         // Borrowed, not copied: a call that is let through costs no allocation here.
         let path = request.uri().path();
         let span = tracing::info_span!(
@@ -117,7 +117,7 @@ where
             peer = tracing::field::Empty,
             identity = tracing::field::Empty,
         );
-        if let Some(p) = peer {
+        if let Some(p) = &peer {
             span.record("peer", tracing::field::display(p));
         }
         if let Some(id) = &identity {
@@ -148,8 +148,8 @@ where
                     Refusal::NoRole => crate::metrics::Refusal::NoRole,
                 });
                 let caller = Caller {
-                    peer: peer.map(|p| p.to_string()),
-                    identity: identity.map(|i| i.to_string()),
+                    peer,
+                    identity,
                     token: authorization.and_then(|a| access.token_name(a)).map(str::to_string),
                     via: "grpc",
                     ..Caller::default()

@@ -129,6 +129,7 @@ pub fn incoming(
                 let conn = Conn {
                     io: stream,
                     remote: Some(remote),
+                    peer: Some(remote.to_string().into()),
                     identity: None,
                     state,
                     idle,
@@ -189,6 +190,8 @@ impl Drop for Running {
 pub struct Conn {
     io: TcpStream,
     remote: Option<SocketAddr>,
+    /// `remote` as text, written once for every record of the connection's calls.
+    peer: Option<Arc<str>>,
     /// The identity of the client's certificate, once a TLS handshake has given one.
     identity: Option<Arc<str>>,
     state: Arc<Activity>,
@@ -202,6 +205,8 @@ pub struct Conn {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
+    /// `remote` as text.
+    pub peer: Option<Arc<str>>,
     /// The identity of the client's certificate (mutual TLS), if it has one.
     pub identity: Option<Arc<str>>,
     activity: Arc<Activity>,
@@ -211,7 +216,12 @@ impl Connected for Conn {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
-        ConnInfo { remote: self.remote, identity: self.identity.clone(), activity: self.state.clone() }
+        ConnInfo {
+            remote: self.remote,
+            peer: self.peer.clone(),
+            identity: self.identity.clone(),
+            activity: self.state.clone(),
+        }
     }
 }
 

@@ -171,8 +171,8 @@ async fn track_health(reporter: tonic_health::server::HealthReporter, mut servin
 fn caller<T>(request: &tonic::Request<T>, via: &'static str) -> Caller {
     let conn = request.extensions().get::<limits::ConnInfo>();
     Caller {
-        peer: conn.and_then(|c| c.remote).map(|a| a.to_string()),
-        identity: conn.and_then(|c| c.identity.as_deref()).map(str::to_string),
+        peer: conn.and_then(|c| c.peer.clone()),
+        identity: conn.and_then(|c| c.identity.clone()),
         token: gate::granted_token(request),
         via,
         ..Caller::default()
