@@ -256,9 +256,7 @@ impl Bundle {
             // Cedar's parser recurses once per level of nesting, with large frames in a debug
             // build: the nesting check keeps the depth bounded, and this stack holds that depth
             // many times over. It is only address space until the parser touches it.
-            let parsed = std::thread::Builder::new()
-                .name("agentca-parse".into())
-                .stack_size(PARSE_STACK_BYTES)
+            let parsed = parser_thread()
                 .spawn_scoped(scope, || parse_and_validate(&schema_file, schema_src.as_deref(), &cedar_srcs));
             let directory = directory_src.as_deref().map(Directory::from_json_str);
             let parsed = match parsed {
@@ -429,15 +427,7 @@ fn in_parallel<T: Sync, R: Send>(
     }
     let work = &work;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = runs
-            .iter()
-            .map(|run| {
-                std::thread::Builder::new()
-                    .name("agentca-parse".into())
-                    .stack_size(PARSE_STACK_BYTES)
-                    .spawn_scoped(scope, move || work(run))
-            })
-            .collect();
+        let handles: Vec<_> = runs.iter().map(|run| parser_thread().spawn_scoped(scope, move || work(run))).collect();
         // A thread that cannot be started leaves its run to this thread.
         handles
             .into_iter()
@@ -448,6 +438,11 @@ fn in_parallel<T: Sync, R: Send>(
             })
             .collect()
     })
+}
+
+/// A thread for Cedar's parser and validator: named, and with the stack they need.
+fn parser_thread() -> std::thread::Builder {
+    std::thread::Builder::new().name("agentca-parse".into()).stack_size(PARSE_STACK_BYTES)
 }
 
 /// One `.cedar` file's policies, or what is wrong with it.
@@ -673,7 +668,8 @@ fn validate_in_runs(
         |chunk| {
             let mut set = PolicySet::new();
             for p in chunk {
-                // A duplicate @id is already reported; the first policy of that id is validated.
+                // A duplicate @id is already reported (the bundle is invalid); within a run the
+                // first policy of that id is validated, across runs each is.
                 let _ = set.add(p.policy.clone());
             }
             Validator::new(schema.clone()).validate(&set, ValidationMode::Strict)
