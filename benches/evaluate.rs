@@ -94,7 +94,7 @@ fn service(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let store = Store::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap();
     let audit = Audit::start(Config::new(Target::Off)).unwrap();
-    let service = Service::new(store, Overlay::new(), None, audit, Settings::default());
+    let service = Service::new(store, Overlay::new(), None, None, audit, Settings::default());
     let caller = Caller { peer: Some("127.0.0.1:50000".into()), via: "grpc", ..Caller::default() };
     let raw = |json: &str| RawRequest::from_json(&serde_json::from_str(json).unwrap()).unwrap();
     let cases = [

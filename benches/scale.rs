@@ -21,7 +21,7 @@ use agentca::request::{Action, Ask, RawRequest, Request};
 use agentca::signals::Overlay;
 use agentca::snapshot::Snapshot;
 use cedar_policy::{
-    Context, Decision as CedarDecision, PolicySet, Request as CedarRequest, RestrictedExpression, Schema,
+    Context, Decision as CedarDecision, Entities, PolicySet, Request as CedarRequest, RestrictedExpression, Schema,
 };
 use chrono::{Datelike, Timelike, Utc};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
@@ -44,6 +44,8 @@ struct Case {
     snap: Snapshot,
     req: Request,
     cedar_req: CedarRequest,
+    /// The whole directory as one entity set: what plain Cedar is given.
+    all: Entities,
     /// The enforced policies, as one set: what plain Cedar evaluates on every call.
     on: PolicySet,
     /// Policies in the probe request's slices: what the index evaluates.
@@ -73,7 +75,8 @@ impl Case {
         }
         let slice = slice_size(&snap, &req);
         let typical = typical_request(&snap);
-        let case = Case { label: label.into(), dir: dir.to_path_buf(), snap, req, cedar_req, on, slice, typical };
+        let all = snap.all_entities().unwrap();
+        let case = Case { label: label.into(), dir: dir.to_path_buf(), snap, req, cedar_req, all, on, slice, typical };
         case.check_agreement();
         case
     }
@@ -81,7 +84,7 @@ impl Case {
     /// The index and plain Cedar must give the same decision and determining policies.
     fn check_agreement(&self) {
         let ours = evaluate(&self.snap, &Overlay::new(), &self.req);
-        let theirs = self.snap.is_authorized(&self.cedar_req, &self.on);
+        let theirs = self.snap.is_authorized(&self.cedar_req, &self.on, &self.all);
         assert!(ours.errors.is_empty() && theirs.diagnostics().errors().next().is_none(), "{}: errors", self.label);
         let cedar_allows = theirs.decision() == CedarDecision::Allow;
         assert_eq!(ours.decision == Verdict::Allow, cedar_allows, "{}: decisions differ", self.label);
@@ -101,7 +104,10 @@ fn slice_size(snap: &Snapshot, req: &Request) -> usize {
 /// median (the probe agent is given extra agent-scoped policies on purpose; this one is not).
 fn typical_request(snap: &Snapshot) -> Option<(Request, usize)> {
     let mut candidates = Vec::new();
-    for agent in snap.agents().take(3_000) {
+    // The first agents by id (the directory keeps no order).
+    let mut agents: Vec<_> = snap.agents().collect();
+    agents.sort_unstable_by_key(|a| a.id());
+    for agent in agents.into_iter().take(3_000) {
         let Some(blueprint) = snap.blueprint(agent.blueprint_id()) else { continue };
         let (Some(resource), Some(scope)) = (
             blueprint.allowed_resources.first(),
@@ -111,8 +117,8 @@ fn typical_request(snap: &Snapshot) -> Option<(Request, usize)> {
         };
         let raw = RawRequest {
             agent: Some(agent.id().to_string()),
-            resource: Some(resource.clone()),
-            scopes: vec![scope.clone()],
+            resource: Some(resource.to_string()),
+            scopes: vec![scope.to_string()],
             client_ip: Some("10.1.2.3".into()),
             time: Some("2026-11-25T10:00:00Z".into()),
             request_id: Some("bench".into()),
@@ -184,7 +190,9 @@ fn bench(c: &mut Criterion, case: &Case, policies: usize) {
     if policies >= 10_000 {
         g.sample_size(10).sampling_mode(SamplingMode::Flat).measurement_time(Duration::from_secs(5));
     }
-    g.bench_function(id.clone(), |b| b.iter(|| case.snap.is_authorized(black_box(&case.cedar_req), &case.on)));
+    g.bench_function(id.clone(), |b| {
+        b.iter(|| case.snap.is_authorized(black_box(&case.cedar_req), &case.on, &case.all))
+    });
     g.finish();
 
     if Duration::from_millis(case.snap.load_ms()) <= CRITERION_LOAD_LIMIT {

@@ -196,20 +196,23 @@ pub struct Bundle {
     /// In file order, then order within the file.
     policies: Vec<BundlePolicy>,
     directory: Directory,
+    /// The content hash of `directory.json` alone: a reload whose file has the same one keeps
+    /// the directory it has.
+    directory_hash: [u8; 32],
     locations: Locations,
     revision: String,
     warnings: Vec<String>,
 }
 
 impl Bundle {
-    /// Takes the bulk (directory and policies) out, to be freed elsewhere; what is left is
-    /// only fit to be dropped.
-    pub(crate) fn take_bulk(&mut self) -> (Directory, Vec<BundlePolicy>) {
-        (std::mem::take(&mut self.directory), std::mem::take(&mut self.policies))
-    }
-
     /// Reads and validates the bundle in `dir`. All problems are reported, not just the first.
     pub fn load(dir: &Path) -> Result<Bundle, BundleErrors> {
+        Bundle::load_reusing(dir, None)
+    }
+
+    /// As [`Bundle::load`], keeping `previous`'s directory if `directory.json` is unchanged
+    /// (a reload of policies only does not read the directory again).
+    pub fn load_reusing(dir: &Path, previous: Option<&Bundle>) -> Result<Bundle, BundleErrors> {
         let display = |name: &str| dir.join(name).display().to_string();
         let Listing { names: cedar_files, problems, notes } = list_cedar_files(dir).map_err(|e| {
             BundleErrors::from(BundleError::in_file(&dir.display().to_string(), format!("cannot read the folder: {e}")))
@@ -246,6 +249,8 @@ impl Bundle {
             })
             .collect();
         let directory_src = read(DIRECTORY_FILE, input::MAX_DIRECTORY_BYTES, true, &mut errors);
+        let directory_hash: [u8; 32] = directory_src.as_deref().map_or([0; 32], |src| Sha256::digest(src).into());
+        let kept = previous.filter(|p| directory_src.is_some() && p.directory_hash == directory_hash);
         let locations_src = read(LOCATIONS_FILE, input::MAX_LOCATIONS_BYTES, false, &mut errors);
         let revision = format!("sha256:{}", hex::encode(hasher.finalize()));
 
@@ -258,7 +263,10 @@ impl Bundle {
             // many times over. It is only address space until the parser touches it.
             let parsed = parser_thread()
                 .spawn_scoped(scope, || parse_and_validate(&schema_file, schema_src.as_deref(), &cedar_srcs));
-            let directory = directory_src.as_deref().map(Directory::from_json_str);
+            let directory = match kept {
+                Some(p) => Some(Ok(p.directory.clone())),
+                None => directory_src.as_deref().map(Directory::from_json_str),
+            };
             let parsed = match parsed {
                 Ok(handle) => handle.join().map_err(|_| "the policy parser failed".to_string()),
                 Err(e) => Err(format!("cannot start the policy parser: {e}")),
@@ -292,9 +300,16 @@ impl Bundle {
             warnings.push(format!("{}: no policies: every request will be denied (no_permit)", dir.display()));
         }
         match (schema, directory) {
-            (Some(schema), Some(directory)) if errors.is_empty() => {
-                Ok(Bundle { dir: dir.to_path_buf(), schema, policies, directory, locations, revision, warnings })
-            }
+            (Some(schema), Some(directory)) if errors.is_empty() => Ok(Bundle {
+                dir: dir.to_path_buf(),
+                schema,
+                policies,
+                directory,
+                directory_hash,
+                locations,
+                revision,
+                warnings,
+            }),
             _ => Err(BundleErrors(errors)),
         }
     }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 
-use cedar_policy::{Context, Entities, Entity, EntityUid, Policy, Request, Schema, Template};
+use cedar_policy::{Context, Entities, Entity, EntityTypeName, EntityUid, Policy, Request, Schema, Template};
 use cedar_policy_core::ast::{
     self, EntityUID as CoreUid, Expr, ExtensionFunction, Literal, Name, PartialValue, SlotEnv, Value, ValueKind,
 };
@@ -44,6 +44,15 @@ impl Condition {
     /// entities alone), and the conjuncts after them. Cedar evaluates `a && b` left to right
     /// and stops at the first false or error, so `fixed && rest` is the same condition, and a
     /// `fixed` that is false, or fails, decides it without `rest`.
+    /// The entities the condition names literally (`Blueprint::"bp-x".enabled`): a request's
+    /// entity set holds the request's own entities, so these are added to it.
+    pub fn entity_literals(&self) -> impl Iterator<Item = EntityUid> + '_ {
+        self.0.subexpressions().filter_map(|e| match e.expr_kind() {
+            ast::ExprKind::Lit(Literal::EntityUID(uid)) => Some(EntityUid::from((**uid).clone())),
+            _ => None,
+        })
+    }
+
     pub fn split(&self) -> Split {
         let mut conjuncts = Vec::new();
         flatten_and(&self.0, &mut conjuncts);
@@ -303,6 +312,16 @@ impl Attr {
         Attr(PartialValue::Value(Value::from(value)))
     }
 
+    /// A string already held as a `SmolStr`: shared, not copied.
+    pub fn smol(value: &SmolStr) -> Attr {
+        Attr(PartialValue::Value(Value::from(value.clone())))
+    }
+
+    /// A set of strings already held as `SmolStr`s.
+    pub fn smols<'a>(values: impl IntoIterator<Item = &'a SmolStr>) -> Attr {
+        Attr(PartialValue::Value(Value::set(values.into_iter().map(|v| Value::from(v.clone())), None)))
+    }
+
     pub fn bool(value: bool) -> Attr {
         Attr(PartialValue::Value(Value::from(value)))
     }
@@ -322,61 +341,72 @@ impl Attr {
     }
 }
 
-/// Entities built as values: no expression evaluated per attribute, no transitive closure
-/// computed, and only the samples checked against the schema.
-#[derive(Debug, Default)]
-pub struct EntitiesBuilder {
-    entities: Vec<ast::Entity>,
-    samples: Vec<Entity>,
-}
+/// A Cedar entity built as a value (no expression evaluated per attribute), shared: an
+/// entity of the directory is built once and put in the entity set of many requests.
+#[derive(Debug, Clone)]
+pub struct CedarEntity(Arc<ast::Entity>);
 
-impl EntitiesBuilder {
-    pub fn with_capacity(n: usize) -> Self {
-        EntitiesBuilder { entities: Vec::with_capacity(n), samples: Vec::new() }
-    }
-
-    /// Adds an entity. A `sample` is checked against the schema at [`EntitiesBuilder::build`]:
-    /// where every entity of a type is built by the same code, one can stand for all.
-    pub fn add<'a>(
-        &mut self,
+impl CedarEntity {
+    /// INVARIANT (the caller's): `parents` are all the entity's ancestors (the transitive
+    /// closure is taken as already computed).
+    pub fn new<'a>(
         uid: EntityUid,
         attrs: impl IntoIterator<Item = (&'static str, Attr)>,
         parents: impl IntoIterator<Item = EntityUid>,
         tags: impl IntoIterator<Item = (&'a str, Attr)>,
-        sample: bool,
-    ) {
-        let entity = ast::Entity::new_with_attr_partial_value(
+    ) -> CedarEntity {
+        CedarEntity(Arc::new(ast::Entity::new_with_attr_partial_value(
             CoreUid::from(uid),
             attrs.into_iter().map(|(k, v)| (SmolStr::new_static(k), v.0)),
             HashSet::new(),
             parents.into_iter().map(CoreUid::from).collect(),
             tags.into_iter().map(|(k, v)| (SmolStr::from(k), v.0)),
-        );
-        if sample {
-            self.samples.push(Entity::from(entity.clone()));
-        }
-        self.entities.push(entity);
+        )))
     }
 
-    /// The entities and the schema's actions, once the samples pass the schema's check of
-    /// attribute names and types, tags and parents.
-    ///
-    /// INVARIANT (the caller's): each entity's parents are all its ancestors, because the
-    /// transitive closure is taken as already computed.
-    pub fn build(self, schema: &Schema) -> Result<Entities, CedarError> {
-        let EntitiesBuilder { mut entities, samples } = self;
-        Entities::from_entities(samples, Some(schema)).map_err(|e| CedarError::of(&e))?;
-        let actions = schema.action_entities().map_err(|e| CedarError(e.to_string()))?;
-        entities.extend(actions.iter().map(|e| AsRef::<ast::Entity>::as_ref(e).clone()));
-        CoreEntities::from_entities(
-            entities,
+    pub fn uid(&self) -> EntityUid {
+        EntityUid::from(self.0.uid().clone())
+    }
+}
+
+/// An entity id from a type and an id, without copying an id that is already a `SmolStr`.
+pub fn entity_uid(ty: &EntityTypeName, id: &SmolStr) -> EntityUid {
+    EntityUid::from(CoreUid::from_components(
+        AsRef::<ast::EntityType>::as_ref(ty).clone(),
+        ast::Eid::new(id.clone()),
+        None,
+    ))
+}
+
+/// Checks entities against the schema: attribute names and types, tags and parents.
+pub fn check_entities<'a>(
+    entities: impl IntoIterator<Item = &'a CedarEntity>,
+    schema: &Schema,
+) -> Result<(), CedarError> {
+    let public = entities.into_iter().map(|e| Entity::from((*e.0).clone()));
+    Entities::from_entities(public, Some(schema)).map(drop).map_err(|e| CedarError::of(&e))
+}
+
+/// The schema's action entities, to put in every request's entity set.
+pub fn action_entities(schema: &Schema) -> Result<Vec<CedarEntity>, CedarError> {
+    let actions = schema.action_entities().map_err(|e| CedarError(e.to_string()))?;
+    Ok(actions.iter().map(|e| CedarEntity(Arc::new(AsRef::<ast::Entity>::as_ref(e).clone()))).collect())
+}
+
+/// The entity set of one request: a handful of shared entities, none copied. An entity given
+/// twice is kept once.
+///
+/// INVARIANT (the caller's): each entity's parents are all its ancestors.
+pub fn entities_of<'a>(entities: impl IntoIterator<Item = &'a CedarEntity>) -> Result<Entities, CedarError> {
+    CoreEntities::new()
+        .add_entities(
+            entities.into_iter().map(|e| e.0.clone()),
             None::<&NoEntitiesSchema>,
             TCComputation::AssumeAlreadyComputed,
             Extensions::all_available(),
         )
         .map(Entities::from)
         .map_err(|e| CedarError(e.to_string()))
-    }
 }
 
 /// An error and its causes, joined: Cedar's top-level messages leave the detail to the causes.
@@ -420,9 +450,7 @@ mod tests {
         EntityUid::from_str(s).unwrap()
     }
 
-    fn entities(sample_all: bool) -> EntitiesBuilder {
-        let mut b = EntitiesBuilder::with_capacity(4);
-        b.add(uid(r#"Group::"g""#), [], [], [], sample_all);
+    fn built() -> Vec<CedarEntity> {
         let attrs = |name: &str| {
             [
                 ("name", Attr::string(name)),
@@ -431,10 +459,24 @@ mod tests {
                 ("mail", Attr::strings([name, "x"])),
             ]
         };
-        b.add(uid(r#"User::"ann""#), attrs("ann"), [uid(r#"Group::"g""#)], [("team", Attr::string("a"))], true);
-        b.add(uid(r#"User::"bob""#), attrs("bob"), [], [], sample_all);
-        b.add(uid(r#"Doc::"d""#), [("owner", Attr::entity(uid(r#"User::"ann""#)))], [], [], true);
-        b
+        vec![
+            CedarEntity::new(uid(r#"Group::"g""#), [], [], []),
+            CedarEntity::new(
+                uid(r#"User::"ann""#),
+                attrs("ann"),
+                [uid(r#"Group::"g""#)],
+                [("team", Attr::string("a"))],
+            ),
+            CedarEntity::new(uid(r#"User::"bob""#), attrs("bob"), [], []),
+            CedarEntity::new(uid(r#"Doc::"d""#), [("owner", Attr::entity(uid(r#"User::"ann""#)))], [], []),
+        ]
+    }
+
+    /// The request entities of `built`, with the schema's actions.
+    fn entities() -> Entities {
+        let mut all = built();
+        all.extend(action_entities(&schema()).unwrap());
+        entities_of(&all).unwrap()
     }
 
     fn context() -> Context {
@@ -458,7 +500,8 @@ mod tests {
 
     #[test]
     fn built_entities_equal_the_checked_public_build() {
-        let built = entities(true).build(&schema()).unwrap();
+        check_entities(&built(), &schema()).unwrap();
+        let all = entities();
         let s = |v: &str| RestrictedExpression::new_string(v.into());
         let group = |id: &str| RestrictedExpression::new_entity_uid(uid(id));
         let user = |name: &str, parents: Vec<EntityUid>, tags: Vec<(String, RestrictedExpression)>| {
@@ -485,27 +528,28 @@ mod tests {
             Some(&schema()),
         )
         .unwrap();
-        // With a schema, Cedar adds the schema's actions, as `build` does.
-        assert!(built.deep_eq(&reference));
-        assert!(built.is_ancestor_of(&uid(r#"Group::"g""#), &uid(r#"User::"ann""#)));
-        assert!(built.get(&uid(r#"Action::"read""#)).is_some());
+        // With a schema, Cedar adds the schema's actions, as `entities` does.
+        assert!(all.deep_eq(&reference));
+        // An entity given twice is kept once; the same uid with other content is an error.
+        let mut twice = built();
+        twice.extend(built());
+        assert!(entities_of(&twice).is_ok());
+        let other = CedarEntity::new(uid(r#"Group::"g""#), [("name", Attr::string("x"))], [], []);
+        assert!(entities_of(&[built()[0].clone(), other]).is_err());
+        assert!(all.is_ancestor_of(&uid(r#"Group::"g""#), &uid(r#"User::"ann""#)));
+        assert!(all.get(&uid(r#"Action::"read""#)).is_some());
     }
 
     #[test]
-    fn a_sample_that_does_not_fit_the_schema_is_an_error_with_its_causes() {
-        let mut b = EntitiesBuilder::default();
-        b.add(uid(r#"Doc::"d""#), [("owner", Attr::string("ann"))], [], [], true);
-        let err = b.build(&schema()).unwrap_err().0;
+    fn an_entity_that_does_not_fit_the_schema_is_an_error_with_its_causes() {
+        let doc = CedarEntity::new(uid(r#"Doc::"d""#), [("owner", Attr::string("ann"))], [], []);
+        let err = check_entities(&[doc], &schema()).unwrap_err().0;
         assert!(err.contains("owner"), "{err}");
-        // Only samples are checked: the same entity, not a sample, passes.
-        let mut b = EntitiesBuilder::default();
-        b.add(uid(r#"Doc::"d""#), [("owner", Attr::string("ann"))], [], [], false);
-        assert!(b.build(&schema()).is_ok());
     }
 
     #[test]
     fn contexts_carry_values_of_every_kind() {
-        let entities = entities(false).build(&schema()).unwrap();
+        let entities = entities();
         let when = "when { context.ip.isInRange(ip(\"10.0.0.0/8\")) && context.at == datetime(\"2026-11-25T10:00:00.250Z\") \
              && context.n == 7 && context.who == User::\"bob\" && context.tags.contains(\"b\") && context.s == \"x\" }";
         let p = policy(&format!("permit(principal, action, resource) {when};"));
@@ -530,7 +574,7 @@ mod tests {
 
     #[test]
     fn conditions_hold_fail_and_err_as_cedar_says() {
-        let entities = entities(false).build(&schema()).unwrap();
+        let entities = entities();
         let req = request(r#"User::"ann""#);
         let eval = Evaluator::new(&req, &entities);
         let holds = |text: &str| eval.holds(&Condition::body_of(&policy(text)));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cedar_policy::{
-    ActionConstraint, Effect, EntityUid, Policy, PolicySet, PrincipalConstraint, Request as CedarRequest,
+    ActionConstraint, Effect, Entities, EntityUid, Policy, PolicySet, PrincipalConstraint, Request as CedarRequest,
     ResourceConstraint,
 };
 use serde::Serialize;
@@ -168,7 +168,7 @@ fn decide(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
         return Decision::denied(guards, revision, req.request_id.clone());
     };
     let risk = live.agent_risk(agent.id()).map_or(agent.risk(), |l| l.value);
-    let cedar_request = match snap.cedar_request(req, agent, resource, risk) {
+    let (cedar_request, entities) = match snap.cedar_request(req, agent, resource, risk) {
         Ok(r) => r,
         Err(message) => {
             return Decision::deny(
@@ -179,7 +179,7 @@ fn decide(snap: &Snapshot, live: &Overlay, req: &Request) -> Decision {
             );
         }
     };
-    let evaluated = snap.evaluate_slices(agent, resource, req.action(), &cedar_request);
+    let evaluated = snap.evaluate_slices(agent, resource, req.action(), &cedar_request, &entities);
     combine(evaluated, revision, req.request_id.clone())
 }
 
@@ -354,7 +354,7 @@ pub fn explain(snap: &Snapshot, live: &Overlay, req: &Request) -> Vec<Explanatio
         .map(|p| {
             let (outcome, unmet, error) = match &request {
                 None => (ExplainOutcome::NotEvaluated, None, None),
-                Some(r) => explain_one(snap, &p.policy, r),
+                Some((r, entities)) => explain_one(snap, &p.policy, r, entities),
             };
             Explanation {
                 policy: p.id.clone(),
@@ -373,19 +373,23 @@ fn explain_one(
     snap: &Snapshot,
     policy: &Policy,
     req: &CedarRequest,
+    entities: &Entities,
 ) -> (ExplainOutcome, Option<Unmet>, Option<String>) {
     let mut alone = PolicySet::new();
     if let Err(e) = alone.add(policy.clone()) {
         return (ExplainOutcome::Error, None, Some(e.to_string()));
     }
-    let response = snap.is_authorized(req, &alone);
+    let response = snap.is_authorized(req, &alone, entities);
     if let Some(e) = response.diagnostics().errors().next() {
         return (ExplainOutcome::Error, None, Some(e.to_string()));
     }
     if response.diagnostics().reason().any(|id| id == policy.id()) {
         return (ExplainOutcome::Applied, None, None);
     }
-    let within = |target: &EntityUid, uid: Option<&EntityUid>| uid.is_some_and(|uid| snap.is_in(uid, target));
+    // Cedar's `uid in target`: `uid` is `target` or one of its ancestors' descendants.
+    let within = |target: &EntityUid, uid: Option<&EntityUid>| {
+        uid.is_some_and(|uid| uid == target || entities.is_ancestor_of(target, uid))
+    };
     let (principal, action, resource) = (req.principal(), req.action(), req.resource());
     let principal_ok = match policy.principal_constraint() {
         PrincipalConstraint::Any => true,

@@ -93,13 +93,18 @@ pub fn envoy_check(data: &[u8]) {
     decide(raw);
 }
 
-/// `directory.json`: read, and if it reads, made into Cedar entities under the sample schema.
+/// `directory.json`: read, and if it reads, checked against the sample schema and exported;
+/// the same text as a live change, applied over what it read.
 pub fn directory_json(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     static SCHEMA: OnceLock<Option<cedar_policy::Schema>> = OnceLock::new();
     let schema = SCHEMA.get_or_init(|| cedar_policy::Schema::from_cedarschema_str(sample_schema()).ok().map(|s| s.0));
     if let (Ok(directory), Some(schema)) = (Directory::from_json_str(text), schema) {
-        let _ = directory.to_entities(schema, &EntityTypes::new());
+        let _ = directory.check_schema(schema, EntityTypes::get());
+        let _ = directory.to_json();
+        if let Ok(change) = crate::directory::Change::from_json_str(text) {
+            let _ = directory.apply(&change);
+        }
     }
 }
 

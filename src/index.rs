@@ -69,16 +69,22 @@ enum Fixed {
     Failed(Arc<str>),
 }
 
-/// The most (agent, resource, action) keys the memo keeps; when it is full it starts over.
+/// The most (agent, resource, directory, action) keys the memo keeps; when it is full it starts over.
 /// A key costs about 200 bytes for a slice of ten policies: at most about 25 MB.
 const MEMO_ENTRIES: usize = 1 << 17;
 
 /// What the context-free conjuncts of a request's slices came to, in slice order, by
-/// (agent, resource, action). They depend on the snapshot's entities and the request's
-/// principal, action and resource only, and a snapshot never changes, so they are learned
-/// on a key's first request and reused; the differential test checks decisions either way.
+/// (agent, resource, directory, action). They depend on the request's principal, action and
+/// resource and the directory's entities only; the key holds the serials of the agent's and
+/// the resource's records and of the rest of the directory, which change whenever those do,
+/// so a value is learned on a key's first request and reused until its records change; the
+/// differential test checks decisions either way.
 #[derive(Default)]
-struct Memo(DashMap<u128, Arc<Learned>>);
+struct Memo(DashMap<MemoKey, Arc<Learned>>);
+
+/// The serials of the agent's record, the resource's record and the rest of the directory
+/// (each changes when its record does), and the action.
+type MemoKey = ([u64; 3], u8);
 
 impl std::fmt::Debug for Memo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,11 +93,11 @@ impl std::fmt::Debug for Memo {
 }
 
 impl Memo {
-    fn get(&self, key: u128) -> Option<Arc<Learned>> {
+    fn get(&self, key: MemoKey) -> Option<Arc<Learned>> {
         self.0.get(&key).map(|e| e.value().clone())
     }
 
-    fn learn(&self, key: u128, fixed: Vec<Fixed>) {
+    fn learn(&self, key: MemoKey, fixed: Vec<Fixed>) {
         if self.0.len() >= MEMO_ENTRIES {
             self.0.clear();
         }
@@ -186,9 +192,9 @@ pub struct Index {
 /// The keys of one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Keys<'a> {
-    /// The agent's and the resource's positions in the directory: the memo's key.
-    pub agent_at: usize,
-    pub resource_at: usize,
+    /// The serials of the agent's record, the resource's record and the rest of the
+    /// directory: with the action, the memo's key.
+    pub learned: [u64; 3],
     pub agent: &'a str,
     pub blueprint: &'a str,
     pub sponsor: &'a str,
@@ -244,6 +250,28 @@ impl Index {
         &self.unreachable
     }
 
+    /// The entities the indexed conditions name literally, actions aside, each once.
+    pub fn literals(&self, types: &EntityTypes) -> Box<[EntityUid]> {
+        let mut seen = std::collections::HashSet::new();
+        let scopes = std::iter::once(&self.global)
+            .chain(self.agents.values())
+            .chain(self.blueprints.values())
+            .chain(self.sponsors.values());
+        for scope in scopes {
+            for target in &scope.actions {
+                for slice in std::iter::once(&target.any_resource).chain(target.by_resource.values()) {
+                    for p in slice.on.iter().chain(&slice.report_only) {
+                        let parts = [&p.condition.fixed, &p.condition.rest];
+                        for c in parts.into_iter().flatten() {
+                            seen.extend(c.entity_literals().filter(|uid| *uid.type_name() != types.action));
+                        }
+                    }
+                }
+            }
+        }
+        seen.into_iter().collect()
+    }
+
     /// The slices that can apply to a request: at most two per principal scope.
     fn slices<'a>(&'a self, keys: &Keys<'a>) -> impl Iterator<Item = &'a Slice> + 'a {
         let scopes = [
@@ -263,7 +291,7 @@ impl Index {
     /// part of each condition comes from the memo once the request's key has been seen.
     pub fn evaluate<'a>(&'a self, keys: &Keys<'a>, request: &CedarRequest, entities: &Entities) -> Evaluated<'a> {
         let evaluator = Evaluator::new(request, entities);
-        let key = (keys.agent_at as u128) << 64 | (keys.resource_at as u128) << 1 | keys.action.index() as u128;
+        let key = (keys.learned, keys.action.index() as u8);
         let known = self.memo.get(key);
         let mut learned = Vec::new();
         let mut out = Evaluated::default();

@@ -17,6 +17,7 @@
 //! - [`index`]: policy slices keyed by principal scope, action and resource
 //! - [`signals`]: live state (disabled agents, risk) layered over the directory: the `Change` a
 //!   signal makes, the journal, and the overlay, which a server changes only through the journal
+//! - [`live`]: the journal of live directory changes (fsynced before they apply, replayed at start)
 //! - [`snapshot`]: one revision, asked rather than reached into (an agent, a resource, counts,
 //!   the Cedar request, slice evaluation), and the `arc-swap` store that reloads it
 //! - [`watch`]: reloads the bundle when its folder changes (notify, debounced)
@@ -60,6 +61,7 @@ pub mod generate;
 pub mod grpc;
 pub mod index;
 pub mod input;
+pub mod live;
 pub mod metrics;
 pub mod nesting;
 pub mod records;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::directory::{Change, Ids};
 use crate::engine::{Decision, PolicyError, Reason, ReportOnly, Verdict};
 use crate::request::Request;
 use crate::signals::Signal;
@@ -124,6 +125,49 @@ pub struct SignalRecord<'a> {
 impl<'a> SignalRecord<'a> {
     pub fn new(journal_seq: u64, signal: &'a Signal, unknown_target: bool, caller: &'a Caller) -> Self {
         SignalRecord { kind: "signal", time: Utc::now(), journal_seq, signal, unknown_target, caller }
+    }
+}
+
+/// The record of a live directory change, once it is journaled, applied, and no decision
+/// taken before it is still on its way. It names what changed (the ids); the journal under
+/// `--state` holds the records themselves.
+#[derive(Serialize)]
+pub struct DirectoryRecord<'a> {
+    pub kind: &'static str,
+    pub time: DateTime<Utc>,
+    pub journal_seq: u64,
+    pub by: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub reason: &'a str,
+    pub summary: String,
+    pub upsert: Ids,
+    pub remove: &'a Ids,
+    /// The bundle revision the change applied over.
+    pub revision: &'a str,
+    pub caller: &'a Caller,
+}
+
+impl<'a> DirectoryRecord<'a> {
+    pub fn new(
+        journal_seq: u64,
+        change: &'a Change,
+        by: &'a str,
+        reason: &'a str,
+        revision: &'a str,
+        caller: &'a Caller,
+    ) -> Self {
+        DirectoryRecord {
+            kind: "directory",
+            time: Utc::now(),
+            journal_seq,
+            by,
+            reason,
+            summary: change.summary(),
+            upsert: change.upsert.ids(),
+            remove: &change.remove,
+            revision,
+            caller,
+        }
     }
 }
 

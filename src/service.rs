@@ -7,12 +7,14 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use crate::audit::{self, Audit, Refused};
+use crate::directory::{Change as DirectoryChange, DirectoryError};
 use crate::engine::{Decision, ReasonCode, evaluate};
+use crate::live::{DirectoryJournal, LiveJournalError};
 use crate::metrics::{Metrics, Sample, listener::Source};
-use crate::records::{self, Caller, DecisionRecord, RefusedRecord, ReloadRecord, SignalRecord};
+use crate::records::{self, Caller, DecisionRecord, DirectoryRecord, RefusedRecord, ReloadRecord, SignalRecord};
 use crate::request::{RawRequest, Request, RequestError};
 use crate::signals::{Change, Field, Journal, JournalError, Overlay, Signal, SignalError};
-use crate::snapshot::{Reloaded, Snapshot, Store};
+use crate::snapshot::{ApplyError, Reloaded, Snapshot, Store};
 
 /// Most requests in one `EvaluateBatch`.
 pub const MAX_BATCH: usize = 1000;
@@ -36,14 +38,41 @@ pub struct Service {
     store: Store,
     live: Overlay,
     journal: Option<Journal>,
+    /// The live directory's journal (under `--state`, as the signal journal).
+    directory_journal: Option<DirectoryJournal>,
     audit: Audit,
     settings: Settings,
     metrics: Arc<Metrics>,
     /// The journal's upkeep (compaction) error, reported once and shown in Status.
     journal_error: std::sync::Mutex<Option<String>>,
-    /// One signal at a time: journal order is apply order, a compaction sees every signal
-    /// journaled before it, and one barrier wait is in progress at a time.
+    /// One signal or directory change at a time: journal order is apply order, a compaction
+    /// sees every change journaled before it, and one barrier wait is in progress at a time.
     signalling: tokio::sync::Mutex<()>,
+}
+
+/// The result of one live directory change.
+#[derive(Debug, Clone)]
+pub struct DirectoryApplied {
+    /// Its number in the directory journal: durable when this answer arrives.
+    pub seq: u64,
+    pub summary: String,
+    /// Fields and sections of the change that were not understood, ignored.
+    pub warnings: Vec<String>,
+    /// The bundle revision it applied over.
+    pub revision: std::sync::Arc<str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryFailure {
+    #[error("directory changes need a state folder (--state) to be durable")]
+    NoJournal,
+    /// Nothing of the change applied; each error names the object and field.
+    #[error("the change was refused, and nothing of it applied:\n{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Refused(Vec<DirectoryError>),
+    #[error("the change could not be made durable, and nothing of it applied: {0}")]
+    NotDurable(String),
+    #[error("the directory change task failed")]
+    Aborted,
 }
 
 /// The result of one signal.
@@ -78,6 +107,7 @@ impl Service {
         store: Store,
         live: Overlay,
         journal: Option<Journal>,
+        directory_journal: Option<DirectoryJournal>,
         audit: Audit,
         settings: Settings,
     ) -> Arc<Service> {
@@ -89,6 +119,7 @@ impl Service {
             store,
             live,
             journal,
+            directory_journal,
             audit,
             settings,
             metrics,
@@ -306,6 +337,87 @@ impl Service {
         Ok(Signalled { seq, signal, unknown_target })
     }
 
+    /// Applies a live directory change: checked whole against the directory served, journaled
+    /// (fsynced), swapped in for the next request, then, once no decision taken before it is
+    /// still on its way, recorded in the audit log and acknowledged. It runs to its end even
+    /// if the caller goes away: the change is durable from the journal write on.
+    pub async fn apply_directory(
+        self: &Arc<Self>,
+        change: DirectoryChange,
+        by: String,
+        reason: String,
+        caller: Caller,
+    ) -> Result<DirectoryApplied, DirectoryFailure> {
+        let service = self.clone();
+        tokio::spawn(async move { service.take_directory(change, &by, &reason, &caller).await })
+            .await
+            .map_err(|_| DirectoryFailure::Aborted)?
+    }
+
+    async fn take_directory(
+        self: &Arc<Self>,
+        change: DirectoryChange,
+        by: &str,
+        reason: &str,
+        caller: &Caller,
+    ) -> Result<DirectoryApplied, DirectoryFailure> {
+        if self.directory_journal.is_none() {
+            return Err(DirectoryFailure::NoJournal);
+        }
+        let _one_at_a_time = self.signalling.lock().await;
+        let change = Arc::new(change);
+        let (applying, by_owned, reason_owned) = (change.clone(), by.to_string(), reason.to_string());
+        let applied = self
+            .blocking(move |s| {
+                let journal = s.directory_journal.as_ref().ok_or(DirectoryFailure::NoJournal)?;
+                s.store
+                    .apply_directory(&applying, |seq, net| {
+                        journal.append(seq, &applying, &by_owned, &reason_owned, net).map_err(|e| e.to_string())
+                    })
+                    .map_err(|e| match e {
+                        ApplyError::Refused(errors) => DirectoryFailure::Refused(errors),
+                        ApplyError::NotDurable(message) => DirectoryFailure::NotDurable(message),
+                    })
+            })
+            .await
+            .ok_or(DirectoryFailure::Aborted)?;
+        let seq = applied.inspect_err(|e| tracing::info!(caller = %caller, error = %e, "directory change refused"))?;
+        let snap = self.store.current();
+        self.metrics.serving(&snap);
+        tracing::info!(seq, caller = %caller, by, change = %change.summary(), "directory change applied");
+        self.live.quiesce().await;
+        let record = DirectoryRecord::new(seq, &change, by, reason, snap.revision(), caller);
+        // Like a signal's, its record waits for room whatever the overflow policy.
+        let _ = self.audit.submit_waiting(records::body(&record)).await;
+        self.compact_directory_journal(false).await;
+        Ok(DirectoryApplied {
+            seq,
+            summary: change.summary(),
+            warnings: change.warnings().to_vec(),
+            revision: snap.revision().clone(),
+        })
+    }
+
+    /// Rewrites the directory journal as the net of the live changes, if it has grown (or
+    /// `now`: after a reload folded some of them into the bundle).
+    async fn compact_directory_journal(self: &Arc<Self>, now: bool) {
+        let done = self
+            .blocking(move |s| -> Result<(), LiveJournalError> {
+                let Some(journal) = s.directory_journal.as_ref() else { return Ok(()) };
+                if !now && !journal.wants_compaction() {
+                    return Ok(());
+                }
+                let (net, seq) = s.store.live_change();
+                journal.compact(seq, &net)
+            })
+            .await;
+        match done {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::error!(error = %e, "directory journal compaction failed; retried later"),
+            None => tracing::error!("the directory journal compaction task failed"),
+        }
+    }
+
     fn journal(&self) -> Result<&Journal, SignalFailure> {
         self.journal.as_ref().ok_or(SignalFailure::NoJournal)
     }
@@ -375,6 +487,9 @@ impl Service {
         self.metrics.reloaded(&result);
         if matches!(result, Reloaded::Swapped { .. }) {
             self.metrics.serving(&self.store.current());
+            // The new bundle may say what some live changes said: they were dropped.
+            let _one_at_a_time = self.signalling.lock().await;
+            self.compact_directory_journal(true).await;
         }
         let error = match &result {
             Reloaded::Failed { error, .. } => Some(error.to_string()),
@@ -490,7 +605,7 @@ mod tests {
         let (journal, _) = Journal::open(state.path(), &live).unwrap();
         let audit = Audit::start(Config::new(Target::Off)).unwrap();
         let store = Store::open(bundle.path()).unwrap();
-        let service = Service::new(store, live, Some(journal), audit, Settings::default());
+        let service = Service::new(store, live, Some(journal), None, audit, Settings::default());
         let ask = || {
             let raw = serde_json::json!({"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"]});
             RawRequest::from_json(&raw).unwrap()

@@ -3,7 +3,6 @@
 //! into; and the store that holds the current one behind `arc-swap`, so a reload swaps it
 //! whole without blocking a request.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
@@ -14,38 +13,34 @@ use cedar_policy::{Authorizer, Entities, EntityUid, PolicySet, Request as CedarR
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
 use crate::bundle::{Bundle, BundleError, BundleErrors, BundlePolicy, DIRECTORY_FILE, PolicyState};
-use crate::cedar::{CedarError, ContextBuilder};
-use crate::directory::{Agent, Blueprint, EntityTypes, Resource, RiskLevel, Sponsor};
+use crate::cedar::{CedarEntity, CedarError, ContextBuilder, action_entities, check_entities, entities_of};
+use crate::directory::{
+    Agent, Blueprint, Change, Directory, DirectoryError, EntityTypes, Overlay, Resource, RiskLevel, Sponsor,
+};
 use crate::index::{Evaluated, Index, Keys};
 use crate::request::{Action, Ask, Request};
-
-/// An agent's entity id and the positions of its blueprint and sponsor.
-#[derive(Debug)]
-struct AgentEntry {
-    uid: EntityUid,
-    blueprint: usize,
-    sponsor: usize,
-}
 
 /// An agent of the snapshot with its blueprint and sponsor (it has exactly one of each).
 #[derive(Debug, Clone, Copy)]
 pub struct AgentRef<'a> {
-    /// The agent's position in the directory.
-    at: usize,
     agent: &'a Agent,
     blueprint: &'a Blueprint,
     sponsor: &'a Sponsor,
-    uid: &'a EntityUid,
 }
 
 impl<'a> AgentRef<'a> {
     /// The agent's Cedar entity id.
-    pub fn uid(&self) -> &'a EntityUid {
-        self.uid
+    pub fn uid(&self) -> EntityUid {
+        EntityTypes::uid(&EntityTypes::get().agent, &self.agent.id)
     }
 
     pub fn id(&self) -> &'a str {
         &self.agent.id
+    }
+
+    /// The agent's record in the directory.
+    pub fn record(&self) -> &'a Agent {
+        self.agent
     }
 
     /// Enabled in the directory (a live signal may say otherwise).
@@ -80,10 +75,7 @@ impl<'a> AgentRef<'a> {
 /// A resource of the snapshot.
 #[derive(Debug, Clone, Copy)]
 pub struct ResourceRef<'a> {
-    /// The resource's position in the directory.
-    at: usize,
     resource: &'a Resource,
-    uid: &'a EntityUid,
 }
 
 impl<'a> ResourceRef<'a> {
@@ -92,13 +84,13 @@ impl<'a> ResourceRef<'a> {
     }
 
     /// The audiences a token for this resource may name.
-    pub fn audiences(&self) -> &'a [String] {
+    pub fn audiences(&self) -> &'a [smol_str::SmolStr] {
         &self.resource.audiences
     }
 
     /// The resource's Cedar entity id.
-    pub fn uid(&self) -> &'a EntityUid {
-        self.uid
+    pub fn uid(&self) -> EntityUid {
+        EntityTypes::uid(&EntityTypes::get().resource, &self.resource.id)
     }
 }
 
@@ -117,38 +109,47 @@ pub struct Counts {
     pub locations: usize,
 }
 
-/// One revision of the bundle, ready to decide.
-pub struct Snapshot {
+/// One revision of the bundle, ready to decide: policies, index, schema, locations. Shared by
+/// every snapshot that serves it, whatever its directory.
+struct Core {
     bundle: Bundle,
-    /// Unique among the snapshots of this process: what per-thread caches of values derived
-    /// from a snapshot are keyed by (an address could be reused by a later snapshot).
+    /// Unique among the cores of this process: what per-thread caches of values derived from
+    /// the policies and locations are keyed by (an address could be reused by a later one).
     generation: u64,
     revision: Arc<str>,
     loaded_at: DateTime<Utc>,
     /// How long loading, validating and indexing took.
     load_ms: u64,
-    entities: Entities,
     index: Index,
-    types: EntityTypes,
     authorizer: Authorizer,
-    /// An agent's position in the directory, which is also its entry's.
-    agents: HashMap<String, usize>,
-    agent_entries: Vec<AgentEntry>,
-    blueprints: HashMap<String, usize>,
-    sponsors: HashMap<String, usize>,
-    /// A resource by one of its audiences only.
-    audiences: HashMap<String, usize>,
-    /// A resource by its id or any of its audiences.
-    resources: HashMap<String, usize>,
-    resource_uids: Vec<EntityUid>,
     actions: [EntityUid; 2],
-    /// Set when a reload replaces this snapshot: where its bulk goes to be freed.
+    /// The schema's actions, put in every request's entities.
+    action_entities: Vec<CedarEntity>,
+    /// Entities the policies name literally in their conditions, put in every request's
+    /// entities when the directory has them.
+    literals: Box<[EntityUid]>,
+}
+
+/// What one request is decided with: a revision of the policies and the directory as it was
+/// when the request began (the bundle's, with the live changes over it).
+pub struct Snapshot {
+    core: Arc<Core>,
+    directory: Directory,
+    /// The number of live directory changes applied since the process started (0: none).
+    live_seq: u64,
+    /// How many objects the live changes set or remove over the bundle's directory.
+    live_objects: usize,
+    /// Set when this snapshot is replaced: where its bulk goes to be freed.
     reaper: OnceLock<Reaper>,
 }
 
 impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshot").field("revision", &self.revision).field("loaded_at", &self.loaded_at).finish()
+        f.debug_struct("Snapshot")
+            .field("revision", &self.core.revision)
+            .field("loaded_at", &self.core.loaded_at)
+            .field("live_seq", &self.live_seq)
+            .finish()
     }
 }
 
@@ -158,187 +159,211 @@ impl Snapshot {
         let started = Instant::now();
         let bundle = Bundle::load(dir)?;
         let mut snapshot = Snapshot::from_bundle(bundle)?;
-        snapshot.load_ms = started.elapsed().as_millis() as u64;
+        if let Some(core) = Arc::get_mut(&mut snapshot.core) {
+            core.load_ms = started.elapsed().as_millis() as u64;
+        }
         Ok(snapshot)
     }
 
     pub fn from_bundle(bundle: Bundle) -> Result<Snapshot, BundleErrors> {
-        let types = EntityTypes::new();
+        Snapshot::with_live(bundle, &Overlay::default(), 0)
+    }
+
+    /// The bundle with the live changes of `overlay` laid over its directory.
+    fn with_live(bundle: Bundle, overlay: &Overlay, live_seq: u64) -> Result<Snapshot, BundleErrors> {
+        let types = EntityTypes::get();
         let directory_file = bundle.dir().join(DIRECTORY_FILE).display().to_string();
         let fail = |message: String| BundleError { file: directory_file.clone(), line: None, column: None, message };
-        let dir = bundle.directory();
-        let entities = dir.to_entities(bundle.schema(), &types).map_err(|e| fail(e.0))?;
-        let index = Index::build(bundle.policies(), &types, &entities);
-
-        let position = |ids: &mut dyn Iterator<Item = &String>| -> HashMap<String, usize> {
-            ids.enumerate().map(|(i, id)| (id.clone(), i)).collect()
+        let base = bundle.directory();
+        base.check_schema(bundle.schema(), types).map_err(|e| fail(e.0))?;
+        let directory = if overlay.is_empty() {
+            base.clone()
+        } else {
+            let change = overlay.as_change(base);
+            check_entities(&change.entities(types), bundle.schema())
+                .map_err(|e| fail(format!("the live directory changes do not fit the schema: {e}")))?;
+            base.apply(&change).map_err(|errors| {
+                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                fail(format!("the live directory changes no longer apply over it: {}", errors.join("; ")))
+            })?
         };
-        let blueprints = position(&mut dir.blueprints().iter().map(|b| &b.id));
-        let sponsors = position(&mut dir.sponsors().iter().map(|s| &s.id));
-        let mut agents = HashMap::with_capacity(dir.agents().len());
-        let mut agent_entries = Vec::with_capacity(dir.agents().len());
-        for (index, a) in dir.agents().iter().enumerate() {
-            // INVARIANT: Directory::from_json_str rejected every dangling blueprint or sponsor.
-            let (Some(&blueprint), Some(&sponsor)) = (blueprints.get(&a.blueprint), sponsors.get(&a.sponsor)) else {
-                return Err(fail(format!("agent `{}`: dangling blueprint or sponsor", a.id)).into());
-            };
-            agents.insert(a.id.clone(), index);
-            agent_entries.push(AgentEntry { uid: EntityTypes::uid(&types.agent, &a.id), blueprint, sponsor });
-        }
-        let mut resources = HashMap::new();
-        let mut audiences = HashMap::new();
-        for (i, r) in dir.resources().iter().enumerate() {
-            resources.insert(r.id.clone(), i);
-            for aud in &r.audiences {
-                resources.entry(aud.clone()).or_insert(i);
-                audiences.entry(aud.clone()).or_insert(i);
-            }
-        }
-        let resource_uids = dir.resources().iter().map(|r| EntityTypes::uid(&types.resource, &r.id)).collect();
+        let action_entities = action_entities(bundle.schema()).map_err(|e| fail(e.0))?;
+        let actions_only = entities_of(&action_entities).map_err(|e| fail(e.0))?;
+        let index = Index::build(bundle.policies(), types, &actions_only);
+        let literals = index.literals(types);
         let actions = Action::ALL.map(|a| EntityTypes::uid(&types.action, a.as_str()));
         static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        Ok(Snapshot {
+        let core = Core {
             generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             revision: Arc::from(bundle.revision()),
             bundle,
             loaded_at: Utc::now(),
             load_ms: 0,
-            entities,
             index,
-            types,
             authorizer: Authorizer::new(),
-            agents,
-            agent_entries,
-            blueprints,
-            sponsors,
-            resources,
-            audiences,
-            resource_uids,
             actions,
-            reaper: OnceLock::new(),
-        })
+            action_entities,
+            literals,
+        };
+        Ok(Snapshot { core: Arc::new(core), directory, live_seq, live_objects: overlay.len(), reaper: OnceLock::new() })
+    }
+
+    /// This snapshot's policies with another directory.
+    fn with_directory(&self, directory: Directory, live_seq: u64, live_objects: usize) -> Snapshot {
+        Snapshot { core: self.core.clone(), directory, live_seq, live_objects, reaper: OnceLock::new() }
     }
 
     /// The content hash of the bundle (`sha256:…`).
     pub fn revision(&self) -> &Arc<str> {
-        &self.revision
+        &self.core.revision
+    }
+
+    /// The number of live directory changes applied since the process started (0: none).
+    pub fn live_seq(&self) -> u64 {
+        self.live_seq
+    }
+
+    /// How many objects the live changes set or remove over the bundle's directory.
+    pub fn live_objects(&self) -> usize {
+        self.live_objects
     }
 
     pub fn loaded_at(&self) -> DateTime<Utc> {
-        self.loaded_at
+        self.core.loaded_at
     }
 
     /// How long loading, validating and indexing took, in ms (0 if built from a bundle).
     pub fn load_ms(&self) -> u64 {
-        self.load_ms
+        self.core.load_ms
     }
 
     /// The policies of the bundle (off ones too), in file order, then order within the file.
     pub fn policies(&self) -> &[BundlePolicy] {
-        self.bundle.policies()
+        self.core.bundle.policies()
     }
 
     /// What the bundle's files left out or ignored, each naming its file.
     pub fn warnings(&self) -> &[String] {
-        self.bundle.warnings()
+        self.core.bundle.warnings()
     }
 
     /// Policies that can never apply to an agent: their scope names no agent, blueprint,
     /// sponsor or resource.
     pub fn unreachable(&self) -> &[Arc<str>] {
-        self.index.unreachable()
+        self.core.index.unreachable()
+    }
+
+    /// The directory served: the bundle's, with the live changes over it.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// The bundle's own directory (`directory.json`).
+    pub fn base_directory(&self) -> &Directory {
+        self.core.bundle.directory()
     }
 
     pub fn counts(&self) -> Counts {
-        let policies = self.bundle.policies();
+        let policies = self.core.bundle.policies();
         let count = |state| policies.iter().filter(|p| p.state == state).count();
-        let dir = self.bundle.directory();
+        let [users, sponsors, blueprints, agents, resources] = self.directory.counts();
         Counts {
             policies: policies.len(),
             on: count(PolicyState::On),
             report_only: count(PolicyState::ReportOnly),
             off: count(PolicyState::Off),
-            agents: dir.agents().len(),
-            blueprints: dir.blueprints().len(),
-            sponsors: dir.sponsors().len(),
-            users: dir.users().len(),
-            resources: dir.resources().len(),
-            locations: self.bundle.locations().len(),
+            agents,
+            blueprints,
+            sponsors,
+            users,
+            resources,
+            locations: self.core.bundle.locations().len(),
         }
     }
 
     /// An agent by its id, with its blueprint and sponsor.
     pub fn agent(&self, id: &str) -> Option<AgentRef<'_>> {
-        self.agents.get(id).map(|&i| self.agent_at(i, &self.agent_entries[i]))
+        self.directory.agent(id).and_then(|a| self.agent_of(a))
     }
 
-    /// Every agent, in directory order.
+    /// Every agent, in no particular order.
     pub fn agents(&self) -> impl Iterator<Item = AgentRef<'_>> {
-        self.agent_entries.iter().enumerate().map(|(i, e)| self.agent_at(i, e))
+        self.directory.agents().filter_map(|a| self.agent_of(a))
     }
 
-    /// INVARIANT: `e` is the entry of the agent at position `i` of the directory.
-    fn agent_at<'a>(&'a self, i: usize, e: &'a AgentEntry) -> AgentRef<'a> {
-        let dir = self.bundle.directory();
-        AgentRef {
-            at: i,
-            agent: &dir.agents()[i],
-            blueprint: &dir.blueprints()[e.blueprint],
-            sponsor: &dir.sponsors()[e.sponsor],
-            uid: &e.uid,
-        }
+    fn agent_of<'a>(&'a self, agent: &'a Agent) -> Option<AgentRef<'a>> {
+        // INVARIANT: the directory refuses an agent whose blueprint or sponsor is missing.
+        let blueprint = self.directory.blueprint(&agent.blueprint)?;
+        let sponsor = self.directory.sponsor(&agent.sponsor)?;
+        Some(AgentRef { agent, blueprint, sponsor })
     }
 
     pub fn blueprint(&self, id: &str) -> Option<&Blueprint> {
-        self.blueprints.get(id).map(|&i| &self.bundle.directory().blueprints()[i])
+        self.directory.blueprint(id).map(|b| &**b)
     }
 
     pub fn sponsor(&self, id: &str) -> Option<&Sponsor> {
-        self.sponsors.get(id).map(|&i| &self.bundle.directory().sponsors()[i])
+        self.directory.sponsor(id).map(|s| &**s)
     }
 
     /// A resource by its id or one of its audiences.
     pub fn resource(&self, id_or_audience: &str) -> Option<ResourceRef<'_>> {
-        self.resources.get(id_or_audience).map(|&i| ResourceRef {
-            at: i,
-            resource: &self.bundle.directory().resources()[i],
-            uid: &self.resource_uids[i],
-        })
+        self.directory.resource(id_or_audience).map(|r| ResourceRef { resource: r })
     }
 
     /// The resource that has `audience` among its audiences (an id does not count).
     pub fn resource_by_audience(&self, audience: &str) -> Option<&Resource> {
-        self.audiences.get(audience).map(|&i| &self.bundle.directory().resources()[i])
+        self.directory.resource_by_audience(audience).map(|r| &**r)
     }
 
     /// The names of the named locations that contain `ip`, in file order.
     pub fn locations_containing(&self, ip: IpAddr) -> impl Iterator<Item = &Arc<str>> {
-        self.bundle.locations().containing(ip)
+        self.core.bundle.locations().containing(ip)
     }
 
     /// The Cedar entity id of an action.
     pub fn action_uid(&self, action: Action) -> &EntityUid {
-        &self.actions[action.index()]
+        &self.core.actions[action.index()]
     }
 
-    /// The request as Cedar takes it: cached entity ids, the context of DESIGN §3 built as
-    /// values, no schema check (our types already guarantee the shape; a unit test checks it
-    /// against the schema).
+    /// The request as Cedar takes it: entity ids, the context of DESIGN §3 built as values, no
+    /// schema check (our types already guarantee the shape; a unit test checks it against the
+    /// schema); and the entities it can reach: the agent, its blueprint and sponsor, the
+    /// resource, the user it acts for, the entities the policies name, the actions.
     pub fn cedar_request(
         &self,
         req: &Request,
         agent: AgentRef<'_>,
         resource: ResourceRef<'_>,
         agent_risk: RiskLevel,
-    ) -> Result<CedarRequest, CedarError> {
+    ) -> Result<(CedarRequest, Entities), CedarError> {
         let context = self.context(req, agent_risk)?;
-        CedarRequest::new(agent.uid.clone(), self.action_uid(req.action()).clone(), resource.uid.clone(), context, None)
-            .map_err(|e| CedarError(e.to_string()))
+        let request =
+            CedarRequest::new(agent.uid(), self.action_uid(req.action()).clone(), resource.uid(), context, None)
+                .map_err(|e| CedarError(e.to_string()))?;
+        Ok((request, self.entities(req, agent, resource)?))
+    }
+
+    fn entities(&self, req: &Request, agent: AgentRef<'_>, resource: ResourceRef<'_>) -> Result<Entities, CedarError> {
+        let types = EntityTypes::get();
+        let user = match &req.ask {
+            Ask::Token { user: Some(user), .. } => Some(user.as_str()),
+            _ => None,
+        };
+        let core = &self.core;
+        let mut all = Vec::with_capacity(7 + core.literals.len());
+        all.push(agent.agent.entity(types));
+        all.extend(
+            self.directory.shared_entities(types, agent.blueprint, agent.sponsor, resource.resource, user).cloned(),
+        );
+        all.extend(core.literals.iter().filter_map(|uid| self.directory.entity(types, uid)));
+        all.extend(core.action_entities.iter().cloned());
+        entities_of(&all)
     }
 
     fn context(&self, req: &Request, agent_risk: RiskLevel) -> Result<cedar_policy::Context, CedarError> {
         let mut c = ContextBuilder::new();
-        c.locations("locations", (self.generation, req.client_ip), || {
+        c.locations("locations", (self.core.generation, req.client_ip), || {
             req.client_ip.into_iter().flat_map(|ip| self.locations_containing(ip)).map(|l| &**l)
         });
         c.string("flow", req.flow.as_str());
@@ -355,7 +380,7 @@ impl Snapshot {
                 c.scopes("scopes", scopes);
                 c.string("grant_type", grant_type);
                 if let Some(user) = user {
-                    c.entity("user", &EntityTypes::uid(&self.types.user, user));
+                    c.entity("user", &EntityTypes::uid(&EntityTypes::get().user, user));
                 }
             }
             Ask::Call { method, path } => {
@@ -374,40 +399,43 @@ impl Snapshot {
         resource: ResourceRef<'a>,
         action: Action,
         request: &CedarRequest,
+        entities: &Entities,
     ) -> Evaluated<'a> {
-        self.index.evaluate(&keys(agent, resource, action), request, &self.entities)
+        self.core.index.evaluate(&self.keys(agent, resource, action), request, entities)
     }
 
     /// How many policies `evaluate_slices` evaluates for such a request.
     pub fn slice_len(&self, agent: AgentRef<'_>, resource: ResourceRef<'_>, action: Action) -> usize {
-        self.index.slice_len(&keys(agent, resource, action))
+        self.core.index.slice_len(&self.keys(agent, resource, action))
     }
 
-    /// Plain Cedar: `policies` against this snapshot's entities.
-    pub fn is_authorized(&self, request: &CedarRequest, policies: &PolicySet) -> Response {
-        self.authorizer.is_authorized(request, policies, &self.entities)
+    /// The whole directory as one Cedar entity set, with the actions: what plain Cedar is
+    /// given (benchmarks compare with it; requests never build it).
+    pub fn all_entities(&self) -> Result<Entities, CedarError> {
+        let mut all = self.directory.all_entities(EntityTypes::get());
+        all.extend(self.core.action_entities.iter().cloned());
+        entities_of(&all)
     }
 
-    /// Cedar's `uid in target`: `uid` is `target` or one of its descendants.
-    pub fn is_in(&self, uid: &EntityUid, target: &EntityUid) -> bool {
-        uid == target || self.entities.is_ancestor_of(target, uid)
+    /// Plain Cedar: `policies` against `entities`.
+    pub fn is_authorized(&self, request: &CedarRequest, policies: &PolicySet, entities: &Entities) -> Response {
+        self.core.authorizer.is_authorized(request, policies, entities)
+    }
+
+    /// The index keys of a request by `agent` for `resource` (its id, never an audience).
+    fn keys<'a>(&self, agent: AgentRef<'a>, resource: ResourceRef<'a>, action: Action) -> Keys<'a> {
+        Keys {
+            learned: [agent.agent.serial(), resource.resource.serial(), self.directory.others_serial()],
+            agent: &agent.agent.id,
+            blueprint: &agent.blueprint.id,
+            sponsor: &agent.sponsor.id,
+            action,
+            resource: &resource.resource.id,
+        }
     }
 }
 
 const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-
-/// The index keys of a request by `agent` for `resource` (its id, never an audience).
-fn keys<'a>(agent: AgentRef<'a>, resource: ResourceRef<'a>, action: Action) -> Keys<'a> {
-    Keys {
-        agent_at: agent.at,
-        resource_at: resource.at,
-        agent: &agent.agent.id,
-        blueprint: &agent.blueprint.id,
-        sponsor: &agent.sponsor.id,
-        action,
-        resource: &resource.resource.id,
-    }
-}
 
 /// Where the bulk of replaced snapshots goes to be freed: a thread of its own, so that
 /// neither a request nor a reload pays for freeing a large snapshot.
@@ -426,14 +454,8 @@ impl Drop for Snapshot {
     /// hands its bulk to the reaper rather than freeing it there.
     fn drop(&mut self) {
         let Some(reaper) = self.reaper.take() else { return };
-        let bulk: Box<dyn Send> = Box::new((
-            std::mem::take(&mut self.entities),
-            std::mem::take(&mut self.index),
-            std::mem::take(&mut self.agents),
-            std::mem::take(&mut self.resources),
-            std::mem::take(&mut self.audiences),
-            self.bundle.take_bulk(),
-        ));
+        // The clone keeps the policies alive until the reaper drops it (the last holder frees).
+        let bulk: Box<dyn Send> = Box::new((self.core.clone(), std::mem::take(&mut self.directory)));
         // The reaper is gone only if its thread died: then it is freed here after all.
         let _ = reaper.send(bulk);
     }
@@ -459,25 +481,60 @@ pub enum Reloaded {
     Failed { kept: Arc<str>, error: BundleErrors },
 }
 
-/// The current snapshot. Readers take one `Arc` per request; reloads build aside and swap.
+/// Why a live directory change did not apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// The change is not valid over the directory served: nothing of it applied.
+    Refused(Vec<DirectoryError>),
+    /// It is valid but could not be made durable: nothing of it applied.
+    NotDurable(String),
+}
+
+/// The live directory changes, net, and how many were applied since the process started.
+#[derive(Debug, Default)]
+struct Live {
+    overlay: Overlay,
+    seq: u64,
+}
+
+/// The current snapshot. Readers take one `Arc` per request; reloads and live directory
+/// changes build aside and swap.
 pub struct Store {
     dir: PathBuf,
     current: ArcSwap<Snapshot>,
     last_failure: Mutex<Option<ReloadFailure>>,
-    /// Serialises reloads, so two triggers at once build one snapshot after the other.
-    reloading: Mutex<()>,
-    /// Started with the first reload that replaces a snapshot.
+    /// Serialises reloads and live changes, and holds the live changes, so that a reload lays
+    /// them over its new directory.
+    live: Mutex<Live>,
+    /// Started with the first swap that replaces a snapshot.
     reaper: OnceLock<Option<Reaper>>,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, BundleErrors> {
-        let snapshot = Snapshot::load(dir)?;
+        Store::open_with(dir, &[], 0)
+    }
+
+    /// Opens the bundle with live directory changes laid over its directory, in order (the
+    /// journal's, at start, the last numbered `seq`). If they no longer apply over it, the
+    /// error says why.
+    pub fn open_with(dir: &Path, changes: &[Change], seq: u64) -> Result<Store, BundleErrors> {
+        let started = Instant::now();
+        let bundle = Bundle::load(dir)?;
+        let mut overlay = Overlay::default();
+        for c in changes {
+            overlay.record(c);
+        }
+        overlay.fold(bundle.directory());
+        let mut snapshot = Snapshot::with_live(bundle, &overlay, seq)?;
+        if let Some(core) = Arc::get_mut(&mut snapshot.core) {
+            core.load_ms = started.elapsed().as_millis() as u64;
+        }
         Ok(Store {
             dir: dir.to_path_buf(),
             current: ArcSwap::from_pointee(snapshot),
             last_failure: Mutex::new(None),
-            reloading: Mutex::new(()),
+            live: Mutex::new(Live { overlay, seq }),
             reaper: OnceLock::new(),
         })
     }
@@ -495,23 +552,79 @@ impl Store {
         self.last_failure.lock().map(|f| f.clone()).unwrap_or(None)
     }
 
-    /// Builds a new snapshot from the folder and swaps it in; on failure keeps the old one.
+    /// The live changes, net, as one change over the bundle's directory (what a journal
+    /// compacts to), and the sequence number of the last.
+    pub fn live_change(&self) -> (Change, u64) {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        (live.overlay.as_change(self.current().base_directory()), live.seq)
+    }
+
+    fn swap(&self, new: Snapshot) {
+        let old = self.current.swap(Arc::new(new));
+        // INVARIANT: `old` is held here until it is marked, so whoever drops it last (a request
+        // still using it, or this swap) finds the mark.
+        if let Some(reaper) = self.reaper.get_or_init(start_reaper) {
+            let _ = old.reaper.set(reaper.clone());
+        }
+    }
+
+    /// Applies a live directory change over the directory served, whole or not at all:
+    /// checked (references, removals, the schema), then made durable by `durable` (given the
+    /// change's live sequence number, and the live changes before it, net, should it need to
+    /// write them anew), then swapped in for the next request.
+    pub fn apply_directory(
+        &self,
+        change: &Change,
+        durable: impl FnOnce(u64, &dyn Fn() -> Change) -> Result<(), String>,
+    ) -> Result<u64, ApplyError> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let served = self.current();
+        let directory = served.directory.apply(change).map_err(ApplyError::Refused)?;
+        check_entities(&change.entities(EntityTypes::get()), served.core.bundle.schema()).map_err(|e| {
+            ApplyError::Refused(vec![DirectoryError::Object {
+                object: "the change".into(),
+                message: format!("does not fit the schema: {e}"),
+            }])
+        })?;
+        let seq = live.seq + 1;
+        let net = || live.overlay.as_change(served.base_directory());
+        durable(seq, &net).map_err(ApplyError::NotDurable)?;
+        live.seq = seq;
+        live.overlay.record(change);
+        let objects = live.overlay.len();
+        self.swap(served.with_directory(directory, seq, objects));
+        Ok(seq)
+    }
+
+    /// Builds a new snapshot from the folder, with the live changes laid over its directory,
+    /// and swaps it in; on failure keeps the old one. A `directory.json` that did not change is
+    /// not read again: the served base directory is kept.
     pub fn reload(&self) -> Reloaded {
-        let _one_at_a_time = self.reloading.lock();
-        let served = self.current().revision().clone();
-        let result = match Snapshot::load(&self.dir) {
-            Ok(new) if new.revision == served => Reloaded::Unchanged(served),
-            Ok(new) => {
-                let to = new.revision.clone();
-                let old = self.current.swap(Arc::new(new));
-                // INVARIANT: `old` is held here until it is marked, so whoever drops it last
-                // (a request still using it, or this reload) finds the mark.
-                if let Some(reaper) = self.reaper.get_or_init(start_reaper) {
-                    let _ = old.reaper.set(reaper.clone());
-                }
-                Reloaded::Swapped { from: served, to }
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let served = self.current();
+        let from = served.revision().clone();
+        let started = Instant::now();
+        let loaded = Bundle::load_reusing(&self.dir, Some(&served.core.bundle)).and_then(|bundle| {
+            if bundle.revision() == &*from {
+                return Ok(None);
             }
-            Err(error) => Reloaded::Failed { kept: served, error },
+            let mut overlay = live.overlay.clone();
+            overlay.fold(bundle.directory());
+            let mut new = Snapshot::with_live(bundle, &overlay, live.seq)?;
+            if let Some(core) = Arc::get_mut(&mut new.core) {
+                core.load_ms = started.elapsed().as_millis() as u64;
+            }
+            Ok(Some((new, overlay)))
+        });
+        let result = match loaded {
+            Ok(None) => Reloaded::Unchanged(from),
+            Ok(Some((new, overlay))) => {
+                let to = new.revision().clone();
+                live.overlay = overlay;
+                self.swap(new);
+                Reloaded::Swapped { from, to }
+            }
+            Err(error) => Reloaded::Failed { kept: from, error },
         };
         if let Ok(mut failure) = self.last_failure.lock() {
             *failure = match &result {
@@ -558,11 +671,11 @@ mod tests {
             let resource = snap.resource(&req.resource).unwrap();
             let ctx = snap.context(&req, RiskLevel::Low).unwrap();
             let checked = CedarRequest::new(
-                agent.uid().clone(),
+                agent.uid(),
                 snap.action_uid(req.action()).clone(),
-                resource.uid().clone(),
+                resource.uid(),
                 ctx,
-                Some(snap.bundle.schema()),
+                Some(snap.core.bundle.schema()),
             );
             assert!(checked.is_ok(), "{json}: {:?}", checked.err());
         }
@@ -582,9 +695,14 @@ mod tests {
         assert!(snap.agents().all(|a| a.agent.blueprint == a.blueprint.id && a.agent.sponsor == a.sponsor.id));
         assert_eq!(snap.blueprint("bp-mail").map(|b| b.id.as_str()), Some("bp-mail"));
         assert_eq!(snap.sponsor("s-alice").map(|s| s.id.as_str()), Some("s-alice"));
-        assert!(snap.is_in(a.uid(), &EntityTypes::uid(&EntityTypes::new().blueprint, "bp-mail")));
-        assert!(snap.is_in(a.uid(), a.uid()));
-        assert!(!snap.is_in(a.uid(), &EntityTypes::uid(&EntityTypes::new().blueprint, "bp-other")));
+        // The request's entities put the agent in its blueprint and sponsor.
+        let req = request(r#"{"agent": "ag-mail-01", "resource": "graph", "flow": "on_behalf_of", "user": "u-bob"}"#);
+        let (_, entities) = snap.cedar_request(&req, a, snap.resource("graph").unwrap(), RiskLevel::None).unwrap();
+        let types = EntityTypes::get();
+        assert!(entities.is_ancestor_of(&EntityTypes::uid(&types.blueprint, "bp-mail"), &a.uid()));
+        assert!(entities.is_ancestor_of(&EntityTypes::uid(&types.sponsor, "s-alice"), &a.uid()));
+        assert!(!entities.is_ancestor_of(&EntityTypes::uid(&types.blueprint, "bp-other"), &a.uid()));
+        assert!(entities.get(&EntityTypes::uid(&types.user, "u-bob")).is_some());
     }
 
     #[test]
@@ -620,7 +738,7 @@ mod tests {
         let started = Instant::now();
         assert!(matches!(store.reload(), Reloaded::Swapped { .. }));
         assert!(started.elapsed() < std::time::Duration::from_secs(4));
-        assert_ne!(store.current().revision, held.revision);
+        assert_ne!(store.current().revision(), held.revision());
         // Whole until the request drops it; then its bulk goes to the reaper.
         assert!(held.agent("ag-mail-01").is_some());
         assert!(held.reaper.get().is_some());

@@ -6,7 +6,7 @@ use clap::Subcommand;
 
 use crate::input::printable;
 
-use crate::grpc::client::Admin;
+use crate::grpc::client::{Admin, ClientError};
 use crate::grpc::pb;
 
 use super::{Error, Threads, block_on, exit};
@@ -68,6 +68,23 @@ enum AdminCommand {
     Status,
     /// Reload the bundle now.
     Reload,
+    /// Apply a live directory change from FILE (or `-`, standard input):
+    /// {"upsert": {<directory.json sections>}, "remove": {"agents": [ids], …}}. Checked whole,
+    /// journaled, effective on the next request, kept across reloads.
+    ApplyDirectory {
+        /// The change document, or `-` for standard input.
+        file: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Write the directory served (the bundle's with the live changes over it) as a
+    /// `directory.json` document: to fold the live changes into the bundle, write it over the
+    /// bundle's `directory.json`; the next reload drops the live changes it now holds.
+    ExportDirectory {
+        /// Write here (atomically: aside, then renamed over) instead of standard output.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -162,6 +179,11 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
                 }
             }
             outln!(
+                "live directory change #{}: {} objects set or removed over directory.json",
+                s.live_directory_seq,
+                s.live_directory_objects
+            )?;
+            outln!(
                 "live signals   {} ({} for ids the directory lacks; at most {})",
                 s.live_signals,
                 s.unknown_target_signals,
@@ -199,6 +221,45 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
             }
             return Ok(ExitCode::SUCCESS);
         }
+        AdminCommand::ApplyDirectory { file, reason } => {
+            let limit = crate::input::MAX_DIRECTORY_BYTES;
+            let json = if file == "-" {
+                crate::input::read_capped(std::io::stdin().lock(), limit)
+            } else {
+                crate::input::read_file(std::path::Path::new(file), limit)
+            }
+            .map_err(|source| ClientError::Read { flag: "FILE", path: file.into(), source })?;
+            let request = pb::DirectoryChange { json, actor: args.actor.clone(), reason: reason.clone() };
+            let done = admin.apply_directory(request).await?;
+            outln!("applied as #{} over {}: {}", done.seq, done.revision, printable(&done.summary))?;
+            for w in &done.warnings {
+                outln!("warning: {}", printable(w))?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        AdminCommand::ExportDirectory { out } => {
+            let (data, revision, live_seq) = admin.export_directory().await?;
+            match out {
+                None => {
+                    use std::io::Write;
+                    let mut stdout = std::io::stdout().lock();
+                    stdout
+                        .write_all(&data)
+                        .and_then(|()| stdout.write_all(b"\n"))
+                        .and_then(|()| stdout.flush())
+                        .map_err(Error::Stdout)?;
+                }
+                Some(path) => {
+                    write_atomically(path, &data).map_err(|source| Error::Write { path: path.clone(), source })?;
+                    eprintln!(
+                        "wrote {} ({} bytes): revision {revision} with live change #{live_seq}",
+                        path.display(),
+                        data.len()
+                    );
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         AdminCommand::Reload => {
             let r = admin.reload().await?;
             match r.outcome.as_str() {
@@ -218,6 +279,26 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
         print_signal(s)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `data` beside `path`, syncs it, and renames it over `path`: a reader (a bundle
+/// watcher) sees the old file or the new one, never half of one.
+fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("not a file name"))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let mut f = std::fs::File::create(&tmp)?;
+    let written = f.write_all(data).and_then(|()| f.write_all(b"\n")).and_then(|()| f.sync_all());
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 fn print_signal(s: &pb::LiveSignal) -> Result<(), Error> {

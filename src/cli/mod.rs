@@ -195,6 +195,12 @@ pub(crate) enum Error {
     Access(#[from] crate::access::AccessError),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error(
+        "{0}\n(it is read at start to lay the live directory changes over the bundle; to start from the bundle's directory alone, move it aside)"
+    )]
+    DirectoryJournal(#[from] crate::live::LiveJournalError),
+    #[error("cannot write `{}`: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
     #[error("cannot listen on {addr} (--{flag}): {source}")]
     Listen { flag: &'static str, addr: SocketAddr, source: io::Error },
     #[error("--metrics-listen {0} is the gRPC address (--listen): give the metrics listener a port of its own")]

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::access::Access;
 use crate::audit::{self, Audit, Target};
 use crate::grpc;
+use crate::live::DirectoryJournal;
 use crate::metrics::listener::Probes;
 use crate::service::{Service, Settings};
 use crate::signals::{Journal, Overlay};
@@ -324,8 +325,23 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
         None => None,
     };
     let dir = args.bundle.policies.clone();
-    let store = tokio::task::block_in_place(|| Store::open(&dir))
+    // The live directory changes are laid over the bundle's directory as it loads.
+    let (directory_journal, replay) = DirectoryJournal::open(&args.state)?;
+    if replay.cut_tail {
+        tracing::warn!(journal = %directory_journal.path().display(), "removed a directory change cut by a crash (it was never acknowledged)");
+    }
+    let store = tokio::task::block_in_place(|| Store::open_with(&dir, &replay.changes, replay.seq))
         .map_err(|errors| Error::InvalidBundle { dir: dir.clone(), errors })?;
+    if !replay.changes.is_empty() {
+        let snap = store.current();
+        tracing::info!(
+            changes = replay.changes.len(),
+            seq = replay.seq,
+            objects = snap.live_objects(),
+            "replayed the directory journal"
+        );
+    }
+    drop(replay);
     let audit = Audit::start(args.audit.config())?;
     let live = Overlay::new();
     let (mut journal, replayed) = Journal::open(&args.state, &live)?;
@@ -340,7 +356,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
         max_clock_skew: args.max_clock_skew.map(|s| chrono::TimeDelta::seconds(i64::from(s))),
         max_unknown_signals: args.max_unknown_signals,
     };
-    let service = Service::new(store, live, Some(journal), audit, settings);
+    let service = Service::new(store, live, Some(journal), Some(directory_journal), audit, settings);
     service.loaded().await;
 
     let listener = TcpListener::bind(args.listen).await.map_err(|source| Error::Listen {

@@ -216,6 +216,10 @@ proptest! {
             }
             set
         };
+        // Plain Cedar's entities: the whole directory, from its JSON with the schema, by
+        // Cedar's public API (nothing of ours).
+        let schema = cedar_policy::Schema::from_cedarschema_str(SCHEMA).unwrap().0;
+        let oracle = crate::directory::entity_tests::reference(&g.directory(), &schema);
         let full_on = set_of(PolicyState::On, None);
         let full_ro_forbid = set_of(PolicyState::ReportOnly, Some(Effect::Forbid));
         let full_ro_permit = set_of(PolicyState::ReportOnly, Some(Effect::Permit));
@@ -241,18 +245,18 @@ proptest! {
             };
             let a = snap.agent(&agent).unwrap();
             let res = snap.resource(&resource).unwrap();
-            let cedar = snap.cedar_request(&req, a, res, a.risk()).unwrap();
-            let full = snap.is_authorized(&cedar, &full_on);
+            let (cedar, entities) = snap.cedar_request(&req, a, res, a.risk()).unwrap();
+            let full = snap.is_authorized(&cedar, &full_on, &oracle);
             let full_errors: BTreeSet<String> = full.diagnostics().errors().map(|e| {
                 let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = e;
                 e.policy_id().to_string()
             }).collect();
-            let ro_forbid = snap.is_authorized(&cedar, &full_ro_forbid);
-            let ro_permit = snap.is_authorized(&cedar, &full_ro_permit);
+            let ro_forbid = snap.is_authorized(&cedar, &full_ro_forbid, &oracle);
+            let ro_permit = snap.is_authorized(&cedar, &full_ro_permit, &oracle);
             // Twice: the first evaluation of a key learns its context-free conjuncts, the
             // second uses them; both must agree with Cedar.
             for _ in 0..2 {
-                let got = snap.evaluate_slices(a, res, req.action(), &cedar);
+                let got = snap.evaluate_slices(a, res, req.action(), &cedar, &entities);
                 prop_assert_eq!(got.on.allows(), full.decision() == CedarDecision::Allow, "decision\n{}", g.policies());
                 prop_assert_eq!(ids(got.on.determining().iter().copied()), cedar_ids(full.diagnostics().reason()), "determining\n{}", g.policies());
                 prop_assert_eq!(ids(got.on.errors.iter().map(|(p, _)| *p)), full_errors.clone(), "errors\n{}", g.policies());

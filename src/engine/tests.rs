@@ -243,12 +243,12 @@ fn an_action_group_in_the_schema_is_resolved_like_cedar() {
     // Plain Cedar over the whole set agrees.
     let agent = snap.agent("ag-support-01").unwrap();
     let resource = snap.resource("tickets").unwrap();
-    let cedar = snap.cedar_request(&call, agent, resource, RiskLevel::None).unwrap();
+    let (cedar, entities) = snap.cedar_request(&call, agent, resource, RiskLevel::None).unwrap();
     let mut all = PolicySet::new();
     for p in snap.policies() {
         all.add(p.policy.clone()).unwrap();
     }
-    let full = snap.is_authorized(&cedar, &all);
+    let full = snap.is_authorized(&cedar, &all, &entities);
     assert_eq!(full.decision(), cedar_policy::Decision::Deny);
     assert_eq!(full.diagnostics().reason().map(ToString::to_string).collect::<Vec<_>>(), ["no-tokens"]);
 }

@@ -6,7 +6,8 @@ use chrono::{SecondsFormat, Utc};
 use tonic::{Request, Response, Status};
 
 use crate::access::Access;
-use crate::service::{Service, SignalFailure};
+use crate::directory::Change as DirectoryChange;
+use crate::service::{DirectoryFailure, Service, SignalFailure};
 use crate::signals::{Change, Field, Mark, Signal};
 use crate::snapshot::Reloaded;
 use crate::tls::Tls;
@@ -112,7 +113,65 @@ impl pb::admin_service_server::AdminService for Admin {
             signals_error: self.service.journal_error().unwrap_or_default(),
             tls: self.tls_status(),
             access: self.access_status(),
+            live_directory_seq: snap.live_seq(),
+            live_directory_objects: snap.live_objects() as u64,
         }))
+    }
+
+    async fn apply_directory(
+        &self,
+        request: Request<pb::DirectoryChange>,
+    ) -> Result<Response<pb::DirectoryChangeResponse>, Status> {
+        let caller = super::caller(&request, "grpc");
+        let r = request.into_inner();
+        crate::signals::check_text("directory", &r.reason, &r.actor)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Reading a large change is work: off the async threads.
+        let parsed = tokio::task::spawn_blocking(move || DirectoryChange::from_json_str(&r.json))
+            .await
+            .map_err(|_| Status::internal("reading the change failed"))?;
+        let change = parsed.map_err(|errors| {
+            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            Status::invalid_argument(format!("field `json`: {}", errors.join("\n")))
+        })?;
+        match self.service.apply_directory(change, r.actor, r.reason, caller).await {
+            Ok(done) => Ok(Response::new(pb::DirectoryChangeResponse {
+                seq: done.seq,
+                summary: done.summary,
+                warnings: done.warnings,
+                revision: done.revision.to_string(),
+            })),
+            Err(e @ DirectoryFailure::Refused(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ DirectoryFailure::NoJournal) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ (DirectoryFailure::NotDurable(_) | DirectoryFailure::Aborted)) => {
+                Err(Status::unavailable(e.to_string()))
+            }
+        }
+    }
+
+    type ExportDirectoryStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::DirectoryChunk, Status>> + Send + 'static>>;
+
+    async fn export_directory(
+        &self,
+        _: Request<pb::ExportDirectoryRequest>,
+    ) -> Result<Response<Self::ExportDirectoryStream>, Status> {
+        let snap = self.service.store().current();
+        let (revision, live_seq) = (snap.revision().to_string(), snap.live_seq());
+        let text = tokio::task::spawn_blocking(move || snap.directory().to_json())
+            .await
+            .map_err(|_| Status::internal("writing the directory failed"))?
+            .map_err(|e| Status::internal(format!("writing the directory failed: {e}")))?;
+        let mut chunks: Vec<Result<pb::DirectoryChunk, Status>> = text
+            .as_bytes()
+            .chunks(EXPORT_CHUNK)
+            .map(|piece| Ok(pb::DirectoryChunk { data: piece.to_vec(), revision: String::new(), live_seq: 0 }))
+            .collect();
+        if let Some(Ok(first)) = chunks.first_mut() {
+            first.revision = revision;
+            first.live_seq = live_seq;
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
     async fn reload(&self, request: Request<pb::ReloadRequest>) -> Result<Response<pb::ReloadResponse>, Status> {
@@ -215,6 +274,9 @@ impl pb::admin_service_server::AdminService for Admin {
         Ok(Response::new(pb::ListSignalsResponse { signals, next_page_token, total }))
     }
 }
+
+/// The size of one ExportDirectory chunk: well under the default 4 MiB message limit.
+const EXPORT_CHUNK: usize = 1 << 20;
 
 /// Most signals in one ListSignals page: at the longest reason, actor and target a page
 /// stays well under the default 4 MiB message limit.

@@ -201,4 +201,25 @@ impl Admin {
     pub async fn reload(&mut self) -> Result<pb::ReloadResponse, ClientError> {
         Ok(self.client.reload(pb::ReloadRequest {}).await?.into_inner())
     }
+
+    pub async fn apply_directory(
+        &mut self,
+        c: pb::DirectoryChange,
+    ) -> Result<pb::DirectoryChangeResponse, ClientError> {
+        Ok(self.client.apply_directory(c).await?.into_inner())
+    }
+
+    /// The served directory as a `directory.json` document, with the revision and the live
+    /// sequence number it reflects.
+    pub async fn export_directory(&mut self) -> Result<(Vec<u8>, String, u64), ClientError> {
+        let mut stream = self.client.export_directory(pb::ExportDirectoryRequest {}).await?.into_inner();
+        let (mut data, mut revision, mut live_seq) = (Vec::new(), String::new(), 0);
+        while let Some(chunk) = stream.message().await? {
+            if data.is_empty() && revision.is_empty() {
+                (revision, live_seq) = (chunk.revision, chunk.live_seq);
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        Ok((data, revision, live_seq))
+    }
 }

@@ -81,7 +81,7 @@ pub(crate) fn resolve_host(snap: &Snapshot, host: &str) -> String {
     let candidates = [host.to_string(), format!("https://{host}"), bare.to_string(), format!("https://{bare}")];
     for candidate in &candidates {
         if let Some(resource) = snap.resource_by_audience(candidate) {
-            return resource.id.clone();
+            return resource.id.to_string();
         }
     }
     let [_, as_audience, ..] = candidates;

@@ -1,0 +1,288 @@
+//! The live directory's journal (`STATE/directory.jsonl`): each change is appended and
+//! fsynced before it applies, so before it is acknowledged; replayed at start; and rewritten
+//! as the net of the live changes when it has grown, or when a reload folded some of them
+//! into the bundle.
+//!
+//! Unlike a signal, a change can depend on an earlier one (an agent upserted, then its
+//! tags): a whole line that cannot be read is therefore an error at start, never skipped.
+//! Only a last line without its newline (a write a crash cut) is cut away: it was never
+//! acknowledged.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::directory::Change;
+
+pub const DIRECTORY_JOURNAL_FILE: &str = "directory.jsonl";
+
+/// One journal line.
+#[derive(Serialize)]
+struct Entry<'a> {
+    seq: u64,
+    at: DateTime<Utc>,
+    by: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    reason: &'a str,
+    change: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct ReadEntry<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    change: &'a RawValue,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("directory journal `{path}`: {message}")]
+pub struct LiveJournalError {
+    pub path: String,
+    pub message: String,
+}
+
+/// What replaying the journal gave: the changes in order, and the last sequence number.
+#[derive(Debug, Default)]
+pub struct Replay {
+    pub changes: Vec<Change>,
+    pub seq: u64,
+    /// A last line cut by a crash was removed (it was never acknowledged).
+    pub cut_tail: bool,
+}
+
+struct Tail {
+    file: File,
+    /// The length after the last whole, synced line: a failed append is cut back to it.
+    len: u64,
+    /// A failed append could not be cut back yet: nothing is appended until it is.
+    torn: bool,
+}
+
+/// The durable journal of live directory changes.
+pub struct DirectoryJournal {
+    path: PathBuf,
+    tail: Mutex<Tail>,
+    lines: AtomicU64,
+    /// Rewrite once the journal holds this many lines more than one.
+    compact_after: u64,
+}
+
+impl DirectoryJournal {
+    /// Opens `DIR/directory.jsonl` and reads its changes back.
+    pub fn open(dir: &Path) -> Result<(DirectoryJournal, Replay), LiveJournalError> {
+        let path = dir.join(DIRECTORY_JOURNAL_FILE);
+        let err =
+            |e: &dyn std::fmt::Display| LiveJournalError { path: path.display().to_string(), message: e.to_string() };
+        fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        let mut replay = Replay::default();
+        let mut lines = 0;
+        let text = match fs::metadata(&path) {
+            Ok(m) if m.is_file() => fs::read(&path).map_err(|e| err(&e))?,
+            Ok(_) => return Err(err(&"not a regular file")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(err(&e)),
+        };
+        let mut whole = text.len();
+        if let Some(last) = text.iter().rposition(|b| *b == b'\n') {
+            whole = last + 1;
+        } else if !text.is_empty() {
+            whole = 0;
+        }
+        for (i, line) in text[..whole].split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let at = i + 1;
+            let line = std::str::from_utf8(line).map_err(|_| err(&format!("line {at}: not UTF-8")))?;
+            let entry: ReadEntry<'_> = serde_json::from_str(line).map_err(|e| err(&format!("line {at}: {e}")))?;
+            let change = Change::from_json_str(entry.change.get()).map_err(|errors| {
+                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                err(&format!("line {at}: {}", errors.join("; ")))
+            })?;
+            replay.changes.push(change);
+            replay.seq = replay.seq.max(entry.seq);
+            lines += 1;
+        }
+        if whole < text.len() {
+            let f = OpenOptions::new().write(true).open(&path).map_err(|e| err(&e))?;
+            f.set_len(whole as u64).and_then(|()| f.sync_all()).map_err(|e| err(&e))?;
+            replay.cut_tail = true;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| err(&e))?;
+        let len = file.metadata().map_err(|e| err(&e))?.len();
+        let journal = DirectoryJournal {
+            path,
+            tail: Mutex::new(Tail { file, len, torn: false }),
+            lines: AtomicU64::new(lines),
+            compact_after: 1_000,
+        };
+        Ok((journal, replay))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a change as entry `seq` and fsyncs it. On failure (a full disk) the journal is
+    /// cut back to its last whole line, so that a restart replays exactly the acknowledged
+    /// changes. If the file at the path is no longer the one appended to (deleted or
+    /// replaced), it is first written anew from `net`, the live changes so far.
+    pub fn append(
+        &self,
+        seq: u64,
+        change: &Change,
+        by: &str,
+        reason: &str,
+        net: &dyn Fn() -> Change,
+    ) -> Result<(), LiveJournalError> {
+        let err = |e: &dyn std::fmt::Display| LiveJournalError {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        };
+        let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        if self.gone(&tail.file) {
+            tracing::error!(journal = %self.path.display(), "the directory journal was deleted or replaced: writing it anew from the live changes");
+            self.rewrite(&mut tail, seq - 1, &net()).map_err(|e| err(&e))?;
+        }
+        if tail.torn {
+            cut_back(&mut tail).map_err(|e| err(&e))?;
+        }
+        let line = entry_line(seq, change, by, reason).map_err(|e| err(&e))?;
+        if let Err(e) = tail.file.write_all(&line).and_then(|()| tail.file.sync_data()) {
+            tail.torn = true;
+            if let Err(cut) = cut_back(&mut tail) {
+                tracing::error!(journal = %self.path.display(), error = %cut, "cannot cut a failed append back; no change is taken until it can");
+            }
+            return Err(err(&e));
+        }
+        tail.len += line.len() as u64;
+        self.lines.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// True if the journal holds many more lines than the one its compaction would write.
+    pub fn wants_compaction(&self) -> bool {
+        self.lines.load(Ordering::Relaxed) > self.compact_after
+    }
+
+    /// Rewrites the journal as one entry holding `net`, the live changes as one change (or
+    /// empty if there are none), numbered `seq`: written aside, fsynced, renamed over.
+    pub fn compact(&self, seq: u64, net: &Change) -> Result<(), LiveJournalError> {
+        let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        self.rewrite(&mut tail, seq, net)
+            .map_err(|e| LiveJournalError { path: self.path.display().to_string(), message: e.to_string() })
+    }
+
+    fn rewrite(&self, tail: &mut Tail, seq: u64, net: &Change) -> io::Result<()> {
+        let tmp = self.path.with_extension("jsonl.compact");
+        let mut out = File::create(&tmp)?;
+        let empty = net.upsert.is_empty() && net.remove.is_empty();
+        if !empty {
+            out.write_all(&entry_line(seq, net, "compaction", "the live changes, net").map_err(io::Error::other)?)?;
+        }
+        out.sync_all()?;
+        fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent()
+            && let Ok(d) = File::open(dir)
+        {
+            d.sync_all()?;
+        }
+        let file = OpenOptions::new().append(true).open(&self.path)?;
+        let len = file.metadata()?.len();
+        *tail = Tail { file, len, torn: false };
+        self.lines.store(u64::from(!empty), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn gone(&self, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(open) = file.metadata() else { return true };
+        !matches!(fs::metadata(&self.path), Ok(m) if (m.dev(), m.ino()) == (open.dev(), open.ino()))
+    }
+}
+
+fn entry_line(seq: u64, change: &Change, by: &str, reason: &str) -> Result<Vec<u8>, serde_json::Error> {
+    let change = RawValue::from_string(change.to_json()?)?;
+    let mut line = serde_json::to_vec(&Entry { seq, at: Utc::now(), by, reason, change: &change })?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+fn cut_back(tail: &mut Tail) -> io::Result<()> {
+    tail.file.set_len(tail.len)?;
+    tail.file.sync_all()?;
+    tail.torn = false;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(json: &str) -> Change {
+        Change::from_json_str(json).unwrap()
+    }
+
+    #[test]
+    fn changes_read_back_in_order_and_a_cut_last_line_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, replay) = DirectoryJournal::open(dir.path()).unwrap();
+        assert!(replay.changes.is_empty());
+        let none = || Change::default();
+        let a = change(r#"{"upsert": {"agents": [{"id": "a", "blueprint": "b", "sponsor": "s"}]}}"#);
+        let b = change(r#"{"remove": {"agents": ["a"]}}"#);
+        journal.append(1, &a, "admin", "new agent", &none).unwrap();
+        journal.append(2, &b, "admin", "", &none).unwrap();
+        drop(journal);
+        // A crash cut the third write.
+        let path = dir.path().join(DIRECTORY_JOURNAL_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":3,"at":"2026-12-01T00:00:00Z","by":"x","change":{"rem"#).unwrap();
+        let (journal, replay) = DirectoryJournal::open(dir.path()).unwrap();
+        assert_eq!((replay.changes.len(), replay.seq, replay.cut_tail), (2, 2, true));
+        assert_eq!(replay.changes[0].to_json().unwrap(), a.to_json().unwrap());
+        assert_eq!(replay.changes[1].to_json().unwrap(), b.to_json().unwrap());
+        journal.append(3, &b, "admin", "", &none).unwrap();
+        let (_, replay) = DirectoryJournal::open(dir.path()).unwrap();
+        assert_eq!((replay.changes.len(), replay.seq, replay.cut_tail), (3, 3, false));
+    }
+
+    #[test]
+    fn a_whole_line_that_cannot_be_read_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DIRECTORY_JOURNAL_FILE);
+        fs::write(&path, "{\"seq\":1,\"change\":{\"remove\":{\"agents\":[\"a\"]}}}\nnot json\n").unwrap();
+        let err = DirectoryJournal::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        fs::write(&path, "{\"seq\":1,\"change\":{\"delete\":{}}}\n").unwrap();
+        let err = DirectoryJournal::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("line 1") && err.contains("delete"), "{err}");
+    }
+
+    #[test]
+    fn compaction_keeps_the_net_and_a_deleted_journal_is_written_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = DirectoryJournal::open(dir.path()).unwrap();
+        let a = change(r#"{"upsert": {"agents": [{"id": "a", "blueprint": "b", "sponsor": "s"}]}}"#);
+        let net = || change(r#"{"upsert": {"agents": [{"id": "a", "blueprint": "b", "sponsor": "s"}]}}"#);
+        journal.append(1, &a, "admin", "", &net).unwrap();
+        journal.compact(1, &net()).unwrap();
+        let (_, replay) = DirectoryJournal::open(dir.path()).unwrap();
+        assert_eq!((replay.changes.len(), replay.seq), (1, 1));
+        fs::remove_file(dir.path().join(DIRECTORY_JOURNAL_FILE)).unwrap();
+        let b = change(r#"{"upsert": {"agents": [{"id": "c", "blueprint": "b", "sponsor": "s"}]}}"#);
+        journal.append(2, &b, "admin", "", &net).unwrap();
+        let (_, replay) = DirectoryJournal::open(dir.path()).unwrap();
+        assert_eq!((replay.changes.len(), replay.seq), (2, 2));
+        assert!(replay.changes[1].to_json().unwrap().contains("\"c\""));
+        // Nothing live: the compacted journal is empty.
+        journal.compact(2, &Change::default()).unwrap();
+        assert_eq!(fs::read(dir.path().join(DIRECTORY_JOURNAL_FILE)).unwrap().len(), 0);
+    }
+}
