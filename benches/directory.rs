@@ -30,8 +30,9 @@ const POLICIES: usize = 10_000;
 /// Timed single decisions for each percentile row.
 const CALLS: usize = 200_000;
 
+/// `agentca generate`'s defaults: 1,000 blueprints, 2,000 sponsors, 50 resources.
 fn params(agents: usize, policies: usize) -> Params {
-    Params { agents, policies, ..Params::default() }
+    Params { agents, policies, blueprints: 1_000, sponsors: 2_000, resources: 50, seed: 1 }
 }
 
 /// `VmHWM` and `VmRSS` of this process, in kB.

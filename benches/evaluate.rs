@@ -59,6 +59,28 @@ fn sample(c: &mut Criterion) {
             evaluate(black_box(&snap), &live, black_box(&fresh[i]))
         })
     });
+    // Every agent of the sample in turn, each with a resource and scope of its blueprint:
+    // more agents than a thread keeps the entities of, so each request builds its own.
+    let rounds: Vec<Request> = snap
+        .agents()
+        .filter_map(|a| {
+            let blueprint = snap.blueprint(a.blueprint_id())?;
+            let (resource, scope) = (blueprint.allowed_resources.first()?, blueprint.allowed_scopes.first()?);
+            Some(request(&format!(
+                r#"{{"agent": "{}", "resource": "{resource}", "scopes": ["{scope}"], "client_ip": "10.1.2.3",
+                    "time": "2026-11-25T10:00:00Z"}}"#,
+                a.id()
+            )))
+        })
+        .collect();
+    assert!(rounds.len() > 8);
+    let mut i = 0;
+    group.bench_function("agents_round_robin", |b| {
+        b.iter(|| {
+            i = (i + 1) % rounds.len();
+            evaluate(black_box(&snap), &live, black_box(&rounds[i]))
+        })
+    });
     group.finish();
 }
 

@@ -193,8 +193,9 @@ pub struct Index {
 #[derive(Debug, Clone, Copy)]
 pub struct Keys<'a> {
     /// The serials of the agent's record, the resource's record and the rest of the
-    /// directory: with the action, the memo's key.
-    pub learned: [u64; 3],
+    /// directory: with the action, the memo's key. None: learn nothing (what the policies
+    /// read may change with records the key does not follow).
+    pub learned: Option<[u64; 3]>,
     pub agent: &'a str,
     pub blueprint: &'a str,
     pub sponsor: &'a str,
@@ -291,8 +292,8 @@ impl Index {
     /// part of each condition comes from the memo once the request's key has been seen.
     pub fn evaluate<'a>(&'a self, keys: &Keys<'a>, request: &CedarRequest, entities: &Entities) -> Evaluated<'a> {
         let evaluator = Evaluator::new(request, entities);
-        let key = (keys.learned, keys.action.index() as u8);
-        let known = self.memo.get(key);
+        let key = keys.learned.map(|serials| (serials, keys.action.index() as u8));
+        let known = key.and_then(|key| self.memo.get(key));
         let mut learned = Vec::new();
         let mut out = Evaluated::default();
         let mut at = 0;
@@ -311,7 +312,7 @@ impl Index {
                 at += 1;
             }
         }
-        if known.is_none() {
+        if let (None, Some(key)) = (&known, key) {
             self.memo.learn(key, learned);
         }
         out

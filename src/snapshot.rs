@@ -128,6 +128,10 @@ struct Core {
     /// Entities the policies name literally in their conditions, put in every request's
     /// entities when the directory has them.
     literals: Box<[EntityUid]>,
+    /// Some of them are agents: then what a request's policies read can change with another
+    /// agent's record, which no key of the memo or of the per-thread entities follows, so
+    /// neither is used.
+    names_agents: bool,
 }
 
 /// What one request is decided with: a revision of the policies and the directory as it was
@@ -191,6 +195,7 @@ impl Snapshot {
         let actions_only = entities_of(&action_entities).map_err(|e| fail(e.0))?;
         let index = Index::build(bundle.policies(), types, &actions_only);
         let literals = index.literals(types);
+        let names_agents = literals.iter().any(|uid| *uid.type_name() == types.agent);
         let actions = Action::ALL.map(|a| EntityTypes::uid(&types.action, a.as_str()));
         static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let core = Core {
@@ -204,6 +209,7 @@ impl Snapshot {
             actions,
             action_entities,
             literals,
+            names_agents,
         };
         Ok(Snapshot { core: Arc::new(core), directory, live_seq, live_objects: overlay.len(), reaper: OnceLock::new() })
     }
@@ -336,7 +342,7 @@ impl Snapshot {
         agent: AgentRef<'_>,
         resource: ResourceRef<'_>,
         agent_risk: RiskLevel,
-    ) -> Result<(CedarRequest, Entities), CedarError> {
+    ) -> Result<(CedarRequest, Arc<Entities>), CedarError> {
         let context = self.context(req, agent_risk)?;
         let request =
             CedarRequest::new(agent.uid(), self.action_uid(req.action()).clone(), resource.uid(), context, None)
@@ -344,12 +350,27 @@ impl Snapshot {
         Ok((request, self.entities(req, agent, resource)?))
     }
 
-    fn entities(&self, req: &Request, agent: AgentRef<'_>, resource: ResourceRef<'_>) -> Result<Entities, CedarError> {
-        let types = EntityTypes::get();
+    /// The request's entities, reused from this thread's last few requests when the same
+    /// agent, resource and user were asked about with the same records and policies.
+    fn entities(
+        &self,
+        req: &Request,
+        agent: AgentRef<'_>,
+        resource: ResourceRef<'_>,
+    ) -> Result<Arc<Entities>, CedarError> {
         let user = match &req.ask {
             Ask::Token { user: Some(user), .. } => Some(user.as_str()),
             _ => None,
         };
+        let serials = [agent.agent.serial(), resource.resource.serial(), self.directory.others_serial()];
+        let key = (self.core.generation, serials);
+        let hit = RECENT_ENTITIES.with_borrow(|recent| {
+            recent.iter().find(|(k, u, _)| *k == key && u.as_deref() == user).map(|(_, _, e)| e.clone())
+        });
+        if let Some(entities) = hit.filter(|_| !self.core.names_agents) {
+            return Ok(entities);
+        }
+        let types = EntityTypes::get();
         let core = &self.core;
         let mut all = Vec::with_capacity(7 + core.literals.len());
         all.push(agent.agent.entity(types));
@@ -358,7 +379,14 @@ impl Snapshot {
         );
         all.extend(core.literals.iter().filter_map(|uid| self.directory.entity(types, uid)));
         all.extend(core.action_entities.iter().cloned());
-        entities_of(&all)
+        let entities = Arc::new(entities_of(&all)?);
+        RECENT_ENTITIES.with_borrow_mut(|recent| {
+            if recent.len() == RECENT_ENTITIES_KEPT {
+                recent.pop();
+            }
+            recent.insert(0, (key, user.map(Box::from), entities.clone()));
+        });
+        Ok(entities)
     }
 
     fn context(&self, req: &Request, agent_risk: RiskLevel) -> Result<cedar_policy::Context, CedarError> {
@@ -425,7 +453,8 @@ impl Snapshot {
     /// The index keys of a request by `agent` for `resource` (its id, never an audience).
     fn keys<'a>(&self, agent: AgentRef<'a>, resource: ResourceRef<'a>, action: Action) -> Keys<'a> {
         Keys {
-            learned: [agent.agent.serial(), resource.resource.serial(), self.directory.others_serial()],
+            learned: (!self.core.names_agents)
+                .then(|| [agent.agent.serial(), resource.resource.serial(), self.directory.others_serial()]),
             agent: &agent.agent.id,
             blueprint: &agent.blueprint.id,
             sponsor: &agent.sponsor.id,
@@ -433,6 +462,24 @@ impl Snapshot {
             resource: &resource.resource.id,
         }
     }
+}
+
+/// What a request's entities depend on: the policies' generation (the entities they name,
+/// the actions), and the serials of the agent's record, the resource's record and the rest
+/// of the directory; and the user the request acts for.
+type EntitiesKey = (u64, [u64; 3]);
+
+/// A recently built entity set: its key, the user it was built for, the entities.
+type Recent = (EntitiesKey, Option<Box<str>>, Arc<Entities>);
+
+/// How many requests' entities a thread keeps.
+const RECENT_ENTITIES_KEPT: usize = 4;
+
+thread_local! {
+    /// The entities of this thread's last few requests, the latest first: a caller's requests
+    /// often repeat an agent, and building them is most of what a decision costs beyond Cedar.
+    static RECENT_ENTITIES: std::cell::RefCell<Vec<Recent>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
@@ -703,6 +750,70 @@ mod tests {
         assert!(entities.is_ancestor_of(&EntityTypes::uid(&types.sponsor, "s-alice"), &a.uid()));
         assert!(!entities.is_ancestor_of(&EntityTypes::uid(&types.blueprint, "bp-other"), &a.uid()));
         assert!(entities.get(&EntityTypes::uid(&types.user, "u-bob")).is_some());
+    }
+
+    #[test]
+    fn a_live_change_is_decided_on_at_once_by_the_same_thread() {
+        use crate::engine::{Verdict, evaluate};
+        let store = Store::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies").as_path()).unwrap();
+        let live = crate::signals::Overlay::new();
+        let req = request(
+            r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3"}"#,
+        );
+        // Twice: the second is served from this thread's recent entities and the memo.
+        for _ in 0..2 {
+            assert_eq!(evaluate(&store.current(), &live, &req).decision, Verdict::Allow);
+        }
+        let tags = |env: &str| {
+            Change::from_json_str(&format!(
+                r#"{{"upsert": {{"agents": [{{"id": "ag-mail-01", "blueprint": "bp-mail", "sponsor": "s-alice",
+                    "owners": ["u-bob"], "tags": {{"env": "{env}"}}}}]}}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(store.apply_directory(&tags("dev"), |_, _| Ok(())), Ok(1));
+        let d = evaluate(&store.current(), &live, &req);
+        assert_eq!(d.reasons[0].policy.as_deref(), Some("prod-resources-need-prod-agents"), "{:?}", d.reasons);
+        // The resource changes too (others' serial): its tag no longer asks for prod agents.
+        let resource = r#"{"upsert": {"resources": [{"id": "graph", "audiences": ["https://graph.example.com"], "tags": {"env": "test"}}]}}"#;
+        assert_eq!(store.apply_directory(&Change::from_json_str(resource).unwrap(), |_, _| Ok(())), Ok(2));
+        assert_eq!(evaluate(&store.current(), &live, &req).decision, Verdict::Allow);
+        // Not durable: nothing applies, and the sequence does not move.
+        let refused = store.apply_directory(&tags("prod"), |_, _| Err("disk full".into()));
+        assert_eq!(refused, Err(ApplyError::NotDurable("disk full".into())));
+        assert_eq!(store.current().live_seq(), 2);
+        assert_eq!(store.current().live_objects(), 2);
+    }
+
+    #[test]
+    fn a_policy_naming_another_agent_follows_that_agents_changes() {
+        use crate::engine::{Verdict, evaluate};
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        // While ag-mail-02 is at high risk, every agent is stopped (a context-free condition,
+        // which the memo would keep for ag-mail-01 if it did not know whom it names).
+        std::fs::write(
+            dir.path().join("named.cedar"),
+            r#"@id("stop-while-ag-mail-02-is-risky") forbid(principal, action, resource) when { Agent::"ag-mail-02".risk == "high" };"#,
+        )
+        .unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let live = crate::signals::Overlay::new();
+        let req = request(
+            r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3"}"#,
+        );
+        for _ in 0..2 {
+            let d = evaluate(&store.current(), &live, &req);
+            assert_eq!(d.reasons[0].policy.as_deref(), Some("stop-while-ag-mail-02-is-risky"));
+        }
+        let calm = r#"{"upsert": {"agents": [{"id": "ag-mail-02", "blueprint": "bp-mail", "sponsor": "s-alice", "risk": "none"}]}}"#;
+        store.apply_directory(&Change::from_json_str(calm).unwrap(), |_, _| Ok(())).unwrap();
+        assert_eq!(evaluate(&store.current(), &live, &req).decision, Verdict::Allow);
     }
 
     #[test]
