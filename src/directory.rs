@@ -211,21 +211,112 @@ pub struct Resource {
     made: Made,
 }
 
-/// The same content (what a directory file says), whenever it was made.
-macro_rules! same_content {
-    ($ty:ty: $($field:ident),*) => {
+/// A kind of directory record: its fields by name (bit `i` of a field mask is field `i`, the
+/// id being field 0), and how a patch of some of them lies over an older record.
+pub trait Record: Sized + Serialize {
+    /// `agent`, `blueprint`, …: how errors name one.
+    const KIND: &'static str;
+    const FIELDS: &'static [&'static str];
+    fn id(&self) -> &SmolStr;
+    /// A new record: this one's fields in `given`, `old`'s for the others.
+    fn merged(&self, old: &Self, given: u16) -> Self;
+    /// The fields in `given` say the same in both.
+    fn same_in(&self, other: &Self, given: u16) -> bool;
+
+    /// The mask of every field.
+    fn all() -> u16 {
+        ((1u32 << Self::FIELDS.len()) - 1) as u16
+    }
+
+    /// The bit of field `name`.
+    fn bit(name: &str) -> u16 {
+        Self::FIELDS.iter().position(|f| *f == name).map_or(0, |i| 1 << i)
+    }
+}
+
+macro_rules! record {
+    ($ty:ident, $kind:literal, $made:ident: $fresh:expr; $($field:ident),*) => {
+        impl Record for $ty {
+            const KIND: &'static str = $kind;
+            const FIELDS: &'static [&'static str] = &["id", $(stringify!($field)),*];
+
+            fn id(&self) -> &SmolStr {
+                &self.id
+            }
+
+            fn merged(&self, old: &Self, given: u16) -> Self {
+                $ty {
+                    id: self.id.clone(),
+                    $($field: if given & Self::bit(stringify!($field)) != 0 { self.$field.clone() } else { old.$field.clone() },)*
+                    $made: $fresh,
+                }
+            }
+
+            fn same_in(&self, other: &Self, given: u16) -> bool {
+                self.id == other.id $(&& (given & Self::bit(stringify!($field)) == 0 || self.$field == other.$field))*
+            }
+        }
+
+        /// The same content (what a directory file says), whenever it was made.
         impl PartialEq for $ty {
             fn eq(&self, other: &Self) -> bool {
-                true $(&& self.$field == other.$field)*
+                self.same_in(other, Self::all())
             }
         }
     };
 }
-same_content!(User: id, name);
-same_content!(Sponsor: id, name, active, department, tags);
-same_content!(Blueprint: id, name, enabled, publisher, allowed_scopes, allowed_resources, tags);
-same_content!(Agent: id, name, blueprint, sponsor, owners, enabled, risk, framework, channel, tags);
-same_content!(Resource: id, name, audiences, sensitivity, tags);
+record!(User, "user", made: Made::new(); name);
+record!(Sponsor, "sponsor", made: Made::new(); name, active, department, tags);
+record!(Blueprint, "blueprint", made: Made::new(); name, enabled, publisher, allowed_scopes, allowed_resources, tags);
+record!(Agent, "agent", serial: next_serial(); name, blueprint, sponsor, owners, enabled, risk, framework, channel, tags);
+record!(Resource, "resource", made: Made::new(); name, audiences, sensitivity, tags);
+
+/// An object a change upserts: the record as read (the file's defaults in the fields it left
+/// out), and which fields it gave. Over an object that exists, only the given fields change.
+#[derive(Debug)]
+pub struct Upsert<T> {
+    pub record: Arc<T>,
+    pub given: u16,
+}
+
+impl<T> Clone for Upsert<T> {
+    fn clone(&self) -> Self {
+        Upsert { record: self.record.clone(), given: self.given }
+    }
+}
+
+impl<T: Record> Upsert<T> {
+    /// A whole object: every field given.
+    pub fn whole(record: Arc<T>) -> Upsert<T> {
+        Upsert { record, given: T::all() }
+    }
+
+    pub fn id(&self) -> &SmolStr {
+        self.record.id()
+    }
+
+    /// The record served once this lies over `old` (None: a new object).
+    fn over(&self, old: Option<&Arc<T>>) -> Arc<T> {
+        match old {
+            Some(old) if self.given != T::all() => Arc::new(self.record.merged(old, self.given)),
+            _ => self.record.clone(),
+        }
+    }
+}
+
+/// Only the id and the fields given: read back, it is the same upsert.
+impl<T: Record> Serialize for Upsert<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        match serde_json::to_value(&*self.record).map_err(S::Error::custom)? {
+            Json::Object(mut fields) => {
+                fields.retain(|k, _| T::bit(k) & (self.given | 1) != 0);
+                fields.serialize(s)
+            }
+            other => other.serialize(s),
+        }
+    }
+}
 
 impl User {
     fn entity(&self, t: &EntityTypes) -> &CedarEntity {
@@ -364,26 +455,26 @@ const SECTIONS: [&str; 5] = ["users", "sponsors", "blueprints", "agents", "resou
 #[derive(Debug, Default, Serialize)]
 pub struct Objects {
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub users: Vec<Arc<User>>,
+    pub users: Vec<Upsert<User>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub sponsors: Vec<Arc<Sponsor>>,
+    pub sponsors: Vec<Upsert<Sponsor>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub blueprints: Vec<Arc<Blueprint>>,
+    pub blueprints: Vec<Upsert<Blueprint>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub agents: Vec<Arc<Agent>>,
+    pub agents: Vec<Upsert<Agent>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub resources: Vec<Arc<Resource>>,
+    pub resources: Vec<Upsert<Resource>>,
 }
 
 impl Objects {
     /// The ids of the objects, by section.
     pub fn ids(&self) -> Ids {
         Ids {
-            users: self.users.iter().map(|x| x.id.clone()).collect(),
-            sponsors: self.sponsors.iter().map(|x| x.id.clone()).collect(),
-            blueprints: self.blueprints.iter().map(|x| x.id.clone()).collect(),
-            agents: self.agents.iter().map(|x| x.id.clone()).collect(),
-            resources: self.resources.iter().map(|x| x.id.clone()).collect(),
+            users: self.users.iter().map(|x| x.id().clone()).collect(),
+            sponsors: self.sponsors.iter().map(|x| x.id().clone()).collect(),
+            blueprints: self.blueprints.iter().map(|x| x.id().clone()).collect(),
+            agents: self.agents.iter().map(|x| x.id().clone()).collect(),
+            resources: self.resources.iter().map(|x| x.id().clone()).collect(),
         }
     }
 
@@ -462,7 +553,9 @@ impl Change {
         for (key, raw) in root {
             match key.as_str() {
                 "upsert" => match raw_object(raw.get()) {
-                    Ok(sections) => change.upsert = read_objects(sections, &mut change.warnings, &mut errors),
+                    Ok(sections) => {
+                        change.upsert = read_objects(sections, Unknown::Refuse, &mut change.warnings, &mut errors)
+                    }
                     Err(_) => errors.push(object_error("`upsert`", "expected an object of directory sections")),
                 },
                 "remove" => match raw_object(raw.get()) {
@@ -477,8 +570,18 @@ impl Change {
                                 continue;
                             };
                             match serde_json::from_str::<Vec<SmolStr>>(ids.get()) {
-                                Ok(ids) if ids.iter().all(|id| !id.is_empty()) => list.extend(ids),
-                                _ => errors.push(object_error(&label, "expected an array of non-empty ids")),
+                                Ok(ids) => {
+                                    for id in ids {
+                                        match crate::input::id_problem(&id) {
+                                            Some(problem) => errors.push(object_error(
+                                                &label,
+                                                &format!("`{}`: {problem}", crate::input::printable(&id)),
+                                            )),
+                                            None => list.push(id),
+                                        }
+                                    }
+                                }
+                                Err(_) => errors.push(object_error(&label, "expected an array of ids")),
                             }
                         }
                     }
@@ -533,18 +636,6 @@ impl Change {
         parts.join(", ")
     }
 
-    /// The Cedar entities of what the change upserts, to check against the schema.
-    pub fn entities(&self, t: &EntityTypes) -> Vec<CedarEntity> {
-        let u = &self.upsert;
-        let mut out = Vec::with_capacity(u.len());
-        out.extend(u.users.iter().map(|x| x.entity(t).clone()));
-        out.extend(u.sponsors.iter().map(|x| x.entity(t).clone()));
-        out.extend(u.blueprints.iter().map(|x| x.entity(t).clone()));
-        out.extend(u.agents.iter().map(|x| x.entity(t)));
-        out.extend(u.resources.iter().map(|x| x.entity(t).clone()));
-        out
-    }
-
     /// An id given twice in one list, or both upserted and removed, is an error: which one
     /// was meant cannot be told.
     fn check_unique(&self, errors: &mut Vec<DirectoryError>) {
@@ -563,11 +654,11 @@ impl Change {
                 }
             }
         };
-        upserted("user", &mut u.users.iter().map(|x| &x.id), &r.users, errors);
-        upserted("sponsor", &mut u.sponsors.iter().map(|x| &x.id), &r.sponsors, errors);
-        upserted("blueprint", &mut u.blueprints.iter().map(|x| &x.id), &r.blueprints, errors);
-        upserted("agent", &mut u.agents.iter().map(|x| &x.id), &r.agents, errors);
-        upserted("resource", &mut u.resources.iter().map(|x| &x.id), &r.resources, errors);
+        upserted("user", &mut u.users.iter().map(|x| x.id()), &r.users, errors);
+        upserted("sponsor", &mut u.sponsors.iter().map(|x| x.id()), &r.sponsors, errors);
+        upserted("blueprint", &mut u.blueprints.iter().map(|x| x.id()), &r.blueprints, errors);
+        upserted("agent", &mut u.agents.iter().map(|x| x.id()), &r.agents, errors);
+        upserted("resource", &mut u.resources.iter().map(|x| x.id()), &r.resources, errors);
     }
 }
 
@@ -602,6 +693,17 @@ impl std::fmt::Debug for Directory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Directory({} agents)", self.agents.len())
     }
+}
+
+/// The errors joined by `sep`, at most 50 of them and how many more: a change with many
+/// errors is refused with a message that still fits an answer's header and a log line.
+pub fn listed(errors: &[DirectoryError], sep: &str) -> String {
+    const SHOWN: usize = 50;
+    let mut text = errors.iter().take(SHOWN).map(ToString::to_string).collect::<Vec<_>>().join(sep);
+    if errors.len() > SHOWN {
+        text.push_str(&format!("{sep}… and {} more", errors.len() - SHOWN));
+    }
+    text
 }
 
 /// Each id once, in order (a change that names one twice is refused, and said so once).
@@ -641,7 +743,7 @@ impl Directory {
         })?;
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
-        let objects = read_objects(root, &mut warnings, &mut errors);
+        let objects = read_objects(root, Unknown::Warn, &mut warnings, &mut errors);
         if errors.iter().any(|e| matches!(e, DirectoryError::Syntax(_))) {
             // An object that could not be read at all would make its references dangle.
             return Err(errors);
@@ -667,31 +769,54 @@ impl Directory {
         change.check_unique(&mut errors);
         let mut d = self.clone();
         let (up, rm) = (&change.upsert, &change.remove);
-        for u in &up.users {
+        // Each upsert over what is there: a patch of an object that exists, else a new object.
+        let users: Vec<Arc<User>> = up.users.iter().map(|u| u.over(d.users.get(u.id()))).collect();
+        let sponsors: Vec<Arc<Sponsor>> = up.sponsors.iter().map(|u| u.over(d.sponsors.get(u.id()))).collect();
+        let blueprints: Vec<Arc<Blueprint>> = up.blueprints.iter().map(|u| u.over(d.blueprints.get(u.id()))).collect();
+        let resources: Vec<Arc<Resource>> = up.resources.iter().map(|u| u.over(d.resources.get(u.id()))).collect();
+        let mut agents: Vec<Arc<Agent>> = Vec::with_capacity(up.agents.len());
+        for u in &up.agents {
+            let old = d.agents.get(u.id());
+            if old.is_none() {
+                let required = [("blueprint", &u.record.blueprint), ("sponsor", &u.record.sponsor)];
+                for (field, value) in required {
+                    if u.given & Agent::bit(field) == 0 || value.is_empty() {
+                        errors.push(DirectoryError::Field {
+                            object: format!("agent `{}`", crate::input::printable(u.id())),
+                            field: field.into(),
+                            message: format!("is required: every agent has exactly one {field}"),
+                        });
+                    }
+                }
+            }
+            agents.push(u.over(old));
+        }
+
+        for u in &users {
             d.users.insert(u.id.clone(), u.clone());
         }
-        for s in &up.sponsors {
+        for s in &sponsors {
             d.sponsors.insert(s.id.clone(), s.clone());
         }
-        for b in &up.blueprints {
+        for b in &blueprints {
             if let Some(old) = d.blueprints.insert(b.id.clone(), b.clone()) {
                 old.allowed_resources.iter().for_each(|r| drop_use(&mut d.blueprints_of_resource, r));
             }
             b.allowed_resources.iter().for_each(|r| add_use(&mut d.blueprints_of_resource, r));
         }
-        for a in &up.agents {
+        for a in &agents {
             if let Some(old) = d.agents.insert(a.id.clone(), a.clone()) {
                 d.forget_agent(&old);
             }
             d.count_agent(a);
         }
-        for r in &up.resources {
+        for r in &resources {
             if let Some(old) = d.resources.insert(r.id.clone(), r.clone()) {
                 d.forget_names(&old);
             }
         }
         // Ids first, then audiences: an audience that is another resource's id is the error.
-        for r in &up.resources {
+        for r in &resources {
             if let Some(other) = d.names.insert(r.id.clone(), r.id.clone())
                 && other != r.id
             {
@@ -702,7 +827,7 @@ impl Directory {
                 });
             }
         }
-        for r in &up.resources {
+        for r in &resources {
             for aud in r.audiences.iter() {
                 match d.names.get(aud) {
                     Some(other) if *other != r.id => errors.push(DirectoryError::Field {
@@ -755,12 +880,12 @@ impl Directory {
                 message: format!("unknown {kind} `{id}`"),
             })
         };
-        for b in &up.blueprints {
+        for b in &blueprints {
             for r in b.allowed_resources.iter().filter(|r| !d.resources.contains_key(*r)) {
                 dangling(&mut errors, format!("blueprint `{}`", b.id), "allowed_resources", "resource", r);
             }
         }
-        for a in &up.agents {
+        for a in &agents {
             let object = || format!("agent `{}`", a.id);
             if !a.blueprint.is_empty() && !d.blueprints.contains_key(&a.blueprint) {
                 dangling(&mut errors, object(), "blueprint", "blueprint", &a.blueprint);
@@ -797,6 +922,24 @@ impl Directory {
             d.others = next_serial();
         }
         Ok(d)
+    }
+
+    /// The Cedar entities of what `change` upserted, as this directory (the change applied)
+    /// serves them, to check against the schema: every sponsor, blueprint and resource; of
+    /// agents, one with tags and one without, and one user (the rest are built by the same
+    /// code from the same fields).
+    pub fn entities_of_change(&self, change: &Change, t: &EntityTypes) -> Vec<CedarEntity> {
+        let up = &change.upsert;
+        let mut out = Vec::new();
+        out.extend(up.users.iter().take(1).filter_map(|u| self.users.get(u.id())).map(|x| x.entity(t).clone()));
+        out.extend(up.sponsors.iter().filter_map(|u| self.sponsors.get(u.id())).map(|x| x.entity(t).clone()));
+        out.extend(up.blueprints.iter().filter_map(|u| self.blueprints.get(u.id())).map(|x| x.entity(t).clone()));
+        out.extend(up.resources.iter().filter_map(|u| self.resources.get(u.id())).map(|x| x.entity(t).clone()));
+        let agents = || up.agents.iter().filter_map(|u| self.agents.get(u.id()));
+        let untagged = agents().find(|a| a.tags.is_empty());
+        let tagged = agents().find(|a| !a.tags.is_empty());
+        out.extend(untagged.into_iter().chain(tagged).map(|a| a.entity(t)));
+        out
     }
 
     fn count_agent(&mut self, a: &Agent) {
@@ -948,48 +1091,76 @@ impl Directory {
     }
 }
 
-/// The live changes, net, by id: the last record each upserted (Some) or its removal (None).
-/// Laid over a base directory it gives what the changes made of it; laid over a new base (a
-/// reload) it keeps them.
+/// One section of the overlay: by id, what the live changes made of it over the base: an
+/// upsert (a patch of the base's object, or a whole object), or its removal (None).
+type Layer<T> = std::collections::BTreeMap<SmolStr, Option<Upsert<T>>>;
+
+/// The live changes, net, by id. Laid over a base directory it gives what the changes made of
+/// it; laid over a new base (a reload) it keeps them: a patch of an object keeps patching
+/// the fields it gave, the others come from the new base.
 #[derive(Debug, Default, Clone)]
 pub struct Overlay {
-    users: std::collections::BTreeMap<SmolStr, Option<Arc<User>>>,
-    sponsors: std::collections::BTreeMap<SmolStr, Option<Arc<Sponsor>>>,
-    blueprints: std::collections::BTreeMap<SmolStr, Option<Arc<Blueprint>>>,
-    agents: std::collections::BTreeMap<SmolStr, Option<Arc<Agent>>>,
-    resources: std::collections::BTreeMap<SmolStr, Option<Arc<Resource>>>,
+    users: Layer<User>,
+    sponsors: Layer<Sponsor>,
+    blueprints: Layer<Blueprint>,
+    agents: Layer<Agent>,
+    resources: Layer<Resource>,
 }
 
-macro_rules! each_section {
-    ($self:ident, $other:ident, $body:ident) => {
-        $body!($self.users, $other.users);
-        $body!($self.sponsors, $other.sponsors);
-        $body!($self.blueprints, $other.blueprints);
-        $body!($self.agents, $other.agents);
-        $body!($self.resources, $other.resources);
-    };
+/// Adds `upserts` and then `removals`, which applied over `base` with `layer` on it.
+fn record_layer<T: Record>(layer: &mut Layer<T>, upserts: &[Upsert<T>], removals: &[SmolStr], base: &Map<T>) {
+    for u in upserts {
+        let net = match layer.get(u.id()) {
+            // Over a live upsert: this one's fields over it.
+            Some(Some(prev)) => Upsert { record: u.over(Some(&prev.record)), given: prev.given | u.given },
+            // Over the base's object: a patch of it.
+            None if base.contains_key(u.id()) => u.clone(),
+            // A new object (or one removed before): whole, the file's defaults where it gave none.
+            _ => Upsert::whole(u.record.clone()),
+        };
+        layer.insert(u.id().clone(), Some(net));
+    }
+    for id in removals {
+        if base.contains_key(id) {
+            layer.insert(id.clone(), None);
+        } else {
+            // It was live only: removed, it is as if it never came.
+            layer.remove(id);
+        }
+    }
+}
+
+/// The layer as an upsert list and a removal list over `base`.
+fn split_layer<T: Record>(layer: &Layer<T>, up: &mut Vec<Upsert<T>>, rm: &mut Vec<SmolStr>, base: &Map<T>) {
+    for (id, x) in layer {
+        match x {
+            Some(u) => up.push(u.clone()),
+            None if base.contains_key(id) => rm.push(id.clone()),
+            None => {}
+        }
+    }
+}
+
+/// Drops what `base` already says: an upsert whose fields the base's object has, a removal of
+/// what the base lacks.
+fn fold_layer<T: Record>(layer: &mut Layer<T>, base: &Map<T>) {
+    layer.retain(|id, x| match (x, base.get(id)) {
+        (Some(u), Some(b)) => !u.record.same_in(b, u.given),
+        (None, None) => false,
+        _ => true,
+    });
 }
 
 impl Overlay {
-    /// Adds a change that applied (upserts first, then removals, as it was applied).
-    pub fn record(&mut self, change: &Change) {
+    /// Adds a change that applied over `base` with this overlay on it (upserts first, then
+    /// removals, as it was applied).
+    pub fn record(&mut self, change: &Change, base: &Directory) {
         let (up, rm) = (&change.upsert, &change.remove);
-        macro_rules! upsert {
-            ($mine:expr, $theirs:expr) => {
-                for x in &$theirs {
-                    $mine.insert(x.id.clone(), Some(x.clone()));
-                }
-            };
-        }
-        macro_rules! remove {
-            ($mine:expr, $theirs:expr) => {
-                for id in &$theirs {
-                    $mine.insert(id.clone(), None);
-                }
-            };
-        }
-        each_section!(self, up, upsert);
-        each_section!(self, rm, remove);
+        record_layer(&mut self.users, &up.users, &rm.users, &base.users);
+        record_layer(&mut self.sponsors, &up.sponsors, &rm.sponsors, &base.sponsors);
+        record_layer(&mut self.blueprints, &up.blueprints, &rm.blueprints, &base.blueprints);
+        record_layer(&mut self.agents, &up.agents, &rm.agents, &base.agents);
+        record_layer(&mut self.resources, &up.resources, &rm.resources, &base.resources);
     }
 
     /// How many objects the live changes set or remove.
@@ -1001,48 +1172,27 @@ impl Overlay {
         self.len() == 0
     }
 
-    /// The change that lays this overlay over `base`: every upsert, and the removals of what
-    /// `base` has (a removal of what it lacks is already true).
+    /// The change that lays this overlay over `base`.
     pub fn as_change(&self, base: &Directory) -> Change {
         let mut change = Change::default();
         let (up, rm) = (&mut change.upsert, &mut change.remove);
-        macro_rules! split {
-            ($mine:expr, $up:expr, $rm:expr, $base:expr) => {
-                for (id, x) in &$mine {
-                    match x {
-                        Some(x) => $up.push(x.clone()),
-                        None if $base.contains_key(id) => $rm.push(id.clone()),
-                        None => {}
-                    }
-                }
-            };
-        }
-        split!(self.users, up.users, rm.users, base.users);
-        split!(self.sponsors, up.sponsors, rm.sponsors, base.sponsors);
-        split!(self.blueprints, up.blueprints, rm.blueprints, base.blueprints);
-        split!(self.agents, up.agents, rm.agents, base.agents);
-        split!(self.resources, up.resources, rm.resources, base.resources);
+        split_layer(&self.users, &mut up.users, &mut rm.users, &base.users);
+        split_layer(&self.sponsors, &mut up.sponsors, &mut rm.sponsors, &base.sponsors);
+        split_layer(&self.blueprints, &mut up.blueprints, &mut rm.blueprints, &base.blueprints);
+        split_layer(&self.agents, &mut up.agents, &mut rm.agents, &base.agents);
+        split_layer(&self.resources, &mut up.resources, &mut rm.resources, &base.resources);
         change
     }
 
-    /// Drops what `base` already says (the same record, or no such id for a removal): the live
-    /// changes an admin folded into the bundle. Returns how many were dropped.
+    /// Drops what `base` already says: the live changes an admin folded into the bundle.
+    /// Returns how many were dropped.
     pub fn fold(&mut self, base: &Directory) -> usize {
         let before = self.len();
-        macro_rules! fold {
-            ($mine:expr, $base:expr) => {
-                $mine.retain(|id, x| match (x, $base.get(id)) {
-                    (Some(x), Some(b)) => **x != **b,
-                    (None, None) => false,
-                    _ => true,
-                });
-            };
-        }
-        fold!(self.users, base.users);
-        fold!(self.sponsors, base.sponsors);
-        fold!(self.blueprints, base.blueprints);
-        fold!(self.agents, base.agents);
-        fold!(self.resources, base.resources);
+        fold_layer(&mut self.users, &base.users);
+        fold_layer(&mut self.sponsors, &base.sponsors);
+        fold_layer(&mut self.blueprints, &base.blueprints);
+        fold_layer(&mut self.agents, &base.agents);
+        fold_layer(&mut self.resources, &base.resources);
         before - self.len()
     }
 }
@@ -1079,10 +1229,20 @@ fn object_error(object: &str, message: &str) -> DirectoryError {
     DirectoryError::Object { object: object.into(), message: message.into() }
 }
 
+/// How a document treats what it does not know: `directory.json` warns of an unknown section
+/// or field (a file exported with more fields still loads); a live change refuses it (a
+/// misspelt field would otherwise be dropped in silence, and the change applied without it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unknown {
+    Warn,
+    Refuse,
+}
+
 /// The objects of a document's sections, read one object at a time: each is parsed, read into
 /// its record and dropped before the next.
 fn read_objects(
     root: Vec<(String, &RawValue)>,
+    unknown: Unknown,
     warnings: &mut Vec<String>,
     errors: &mut Vec<DirectoryError>,
 ) -> Objects {
@@ -1090,9 +1250,13 @@ fn read_objects(
     let mut sections: [Vec<&RawValue>; 5] = Default::default();
     for (key, raw) in root {
         let Some(at) = SECTIONS.iter().position(|s| *s == key) else {
-            warnings.push(format!(
-                "unknown section `{key}` is ignored: expected users, sponsors, blueprints, agents, resources"
-            ));
+            let expected = "expected users, sponsors, blueprints, agents, resources";
+            match unknown {
+                Unknown::Warn => warnings.push(format!("unknown section `{key}` is ignored: {expected}")),
+                Unknown::Refuse => {
+                    errors.push(object_error(&format!("`upsert.{key}`"), &format!("unknown section: {expected}")))
+                }
+            }
             continue;
         };
         match serde_json::from_str::<Option<Vec<&RawValue>>>(raw.get()) {
@@ -1105,7 +1269,7 @@ fn read_objects(
         for (i, raw) in items.into_iter().enumerate() {
             match crate::input::parse_json(raw.get()) {
                 Ok(v) => {
-                    let mut o = Obj::new(warnings, section, i, &v, errors);
+                    let mut o = Obj::new(warnings, unknown, section, i, &v, errors);
                     read(&mut o);
                 }
                 Err(e) => errors.push(DirectoryError::Syntax(format!("{section}[{i}]: {e}"))),
@@ -1113,41 +1277,41 @@ fn read_objects(
         }
     };
     each("users", users, &mut |o| {
-        objects.users.push(Arc::new(User { id: o.id(), name: o.string("name", None), made: Made::new() }));
-        o.finish(&["id", "name"]);
+        let record = User { id: o.id(), name: o.string("name", None), made: Made::new() };
+        objects.users.push(o.finish(record));
     });
     each("sponsors", sponsors, &mut |o| {
-        objects.sponsors.push(Arc::new(Sponsor {
+        let record = Sponsor {
             id: o.id(),
             name: o.string("name", None),
             active: o.bool("active", true),
             department: o.string("department", Some("")),
             tags: o.tags(),
             made: Made::new(),
-        }));
-        o.finish(&["id", "name", "active", "department", "tags"]);
+        };
+        objects.sponsors.push(o.finish(record));
     });
     each("blueprints", blueprints, &mut |o| {
-        objects.blueprints.push(Arc::new(Blueprint {
+        let record = Blueprint {
             id: o.id(),
             name: o.string("name", None),
             enabled: o.bool("enabled", true),
             publisher: o.string("publisher", Some("")),
-            allowed_scopes: o.strings("allowed_scopes"),
-            allowed_resources: o.strings("allowed_resources"),
+            allowed_scopes: o.strings("allowed_scopes", false),
+            allowed_resources: o.strings("allowed_resources", true),
             tags: o.tags(),
             made: Made::new(),
-        }));
-        o.finish(&["id", "name", "enabled", "publisher", "allowed_scopes", "allowed_resources", "tags"]);
+        };
+        objects.blueprints.push(o.finish(record));
     });
     each("agents", agents, &mut |o| {
         let risk = o.string("risk", Some("none"));
-        let agent = Agent {
+        let record = Agent {
             id: o.id(),
             name: o.string("name", None),
-            blueprint: o.string("blueprint", Some("")),
-            sponsor: o.string("sponsor", Some("")),
-            owners: o.strings("owners"),
+            blueprint: o.reference("blueprint"),
+            sponsor: o.reference("sponsor"),
+            owners: o.strings("owners", true),
             enabled: o.bool("enabled", true),
             risk: match risk.parse() {
                 Ok(level) => level,
@@ -1161,29 +1325,22 @@ fn read_objects(
             tags: o.tags(),
             serial: next_serial(),
         };
-        if agent.blueprint.is_empty() {
-            o.fail("blueprint", "is required: every agent has exactly one blueprint".into());
-        }
-        if agent.sponsor.is_empty() {
-            o.fail("sponsor", "is required: every agent has exactly one sponsor".into());
-        }
-        o.finish(&["id", "name", "blueprint", "sponsor", "owners", "enabled", "risk", "framework", "channel", "tags"]);
-        objects.agents.push(Arc::new(agent));
+        objects.agents.push(o.finish(record));
     });
     each("resources", resources, &mut |o| {
         let sensitivity = o.string("sensitivity", Some("medium"));
         if let Err(e) = Sensitivity::from_str(&sensitivity) {
             o.fail("sensitivity", e.to_string());
         }
-        objects.resources.push(Arc::new(Resource {
+        let record = Resource {
             id: o.id(),
             name: o.string("name", None),
-            audiences: o.strings("audiences"),
+            audiences: o.strings("audiences", true),
             sensitivity,
             tags: o.tags(),
             made: Made::new(),
-        }));
-        o.finish(&["id", "name", "audiences", "sensitivity", "tags"]);
+        };
+        objects.resources.push(o.finish(record));
     });
     objects
 }
@@ -1211,6 +1368,7 @@ fn unique_ids<'a>(
 /// One object of a section, read field by field so that every error names the object and field.
 struct Obj<'a> {
     warnings: &'a mut Vec<String>,
+    unknown: Unknown,
     label: String,
     map: Option<&'a serde_json::Map<String, Json>>,
     errors: &'a mut Vec<DirectoryError>,
@@ -1219,6 +1377,7 @@ struct Obj<'a> {
 impl<'a> Obj<'a> {
     fn new(
         warnings: &'a mut Vec<String>,
+        unknown: Unknown,
         section: &str,
         index: usize,
         v: &'a Json,
@@ -1233,7 +1392,7 @@ impl<'a> Obj<'a> {
         if map.is_none() {
             errors.push(DirectoryError::Object { object: label.clone(), message: "expected a JSON object".into() });
         }
-        Obj { warnings, label, map, errors }
+        Obj { warnings, unknown, label, map, errors }
     }
 
     fn fail(&mut self, field: &str, message: String) {
@@ -1248,6 +1407,17 @@ impl<'a> Obj<'a> {
         let id = self.string("id", Some(""));
         if id.is_empty() && self.map.is_some() {
             self.fail("id", "is required and must not be empty".into());
+        } else if let Some(problem) = crate::input::id_problem(&id) {
+            self.fail("id", problem);
+        }
+        id
+    }
+
+    /// The id of another object (empty if absent: required or not, the change decides).
+    fn reference(&mut self, field: &str) -> SmolStr {
+        let id = self.string(field, Some(""));
+        if let Some(problem) = crate::input::id_problem(&id).filter(|_| !id.is_empty()) {
+            self.fail(field, problem);
         }
         id
     }
@@ -1278,17 +1448,24 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn strings(&mut self, field: &str) -> Box<[SmolStr]> {
+    /// A set of strings (sorted, each once: every such field is a set to Cedar); `ids`: each
+    /// must be an id (another object's, or an audience a request may name).
+    fn strings(&mut self, field: &str, ids: bool) -> Box<[SmolStr]> {
         match self.get(field) {
             None => Box::default(),
             Some(Json::Array(items)) => {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items {
                     match item {
-                        Json::String(s) => out.push(SmolStr::new(s)),
+                        Json::String(s) => match crate::input::id_problem(s).filter(|_| ids) {
+                            Some(problem) => self.fail(field, format!("`{}`: {problem}", crate::input::printable(s))),
+                            None => out.push(SmolStr::new(s)),
+                        },
                         other => self.fail(field, format!("expected an array of strings, found {}", kind(other))),
                     }
                 }
+                out.sort_unstable();
+                out.dedup();
                 out.into()
             }
             Some(other) => {
@@ -1319,16 +1496,30 @@ impl<'a> Obj<'a> {
         }
     }
 
-    /// Warns of fields the directory does not know: a misspelt optional field is otherwise unseen.
-    fn finish(&mut self, known: &[&str]) {
-        let Some(map) = self.map else { return };
-        for key in map.keys().filter(|k| !known.contains(&k.as_str())) {
-            self.warnings.push(format!(
-                "{}: unknown field `{key}` is ignored: expected one of {}",
-                self.label,
-                known.join(", ")
-            ));
+    /// The object's upsert: its record and the fields it gave. A field the directory does not
+    /// know is a warning or an error (see [`Unknown`]): a misspelt optional field is otherwise
+    /// unseen.
+    fn finish<T: Record>(&mut self, record: T) -> Upsert<T> {
+        let mut given = 1;
+        if let Some(map) = self.map {
+            for (key, value) in map {
+                match T::FIELDS.iter().position(|f| f == key) {
+                    Some(i) if !value.is_null() => given |= 1 << i,
+                    Some(_) => {}
+                    None => {
+                        let expected = T::FIELDS.join(", ");
+                        match self.unknown {
+                            Unknown::Warn => self.warnings.push(format!(
+                                "{}: unknown field `{key}` is ignored: expected one of {expected}",
+                                self.label
+                            )),
+                            Unknown::Refuse => self.fail(key, format!("unknown field: expected one of {expected}")),
+                        }
+                    }
+                }
+            }
         }
+        Upsert { record: Arc::new(record), given }
     }
 }
 
@@ -1463,7 +1654,7 @@ mod change_tests {
         let new = apply(
             &old,
             r#"{"upsert": {"agents": [{"id": "ag-2", "blueprint": "bp-idle", "sponsor": "s-carol", "tags": {"env": "prod"}},
-                                      {"id": "ag-1", "blueprint": "bp-mail", "sponsor": "s-alice", "enabled": false}]}}"#,
+                                      {"id": "ag-1", "owners": [], "enabled": false}]}}"#,
         )
         .unwrap();
         assert!(old.agent("ag-2").is_none());
@@ -1560,21 +1751,14 @@ mod change_tests {
             |src: &str| Change::from_json_str(src).unwrap_err().iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(errors("{}"), ["the change is empty: give `upsert`, `remove` or both"]);
         assert_eq!(errors(r#"{"delete": {}}"#), ["`delete`: unknown key: a change has `upsert` and `remove` only"]);
-        assert_eq!(
-            errors(r#"{"remove": {"agents": "ag-1"}}"#),
-            ["`remove.agents`: expected an array of non-empty ids"]
-        );
+        assert_eq!(errors(r#"{"remove": {"agents": "ag-1"}}"#), ["`remove.agents`: expected an array of ids"]);
         assert_eq!(
             errors(r#"{"remove": {"groups": ["g"]}}"#),
             ["`remove.groups`: unknown section: expected users, sponsors, blueprints, agents, resources"]
         );
         assert_eq!(
             errors(r#"{"upsert": {"agents": [{"id": "a", "risk": "severe"}]}}"#),
-            [
-                "agent `a`: field `risk`: unknown risk level `severe`: expected one of none, low, medium, high",
-                "agent `a`: field `blueprint`: is required: every agent has exactly one blueprint",
-                "agent `a`: field `sponsor`: is required: every agent has exactly one sponsor",
-            ]
+            ["agent `a`: field `risk`: unknown risk level `severe`: expected one of none, low, medium, high",]
         );
         assert_eq!(
             errors(r#"{"upsert": {"agents": [{"id": "a", "id": "b"}]}}"#),
@@ -1587,6 +1771,93 @@ mod change_tests {
     }
 
     #[test]
+    fn an_upsert_of_an_existing_object_changes_only_the_fields_it_gives() {
+        let d = Directory::from_json_str(
+            r#"{"users": [{"id": "u-bob"}], "sponsors": [{"id": "s"}], "blueprints": [{"id": "b"}],
+                "agents": [{"id": "ag-1", "name": "One", "blueprint": "b", "sponsor": "s", "owners": ["u-bob"],
+                            "enabled": false, "risk": "high", "framework": "langchain", "tags": {"env": "dev"}}]}"#,
+        )
+        .unwrap();
+        // Re-tagged: still disabled, still at high risk, still named, still owned.
+        let d2 = apply(&d, r#"{"upsert": {"agents": [{"id": "ag-1", "tags": {"env": "prod"}}]}}"#).unwrap();
+        let a = d2.agent("ag-1").unwrap();
+        assert_eq!(
+            (a.name.as_str(), a.enabled, a.risk, a.framework.as_str()),
+            ("One", false, RiskLevel::High, "langchain")
+        );
+        assert_eq!((a.tags.get("env"), &*a.owners), (Some("prod"), &[SmolStr::new("u-bob")][..]));
+        // A new agent needs its blueprint and sponsor; null is as good as absent.
+        let errors = apply(&d, r#"{"upsert": {"agents": [{"id": "ag-2", "blueprint": null}]}}"#).unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                "agent `ag-2`: field `blueprint`: is required: every agent has exactly one blueprint",
+                "agent `ag-2`: field `sponsor`: is required: every agent has exactly one sponsor",
+            ]
+        );
+
+        // Kept live and laid over a new base that disables nothing and renames the agent: the
+        // patch keeps patching the tags only.
+        let change =
+            Change::from_json_str(r#"{"upsert": {"agents": [{"id": "ag-1", "tags": {"env": "prod"}}]}}"#).unwrap();
+        let mut overlay = Overlay::default();
+        overlay.record(&change, &d);
+        let newer = Directory::from_json_str(
+            r#"{"users": [{"id": "u-bob"}], "sponsors": [{"id": "s"}], "blueprints": [{"id": "b"}],
+                "agents": [{"id": "ag-1", "name": "Renamed", "blueprint": "b", "sponsor": "s", "tags": {"env": "dev"}}]}"#,
+        )
+        .unwrap();
+        let served = newer.apply(&overlay.as_change(&newer)).unwrap();
+        let a = served.agent("ag-1").unwrap();
+        assert_eq!((a.name.as_str(), a.enabled, a.tags.get("env")), ("Renamed", true, Some("prod")));
+        // The journal's form of the patch reads back as the same patch.
+        let again = Change::from_json_str(&overlay.as_change(&newer).to_json().unwrap()).unwrap();
+        assert_eq!(again.to_json().unwrap(), r#"{"upsert":{"agents":[{"id":"ag-1","tags":{"env":"prod"}}]}}"#);
+    }
+
+    #[test]
+    fn ids_are_ids_sets_are_sets_and_a_change_names_what_it_does_not_know() {
+        let errors =
+            |src: &str| Change::from_json_str(src).unwrap_err().iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            errors(r#"{"upsert": {"agents": [{"id": "ag 1", "blueprint": "b", "sponsor": "s\u001b"}]}}"#),
+            [
+                "agent `ag 1`: field `id`: is not an id: 1 to 512 bytes, no whitespace or control characters",
+                "agent `ag 1`: field `sponsor`: is not an id: 1 to 512 bytes, no whitespace or control characters",
+            ]
+        );
+        assert_eq!(
+            errors(r#"{"remove": {"agents": ["ok", "x\ny"]}}"#),
+            ["`remove.agents`: `x\\u{a}y`: is not an id: 1 to 512 bytes, no whitespace or control characters"]
+        );
+        assert_eq!(
+            errors(r#"{"upsert": {"agents": [{"id": "a", "enabeld": false}], "blueprintz": []}}"#),
+            [
+                "`upsert.blueprintz`: unknown section: expected users, sponsors, blueprints, agents, resources",
+                "agent `a`: field `enabeld`: unknown field: expected one of id, name, blueprint, sponsor, owners, enabled, risk, framework, channel, tags",
+            ]
+        );
+        // Owners are a set: their order is not a difference, so a live change folds.
+        let d = base();
+        let mut overlay = Overlay::default();
+        let change =
+            Change::from_json_str(r#"{"upsert": {"agents": [{"id": "ag-1", "owners": ["u-eve", "u-bob", "u-eve"]}]}}"#)
+                .unwrap();
+        let live = d.apply(&change).unwrap();
+        overlay.record(&change, &d);
+        assert_eq!(&*live.agent("ag-1").unwrap().owners, &[SmolStr::new("u-bob"), SmolStr::new("u-eve")][..]);
+        let reordered = BASE.replace(r#""owners": ["u-bob"]"#, r#""owners": ["u-eve", "u-bob"]"#);
+        assert_eq!(overlay.fold(&Directory::from_json_str(&reordered).unwrap()), 1);
+        // Many errors are listed fifty at a time.
+        let many: Vec<String> = (0..120).map(|i| format!("\"ag-x{i}\"")).collect();
+        let refused =
+            d.apply(&Change::from_json_str(&format!(r#"{{"remove": {{"agents": [{}]}}}}"#, many.join(","))).unwrap());
+        let text = listed(&refused.unwrap_err(), "\n");
+        assert_eq!(text.lines().count(), 51);
+        assert!(text.ends_with("… and 70 more"), "{text}");
+    }
+
+    #[test]
     fn a_change_reads_back_from_its_journal_form() {
         let src = r#"{"upsert": {"agents": [{"id": "ag-2", "blueprint": "bp-idle", "sponsor": "s-carol", "owners": ["u-eve"],
                                             "tags": {"b": "2", "a": "1"}, "risk": "high"}]},
@@ -1594,7 +1865,8 @@ mod change_tests {
         let change = Change::from_json_str(src).unwrap();
         let again = Change::from_json_str(&change.to_json().unwrap()).unwrap();
         assert_eq!(again.to_json().unwrap(), change.to_json().unwrap());
-        assert_eq!(*again.upsert.agents[0], *change.upsert.agents[0]);
+        assert_eq!(*again.upsert.agents[0].record, *change.upsert.agents[0].record);
+        assert_eq!(again.upsert.agents[0].given, change.upsert.agents[0].given);
         assert_eq!(again.summary(), "upsert 1 agents, remove 1 agents");
     }
 
@@ -1609,17 +1881,17 @@ mod change_tests {
         ] {
             let change = Change::from_json_str(c).unwrap();
             d.apply(&overlay.as_change(&d)).unwrap().apply(&change).unwrap();
-            overlay.record(&change);
+            overlay.record(&change, &d);
         }
         let live = d.apply(&overlay.as_change(&d)).unwrap();
         assert!(live.agent("ag-1").is_none() && live.agent("ag-3").is_none() && live.agent("ag-2").is_some());
-        assert_eq!(overlay.len(), 3);
         // Exported and made the bundle's directory: the overlay has nothing left to say.
         let exported = Directory::from_json_str(&live.to_json().unwrap()).unwrap();
         assert_eq!(exported.to_json().unwrap(), live.to_json().unwrap());
-        // Over the old base, only the removal of ag-3 (made and removed live) is already true.
-        assert_eq!(overlay.clone().fold(&d), 1);
-        assert_eq!(overlay.fold(&exported), 3);
+        // ag-3, made and removed live, left nothing; over the old base nothing is folded.
+        assert_eq!(overlay.len(), 2);
+        assert_eq!(overlay.clone().fold(&d), 0);
+        assert_eq!(overlay.fold(&exported), 2);
         assert!(overlay.is_empty());
     }
 }

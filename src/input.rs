@@ -22,6 +22,8 @@ pub const MAX_DIRECTORY_BYTES: u64 = 1 << 30;
 pub const MAX_LOCATIONS_BYTES: u64 = 16 << 20;
 /// Largest request for `eval --request` (a file or standard input).
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// The longest id (of an agent, a resource, a blueprint …) anywhere.
+pub const MAX_ID_LEN: usize = 512;
 /// Largest test case file for `agentca test`.
 pub const MAX_TEST_FILE_BYTES: u64 = 64 << 20;
 
@@ -43,6 +45,17 @@ pub enum InputError {
 impl InputError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, InputError::Io(e) if e.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+/// Why `id` is not an id, if it is not. Ids are taken as sent, never trimmed: 1 to 512 bytes
+/// without whitespace or control characters (they reach logs, terminals and audit records,
+/// and a request could never name one with a space).
+pub fn id_problem(id: &str) -> Option<String> {
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some(format!("is not an id: 1 to {MAX_ID_LEN} bytes, no whitespace or control characters"))
+    } else {
+        None
     }
 }
 

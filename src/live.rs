@@ -36,9 +36,15 @@ struct Entry<'a> {
 #[derive(Deserialize)]
 struct ReadEntry<'a> {
     seq: u64,
+    /// Absent on the line a compaction writes when no live change is left: it keeps the
+    /// sequence, so that change numbers are never used twice.
     #[serde(borrow)]
-    change: &'a RawValue,
+    change: Option<&'a RawValue>,
 }
+
+/// What a line that cannot be read leaves the operator to do.
+const UNREADABLE: &str = "the journal is read at start to lay the live directory changes over the bundle; \
+     repair the line, or move the file aside to start from the bundle's directory alone";
 
 #[derive(Debug, thiserror::Error)]
 #[error("directory journal `{path}`: {message}")]
@@ -71,7 +77,13 @@ pub struct DirectoryJournal {
     lines: AtomicU64,
     /// Rewrite once the journal holds this many lines more than one.
     compact_after: u64,
+    /// The journal's length after its last compaction (or at start).
+    compacted_len: AtomicU64,
 }
+
+/// A journal longer than this and four times its compacted length is compacted, however
+/// few its lines (changes that add and remove many objects).
+const COMPACT_BYTES: u64 = 16 << 20;
 
 impl DirectoryJournal {
     /// Opens `DIR/directory.jsonl` and reads its changes back.
@@ -99,14 +111,18 @@ impl DirectoryJournal {
                 continue;
             }
             let at = i + 1;
-            let line = std::str::from_utf8(line).map_err(|_| err(&format!("line {at}: not UTF-8")))?;
-            let entry: ReadEntry<'_> = serde_json::from_str(line).map_err(|e| err(&format!("line {at}: {e}")))?;
-            let change = Change::from_json_str(entry.change.get()).map_err(|errors| {
-                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                err(&format!("line {at}: {}", errors.join("; ")))
-            })?;
-            replay.changes.push(change);
-            replay.seq = replay.seq.max(entry.seq);
+            let unreadable = |why: &str| err(&format!("line {at}: {why} ({UNREADABLE})"));
+            let line = std::str::from_utf8(line).map_err(|_| unreadable("not UTF-8"))?;
+            let entry: ReadEntry<'_> = serde_json::from_str(line).map_err(|e| unreadable(&e.to_string()))?;
+            if entry.seq <= replay.seq {
+                return Err(unreadable(&format!("change #{} does not follow #{}", entry.seq, replay.seq)));
+            }
+            if let Some(change) = entry.change {
+                let change = Change::from_json_str(change.get())
+                    .map_err(|errors| unreadable(&crate::directory::listed(&errors, "; ")))?;
+                replay.changes.push(change);
+            }
+            replay.seq = entry.seq;
             lines += 1;
         }
         if whole < text.len() {
@@ -121,6 +137,7 @@ impl DirectoryJournal {
             tail: Mutex::new(Tail { file, len, torn: false }),
             lines: AtomicU64::new(lines),
             compact_after: 1_000,
+            compacted_len: AtomicU64::new(len.min(COMPACT_BYTES)),
         };
         Ok((journal, replay))
     }
@@ -166,13 +183,16 @@ impl DirectoryJournal {
         Ok(())
     }
 
-    /// True if the journal holds many more lines than the one its compaction would write.
+    /// True if the journal holds many more lines than the one its compaction would write, or
+    /// has grown well past its compacted length.
     pub fn wants_compaction(&self) -> bool {
+        let len = self.tail.lock().map_or(0, |t| t.len);
         self.lines.load(Ordering::Relaxed) > self.compact_after
+            || (len > COMPACT_BYTES && len > 4 * self.compacted_len.load(Ordering::Relaxed))
     }
 
-    /// Rewrites the journal as one entry holding `net`, the live changes as one change (or
-    /// empty if there are none), numbered `seq`: written aside, fsynced, renamed over.
+    /// Rewrites the journal as one entry holding `net`, the live changes as one change (or no
+    /// change if there are none), numbered `seq`: written aside, fsynced, renamed over.
     pub fn compact(&self, seq: u64, net: &Change) -> Result<(), LiveJournalError> {
         let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
         self.rewrite(&mut tail, seq, net)
@@ -183,7 +203,12 @@ impl DirectoryJournal {
         let tmp = self.path.with_extension("jsonl.compact");
         let mut out = File::create(&tmp)?;
         let empty = net.upsert.is_empty() && net.remove.is_empty();
-        if !empty {
+        if empty {
+            let mut line = serde_json::to_vec(&serde_json::json!({"seq": seq, "at": Utc::now(), "by": "compaction"}))
+                .map_err(io::Error::other)?;
+            line.push(b'\n');
+            out.write_all(&line)?;
+        } else {
             out.write_all(&entry_line(seq, net, "compaction", "the live changes, net").map_err(io::Error::other)?)?;
         }
         out.sync_all()?;
@@ -196,7 +221,8 @@ impl DirectoryJournal {
         let file = OpenOptions::new().append(true).open(&self.path)?;
         let len = file.metadata()?.len();
         *tail = Tail { file, len, torn: false };
-        self.lines.store(u64::from(!empty), Ordering::Relaxed);
+        self.lines.store(1, Ordering::Relaxed);
+        self.compacted_len.store(len, Ordering::Relaxed);
         Ok(())
     }
 
@@ -263,6 +289,11 @@ mod tests {
         fs::write(&path, "{\"seq\":1,\"change\":{\"delete\":{}}}\n").unwrap();
         let err = DirectoryJournal::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("line 1") && err.contains("delete"), "{err}");
+        // Numbers only go up: a line numbered again (two servers on one journal) is named.
+        let line = "{\"seq\":1,\"change\":{\"remove\":{\"agents\":[\"a\"]}}}\n";
+        fs::write(&path, format!("{line}{line}")).unwrap();
+        let err = DirectoryJournal::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("line 2: change #1 does not follow #1"), "{err}");
     }
 
     #[test]
@@ -281,8 +312,12 @@ mod tests {
         let (_, replay) = DirectoryJournal::open(dir.path()).unwrap();
         assert_eq!((replay.changes.len(), replay.seq), (2, 2));
         assert!(replay.changes[1].to_json().unwrap().contains("\"c\""));
-        // Nothing live: the compacted journal is empty.
+        // Nothing live: the compacted journal keeps only the sequence, which goes on from there.
         journal.compact(2, &Change::default()).unwrap();
-        assert_eq!(fs::read(dir.path().join(DIRECTORY_JOURNAL_FILE)).unwrap().len(), 0);
+        let (journal, replay) = DirectoryJournal::open(dir.path()).unwrap();
+        assert_eq!((replay.changes.len(), replay.seq), (0, 2));
+        journal.append(3, &b, "admin", "", &net).unwrap();
+        let (_, replay) = DirectoryJournal::open(dir.path()).unwrap();
+        assert_eq!((replay.changes.len(), replay.seq), (1, 3));
     }
 }

@@ -142,6 +142,10 @@ pub struct DirectoryRecord<'a> {
     pub summary: String,
     pub upsert: Ids,
     pub remove: &'a Ids,
+    /// The change itself, when it is small (up to 64 KiB): the fields it set. A larger one is
+    /// named by its ids only; the journal under `--state` holds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change: Option<&'a Change>,
     /// The bundle revision the change applied over.
     pub revision: &'a str,
     pub caller: &'a Caller,
@@ -165,6 +169,7 @@ impl<'a> DirectoryRecord<'a> {
             summary: change.summary(),
             upsert: change.upsert.ids(),
             remove: &change.remove,
+            change: change.to_json().ok().filter(|j| j.len() <= 64 << 10).map(|_| change),
             revision,
             caller,
         }

@@ -12,7 +12,7 @@ use crate::directory::RiskLevel;
 use crate::input::{UnknownName, parse_name, shown};
 
 /// Longest id, scope, user or request id accepted, in bytes.
-pub const MAX_ID_LEN: usize = 512;
+pub const MAX_ID_LEN: usize = crate::input::MAX_ID_LEN;
 /// Most scopes in one request.
 pub const MAX_SCOPES: usize = 256;
 /// Longest `path` accepted (call_api), in bytes.

@@ -67,7 +67,7 @@ pub enum DirectoryFailure {
     #[error("directory changes need a state folder (--state) to be durable")]
     NoJournal,
     /// Nothing of the change applied; each error names the object and field.
-    #[error("the change was refused, and nothing of it applied:\n{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    #[error("the change was refused, and nothing of it applied:\n{}", crate::directory::listed(.0, "\n"))]
     Refused(Vec<DirectoryError>),
     #[error("the change could not be made durable, and nothing of it applied: {0}")]
     NotDurable(String),

@@ -184,12 +184,19 @@ impl Snapshot {
             base.clone()
         } else {
             let change = overlay.as_change(base);
-            check_entities(&change.entities(types), bundle.schema())
-                .map_err(|e| fail(format!("the live directory changes do not fit the schema: {e}")))?;
-            base.apply(&change).map_err(|errors| {
-                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                fail(format!("the live directory changes no longer apply over it: {}", errors.join("; ")))
-            })?
+            let conflict = |what: String| {
+                fail(format!(
+                    "the live directory changes (the journal `directory.jsonl` under --state) {what}; fix the \
+                     bundle, fold the changes into it (`agentca admin export-directory`), or move the journal \
+                     aside to serve the bundle alone"
+                ))
+            };
+            let directory = base.apply(&change).map_err(|errors| {
+                conflict(format!("no longer apply over it: {}", crate::directory::listed(&errors, "; ")))
+            })?;
+            check_entities(&directory.entities_of_change(&change, types), bundle.schema())
+                .map_err(|e| conflict(format!("do not fit the schema: {e}")))?;
+            directory
         };
         let action_entities = action_entities(bundle.schema()).map_err(|e| fail(e.0))?;
         let actions_only = entities_of(&action_entities).map_err(|e| fail(e.0))?;
@@ -570,7 +577,7 @@ impl Store {
         let bundle = Bundle::load(dir)?;
         let mut overlay = Overlay::default();
         for c in changes {
-            overlay.record(c);
+            overlay.record(c, bundle.directory());
         }
         overlay.fold(bundle.directory());
         let mut snapshot = Snapshot::with_live(bundle, &overlay, seq)?;
@@ -627,17 +634,18 @@ impl Store {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let served = self.current();
         let directory = served.directory.apply(change).map_err(ApplyError::Refused)?;
-        check_entities(&change.entities(EntityTypes::get()), served.core.bundle.schema()).map_err(|e| {
-            ApplyError::Refused(vec![DirectoryError::Object {
-                object: "the change".into(),
-                message: format!("does not fit the schema: {e}"),
-            }])
-        })?;
+        check_entities(&directory.entities_of_change(change, EntityTypes::get()), served.core.bundle.schema())
+            .map_err(|e| {
+                ApplyError::Refused(vec![DirectoryError::Object {
+                    object: "the change".into(),
+                    message: format!("does not fit the schema: {e}"),
+                }])
+            })?;
         let seq = live.seq + 1;
         let net = || live.overlay.as_change(served.base_directory());
         durable(seq, &net).map_err(ApplyError::NotDurable)?;
         live.seq = seq;
-        live.overlay.record(change);
+        live.overlay.record(change, served.base_directory());
         let objects = live.overlay.len();
         self.swap(served.with_directory(directory, seq, objects));
         Ok(seq)

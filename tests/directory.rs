@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,13 +107,16 @@ async fn agents_upserted_live_decide_at_once_and_survive_sigkill_restarts_and_re
     let s = status(&server).await;
     assert_eq!((s.live_directory_seq, s.live_directory_objects, s.agents), (2, 0, 14));
     assert_eq!(decide(&server, "ag-new-01").await.reasons[0].policy, "prod-resources-need-prod-agents");
-    // The journal was compacted to nothing: a restart serves the bundle alone, the same way.
-    assert_eq!(std::fs::read(env.dir.path().join("state/directory.jsonl")).unwrap().len(), 0);
+    // The journal was compacted to its sequence alone: a restart serves the bundle alone, the
+    // same way, and numbers the next change after the last.
+    let journal = std::fs::read_to_string(env.dir.path().join("state/directory.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = journal.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!((lines.len(), &lines[0]["seq"], lines[0].get("change")), (1, &serde_json::json!(2), None));
     drop(server);
     let server = env.start(&[]);
     assert_eq!(decide(&server, "ag-new-01").await.reasons[0].policy, "prod-resources-need-prod-agents");
     let (ok, out, _) = cli(&server, &["status"], None);
-    assert!(ok && out.contains("live directory change #0: 0 objects"), "{out}");
+    assert!(ok && out.contains("live directory change #2: 0 objects"), "{out}");
 
     // Every change is in the audit log, and the chain holds.
     drop(server);
@@ -167,18 +171,72 @@ async fn a_bad_change_is_refused_whole_with_every_error_named() {
         refused.message()
     );
 
+    // A change to some fields of an agent leaves the others: re-tagging a disabled agent, or
+    // one at high risk, turns neither back on.
+    let retag = r#"{"upsert": {"agents": [{"id": "ag-mail-02", "tags": {"env": "prod", "team": "mail"}}]}}"#;
+    admin.apply_directory(change(retag.into())).await.unwrap();
+    assert_eq!(decide(&server, "ag-mail-02").await.reasons[0].policy, "block-high-risk-agents");
+    let mut decisions = server.decisions().await;
+    let support = token_request("ag-support-02", "tickets", "Tickets.Read");
+    let retag = r#"{"upsert": {"agents": [{"id": "ag-support-02", "tags": {"env": "prod"}}]}}"#;
+    admin.apply_directory(change(retag.into())).await.unwrap();
+    assert_eq!(decisions.evaluate(support).await.unwrap().into_inner().reasons[0].code, "agent_disabled");
+
+    // A misspelt field is refused, not dropped in silence.
+    let typo = r#"{"upsert": {"agents": [{"id": "ag-mail-01", "enabeld": false}]}}"#;
+    let refused = admin.apply_directory(change(typo.into())).await.unwrap_err();
+    assert!(refused.message().contains("agent `ag-mail-01`: field `enabeld`: unknown field"), "{}", refused.message());
+
     // Removing the agents first lets the blueprint go, in one change.
     let both = r#"{"remove": {"agents": ["ag-mail-01", "ag-mail-02", "ag-research-01"], "blueprints": ["bp-mail"]}}"#;
     let done = admin.apply_directory(change(both.into())).await.unwrap().into_inner();
     assert_eq!(done.summary, "remove 1 blueprints, remove 3 agents");
     assert_eq!(decide(&server, "ag-mail-01").await.reasons[0].code, "unknown_agent");
     let s = status(&server).await;
-    assert_eq!((s.live_directory_seq, s.live_directory_objects), (1, 4));
+    assert_eq!((s.live_directory_seq, s.live_directory_objects), (3, 5));
 
-    // Refused changes took no sequence number and left no record.
+    // Refused changes took no sequence number and left no record; a small change is in its
+    // record whole.
     drop(server);
     let log = std::fs::read_to_string(env.path("audit.jsonl")).unwrap();
-    assert_eq!(log.lines().filter(|l| l.contains(r#""kind":"directory""#)).count(), 1);
+    let changes: Vec<serde_json::Value> =
+        log.lines().filter(|l| l.contains(r#""kind":"directory""#)).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(changes.len(), 3);
+    assert_eq!(
+        changes[0]["change"]["upsert"]["agents"][0],
+        serde_json::json!({"id": "ag-mail-02", "tags": {"env": "prod", "team": "mail"}})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_per_state_folder_and_export_writes_only_files() {
+    let env = Env::new();
+    let server = env.start(&[]);
+    // A second server on the same state folder would number changes twice: it is refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_agentca"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-watch", "--audit", "off"])
+        .args(["--policies", &env.path("policies"), "--state", &env.path("state")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another `agentca serve` uses the state folder"), "{err}");
+
+    // Through a link, the file it leads to is replaced and the link stays; a FIFO is refused.
+    let real = env.path("real.json");
+    std::fs::write(&real, "old").unwrap();
+    let link = env.path("link.json");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let (ok, _, err) = cli(&server, &["export-directory", "--out", &link], None);
+    assert!(ok, "{err}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    let exported: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&real).unwrap()).unwrap();
+    assert_eq!(exported["agents"].as_array().unwrap().len(), 13);
+    let fifo = env.path("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (ok, _, err) = cli(&server, &["export-directory", "--out", &fifo], None);
+    assert!(!ok && err.contains("not a regular file"), "{err}");
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

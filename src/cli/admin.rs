@@ -95,6 +95,9 @@ struct Target {
     reason: String,
 }
 
+/// The largest change document `apply-directory` reads.
+const MAX_CHANGE_BYTES: u64 = 256 << 20;
+
 pub fn run(args: AdminArgs) -> Result<ExitCode, Error> {
     block_on(Threads::One, send(args))?
 }
@@ -222,7 +225,9 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
             return Ok(ExitCode::SUCCESS);
         }
         AdminCommand::ApplyDirectory { file, reason } => {
-            let limit = crate::input::MAX_DIRECTORY_BYTES;
+            // Far above what a server takes in one message (--max-message-bytes, 4 MiB by
+            // default), far below what would exhaust this process.
+            let limit = MAX_CHANGE_BYTES;
             let json = if file == "-" {
                 crate::input::read_capped(std::io::stdin().lock(), limit)
             } else {
@@ -282,18 +287,31 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
 }
 
 /// Writes `data` beside `path`, syncs it, and renames it over `path`: a reader (a bundle
-/// watcher) sees the old file or the new one, never half of one.
+/// watcher) sees the old file or the new one, never half of one. A link is written through
+/// (the file it leads to is replaced, the link stays); anything but a regular file at the end
+/// (a device, a FIFO, a folder) is refused, never replaced.
 fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let name = path.file_name().ok_or_else(|| std::io::Error::other("not a file name"))?;
-    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)?,
+        _ => path.to_path_buf(),
+    };
+    if let Ok(m) = std::fs::metadata(&target)
+        && !m.is_file()
+    {
+        return Err(std::io::Error::other(
+            "not a regular file: a directory is written to a file, never over anything else",
+        ));
+    }
+    let name = target.file_name().ok_or_else(|| std::io::Error::other("not a file name"))?;
+    let tmp = target.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
     let mut f = std::fs::File::create(&tmp)?;
     let written = f.write_all(data).and_then(|()| f.write_all(b"\n")).and_then(|()| f.sync_all());
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &target)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+    if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty())
         && let Ok(d) = std::fs::File::open(dir)
     {
         let _ = d.sync_all();

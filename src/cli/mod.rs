@@ -195,10 +195,12 @@ pub(crate) enum Error {
     Access(#[from] crate::access::AccessError),
     #[error(transparent)]
     Journal(#[from] JournalError),
-    #[error(
-        "{0}\n(it is read at start to lay the live directory changes over the bundle; to start from the bundle's directory alone, move it aside)"
-    )]
+    #[error(transparent)]
     DirectoryJournal(#[from] crate::live::LiveJournalError),
+    #[error("another `agentca serve` uses the state folder `{}` (--state): give each server its own", .0.display())]
+    StateInUse(PathBuf),
+    #[error("state folder: `{}`: {source}", path.display())]
+    State { path: PathBuf, source: io::Error },
     #[error("cannot write `{}`: {source}", path.display())]
     Write { path: PathBuf, source: io::Error },
     #[error("cannot listen on {addr} (--{flag}): {source}")]

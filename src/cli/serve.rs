@@ -325,6 +325,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
         None => None,
     };
     let dir = args.bundle.policies.clone();
+    // One server per state folder: two would number changes twice and compact away each
+    // other's. The lock is the kernel's, so a killed server leaves none behind.
+    let _state = lock_state(&args.state)?;
     // The live directory changes are laid over the bundle's directory as it loads.
     let (directory_journal, replay) = DirectoryJournal::open(&args.state)?;
     if replay.cut_tail {
@@ -342,6 +345,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
         );
     }
     drop(replay);
+    if directory_journal.wants_compaction() {
+        let (net, seq) = store.live_change();
+        directory_journal.compact(seq, &net)?;
+    }
     let audit = Audit::start(args.audit.config())?;
     let live = Overlay::new();
     let (mut journal, replayed) = Journal::open(&args.state, &live)?;
@@ -497,6 +504,19 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
 }
 
 /// Binds the metrics listener and serves the probes on it until the process ends.
+/// Locks `STATE/lock` for as long as the returned file is open.
+fn lock_state(dir: &std::path::Path) -> Result<std::fs::File, Error> {
+    let path = dir.join("lock");
+    let io = |source| Error::State { path: path.clone(), source };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::StateInUse(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
 async fn start_probes(addr: SocketAddr, grpc: SocketAddr, format: LogFormat) -> Result<Arc<Probes>, Error> {
     if addr == grpc && addr.port() != 0 {
         return Err(Error::MetricsOnGrpcPort(addr));

@@ -131,8 +131,7 @@ impl pb::admin_service_server::AdminService for Admin {
             .await
             .map_err(|_| Status::internal("reading the change failed"))?;
         let change = parsed.map_err(|errors| {
-            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            Status::invalid_argument(format!("field `json`: {}", errors.join("\n")))
+            Status::invalid_argument(format!("field `json`: {}", crate::directory::listed(&errors, "\n")))
         })?;
         match self.service.apply_directory(change, r.actor, r.reason, caller).await {
             Ok(done) => Ok(Response::new(pb::DirectoryChangeResponse {
