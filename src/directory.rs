@@ -1265,84 +1265,139 @@ fn read_objects(
         }
     }
     let [users, sponsors, blueprints, agents, resources] = sections;
-    let mut each = |section: &str, items: Vec<&RawValue>, read: &mut dyn FnMut(&mut Obj<'_>)| {
-        for (i, raw) in items.into_iter().enumerate() {
+    macro_rules! read {
+        ($section:ident, $read:ident) => {
+            let (read, more_warnings, more_errors) = read_section(stringify!($section), &$section, unknown, $read);
+            warnings.extend(more_warnings);
+            errors.extend(more_errors);
+            objects.$section = read;
+        };
+    }
+    read!(users, read_user);
+    read!(sponsors, read_sponsor);
+    read!(blueprints, read_blueprint);
+    read!(agents, read_agent);
+    read!(resources, read_resource);
+    objects
+}
+
+/// Sections longer than this are read on every core, in runs, joined in order.
+const PARALLEL_OBJECTS: usize = 20_000;
+
+/// The objects of one section, read by `read`, with the warnings and errors in the order a
+/// single pass would give them.
+fn read_section<T: Send + Sync>(
+    name: &str,
+    items: &[&RawValue],
+    unknown: Unknown,
+    read: fn(&mut Obj<'_>) -> Upsert<T>,
+) -> (Vec<Upsert<T>>, Vec<String>, Vec<DirectoryError>) {
+    let run = |from: usize, items: &[&RawValue]| {
+        let (mut out, mut warnings, mut errors) = (Vec::with_capacity(items.len()), Vec::new(), Vec::new());
+        for (i, raw) in items.iter().enumerate() {
+            let i = from + i;
             match crate::input::parse_json(raw.get()) {
-                Ok(v) => {
-                    let mut o = Obj::new(warnings, unknown, section, i, &v, errors);
-                    read(&mut o);
-                }
-                Err(e) => errors.push(DirectoryError::Syntax(format!("{section}[{i}]: {e}"))),
+                Ok(v) => out.push(read(&mut Obj::new(&mut warnings, unknown, name, i, &v, &mut errors))),
+                Err(e) => errors.push(DirectoryError::Syntax(format!("{name}[{i}]: {e}"))),
             }
         }
+        (out, warnings, errors)
     };
-    each("users", users, &mut |o| {
-        let record = User { id: o.id(), name: o.string("name", None), made: Made::new() };
-        objects.users.push(o.finish(record));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if items.len() < PARALLEL_OBJECTS || threads < 2 {
+        return run(0, items);
+    }
+    let size = items.len().div_ceil(threads);
+    let runs: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(size)
+            .enumerate()
+            .map(|(k, chunk)| (k, chunk, std::thread::Builder::new().spawn_scoped(scope, move || run(k * size, chunk))))
+            .collect();
+        // A run whose thread could not start or failed is read here, so nothing is lost.
+        handles
+            .into_iter()
+            .map(|(k, chunk, h)| h.ok().and_then(|h| h.join().ok()).unwrap_or_else(|| run(k * size, chunk)))
+            .collect()
     });
-    each("sponsors", sponsors, &mut |o| {
-        let record = Sponsor {
-            id: o.id(),
-            name: o.string("name", None),
-            active: o.bool("active", true),
-            department: o.string("department", Some("")),
-            tags: o.tags(),
-            made: Made::new(),
-        };
-        objects.sponsors.push(o.finish(record));
-    });
-    each("blueprints", blueprints, &mut |o| {
-        let record = Blueprint {
-            id: o.id(),
-            name: o.string("name", None),
-            enabled: o.bool("enabled", true),
-            publisher: o.string("publisher", Some("")),
-            allowed_scopes: o.strings("allowed_scopes", false),
-            allowed_resources: o.strings("allowed_resources", true),
-            tags: o.tags(),
-            made: Made::new(),
-        };
-        objects.blueprints.push(o.finish(record));
-    });
-    each("agents", agents, &mut |o| {
-        let risk = o.string("risk", Some("none"));
-        let record = Agent {
-            id: o.id(),
-            name: o.string("name", None),
-            blueprint: o.reference("blueprint"),
-            sponsor: o.reference("sponsor"),
-            owners: o.strings("owners", true),
-            enabled: o.bool("enabled", true),
-            risk: match risk.parse() {
-                Ok(level) => level,
-                Err(e) => {
-                    o.fail("risk", e.to_string());
-                    RiskLevel::None
-                }
-            },
-            framework: o.string("framework", Some("")),
-            channel: o.string("channel", Some("")),
-            tags: o.tags(),
-            serial: next_serial(),
-        };
-        objects.agents.push(o.finish(record));
-    });
-    each("resources", resources, &mut |o| {
-        let sensitivity = o.string("sensitivity", Some("medium"));
-        if let Err(e) = Sensitivity::from_str(&sensitivity) {
-            o.fail("sensitivity", e.to_string());
-        }
-        let record = Resource {
-            id: o.id(),
-            name: o.string("name", None),
-            audiences: o.strings("audiences", true),
-            sensitivity,
-            tags: o.tags(),
-            made: Made::new(),
-        };
-        objects.resources.push(o.finish(record));
-    });
-    objects
+    let mut all = (Vec::with_capacity(items.len()), Vec::new(), Vec::new());
+    for (out, warnings, errors) in runs {
+        all.0.extend(out);
+        all.1.extend(warnings);
+        all.2.extend(errors);
+    }
+    all
+}
+
+fn read_user(o: &mut Obj<'_>) -> Upsert<User> {
+    let record = User { id: o.id(), name: o.string("name", None), made: Made::new() };
+    o.finish(record)
+}
+
+fn read_sponsor(o: &mut Obj<'_>) -> Upsert<Sponsor> {
+    let record = Sponsor {
+        id: o.id(),
+        name: o.string("name", None),
+        active: o.bool("active", true),
+        department: o.string("department", Some("")),
+        tags: o.tags(),
+        made: Made::new(),
+    };
+    o.finish(record)
+}
+
+fn read_blueprint(o: &mut Obj<'_>) -> Upsert<Blueprint> {
+    let record = Blueprint {
+        id: o.id(),
+        name: o.string("name", None),
+        enabled: o.bool("enabled", true),
+        publisher: o.string("publisher", Some("")),
+        allowed_scopes: o.strings("allowed_scopes", false),
+        allowed_resources: o.strings("allowed_resources", true),
+        tags: o.tags(),
+        made: Made::new(),
+    };
+    o.finish(record)
+}
+
+fn read_agent(o: &mut Obj<'_>) -> Upsert<Agent> {
+    let risk = o.string("risk", Some("none"));
+    let record = Agent {
+        id: o.id(),
+        name: o.string("name", None),
+        blueprint: o.reference("blueprint"),
+        sponsor: o.reference("sponsor"),
+        owners: o.strings("owners", true),
+        enabled: o.bool("enabled", true),
+        risk: match risk.parse() {
+            Ok(level) => level,
+            Err(e) => {
+                o.fail("risk", e.to_string());
+                RiskLevel::None
+            }
+        },
+        framework: o.string("framework", Some("")),
+        channel: o.string("channel", Some("")),
+        tags: o.tags(),
+        serial: next_serial(),
+    };
+    o.finish(record)
+}
+
+fn read_resource(o: &mut Obj<'_>) -> Upsert<Resource> {
+    let sensitivity = o.string("sensitivity", Some("medium"));
+    if let Err(e) = Sensitivity::from_str(&sensitivity) {
+        o.fail("sensitivity", e.to_string());
+    }
+    let record = Resource {
+        id: o.id(),
+        name: o.string("name", None),
+        audiences: o.strings("audiences", true),
+        sensitivity,
+        tags: o.tags(),
+        made: Made::new(),
+    };
+    o.finish(record)
 }
 
 fn syntax_error(e: &serde_json::Error) -> DirectoryError {
@@ -1607,6 +1662,33 @@ mod tests {
                 "resource `r2`: field `audiences`: audience `api://x` also names resource `r1`",
             ]
         );
+    }
+
+    #[test]
+    fn a_large_section_read_on_every_core_keeps_its_order() {
+        let agent = |i: usize| {
+            let risk = if i == 3 || i == 24_000 { "severe" } else { "none" };
+            format!(r#"{{"id": "a{i}", "blueprint": "b", "sponsor": "s", "risk": "{risk}", "x{i}": 1}}"#)
+        };
+        let agents: Vec<String> = (0..25_000).map(agent).collect();
+        let src = format!(
+            r#"{{"sponsors": [{{"id": "s"}}], "blueprints": [{{"id": "b"}}], "agents": [{}]}}"#,
+            agents.join(",")
+        );
+        let errs = errors(&src);
+        assert_eq!(
+            errs,
+            [
+                "agent `a3`: field `risk`: unknown risk level `severe`: expected one of none, low, medium, high",
+                "agent `a24000`: field `risk`: unknown risk level `severe`: expected one of none, low, medium, high",
+            ]
+        );
+        let fine = src.replace("severe", "high");
+        let dir = Directory::from_json_str(&fine).unwrap();
+        assert_eq!(dir.counts()[3], 25_000);
+        // Warnings in file order too.
+        assert!(dir.warnings()[0].starts_with("agent `a0`: unknown field `x0`"));
+        assert!(dir.warnings()[24_999].starts_with("agent `a24999`: unknown field `x24999`"));
     }
 
     #[test]
