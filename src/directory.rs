@@ -1303,8 +1303,12 @@ fn read_section<T: Send + Sync>(
         }
         (out, warnings, errors)
     };
+    if items.len() < PARALLEL_OBJECTS {
+        return run(0, items);
+    }
+    // Asked only for a large section: the answer reads the cgroup's files.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if items.len() < PARALLEL_OBJECTS || threads < 2 {
+    if threads < 2 {
         return run(0, items);
     }
     let size = items.len().div_ceil(threads);
