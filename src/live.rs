@@ -86,48 +86,17 @@ pub struct DirectoryJournal {
 const COMPACT_BYTES: u64 = 16 << 20;
 
 impl DirectoryJournal {
-    /// Opens `DIR/directory.jsonl` and reads its changes back.
+    /// Opens `DIR/directory.jsonl` and reads its changes back; a last line cut by a crash is
+    /// removed from the file.
     pub fn open(dir: &Path) -> Result<(DirectoryJournal, Replay), LiveJournalError> {
         let path = dir.join(DIRECTORY_JOURNAL_FILE);
         let err =
             |e: &dyn std::fmt::Display| LiveJournalError { path: path.display().to_string(), message: e.to_string() };
         fs::create_dir_all(dir).map_err(|e| err(&e))?;
-        let mut replay = Replay::default();
-        let mut lines = 0;
-        let text = match fs::metadata(&path) {
-            Ok(m) if m.is_file() => fs::read(&path).map_err(|e| err(&e))?,
-            Ok(_) => return Err(err(&"not a regular file")),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(err(&e)),
-        };
-        let mut whole = text.len();
-        if let Some(last) = text.iter().rposition(|b| *b == b'\n') {
-            whole = last + 1;
-        } else if !text.is_empty() {
-            whole = 0;
-        }
-        for (i, line) in text[..whole].split(|b| *b == b'\n').enumerate() {
-            if line.is_empty() {
-                continue;
-            }
-            let at = i + 1;
-            let unreadable = |why: &str| err(&format!("line {at}: {why} ({UNREADABLE})"));
-            let line = std::str::from_utf8(line).map_err(|_| unreadable("not UTF-8"))?;
-            let entry: ReadEntry<'_> = serde_json::from_str(line).map_err(|e| unreadable(&e.to_string()))?;
-            if entry.seq <= replay.seq {
-                return Err(unreadable(&format!("change #{} does not follow #{}", entry.seq, replay.seq)));
-            }
-            if let Some(change) = entry.change {
-                let change = Change::from_json_str(change.get())
-                    .map_err(|errors| unreadable(&crate::directory::listed(&errors, "; ")))?;
-                replay.changes.push(change);
-            }
-            replay.seq = entry.seq;
-            lines += 1;
-        }
-        if whole < text.len() {
+        let (mut replay, lines, whole) = read_file(&path)?;
+        if let Some(whole) = whole {
             let f = OpenOptions::new().write(true).open(&path).map_err(|e| err(&e))?;
-            f.set_len(whole as u64).and_then(|()| f.sync_all()).map_err(|e| err(&e))?;
+            f.set_len(whole).and_then(|()| f.sync_all()).map_err(|e| err(&e))?;
             replay.cut_tail = true;
         }
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| err(&e))?;
@@ -140,6 +109,13 @@ impl DirectoryJournal {
             compacted_len: AtomicU64::new(len.min(COMPACT_BYTES)),
         };
         Ok((journal, replay))
+    }
+
+    /// Reads the changes of `DIR/directory.jsonl` without changing anything (`validate`).
+    pub fn read(dir: &Path) -> Result<Replay, LiveJournalError> {
+        let (mut replay, _, whole) = read_file(&dir.join(DIRECTORY_JOURNAL_FILE))?;
+        replay.cut_tail = whole.is_some();
+        Ok(replay)
     }
 
     pub fn path(&self) -> &Path {
@@ -231,6 +207,41 @@ impl DirectoryJournal {
         let Ok(open) = file.metadata() else { return true };
         !matches!(fs::metadata(&self.path), Ok(m) if (m.dev(), m.ino()) == (open.dev(), open.ino()))
     }
+}
+
+/// The journal's changes, how many lines it has, and, if its last line was cut by a crash,
+/// the length of its whole lines. An absent journal has none.
+fn read_file(path: &Path) -> Result<(Replay, u64, Option<u64>), LiveJournalError> {
+    let err = |e: &dyn std::fmt::Display| LiveJournalError { path: path.display().to_string(), message: e.to_string() };
+    let mut replay = Replay::default();
+    let mut lines = 0;
+    let text = match fs::metadata(path) {
+        Ok(m) if m.is_file() => fs::read(path).map_err(|e| err(&e))?,
+        Ok(_) => return Err(err(&"not a regular file")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(err(&e)),
+    };
+    let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |last| last + 1);
+    for (i, line) in text[..whole].split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let at = i + 1;
+        let unreadable = |why: &str| err(&format!("line {at}: {why} ({UNREADABLE})"));
+        let line = std::str::from_utf8(line).map_err(|_| unreadable("not UTF-8"))?;
+        let entry: ReadEntry<'_> = serde_json::from_str(line).map_err(|e| unreadable(&e.to_string()))?;
+        if entry.seq <= replay.seq {
+            return Err(unreadable(&format!("change #{} does not follow #{}", entry.seq, replay.seq)));
+        }
+        if let Some(change) = entry.change {
+            let change = Change::from_json_str(change.get())
+                .map_err(|errors| unreadable(&crate::directory::listed(&errors, "; ")))?;
+            replay.changes.push(change);
+        }
+        replay.seq = entry.seq;
+        lines += 1;
+    }
+    Ok((replay, lines, (whole < text.len()).then_some(whole as u64)))
 }
 
 fn entry_line(seq: u64, change: &Change, by: &str, reason: &str) -> Result<Vec<u8>, serde_json::Error> {

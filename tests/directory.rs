@@ -285,3 +285,43 @@ async fn upserts_under_load_fail_no_request_and_each_is_effective_when_acknowled
     assert!(total > 100, "{total} requests");
     assert_eq!(status(&server).await.agents, 63);
 }
+
+#[test]
+fn validate_lays_a_state_folders_live_changes_over_the_bundle() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    let journal = env.path("state/directory.jsonl");
+    let validate = || {
+        Command::new(env!("CARGO_BIN_EXE_agentca"))
+            .args(["validate", "--policies", &env.path("policies"), "--state", &env.path("state")])
+            .output()
+            .unwrap()
+    };
+    let line =
+        |seq: u32, change: &str| format!(r#"{{"seq":{seq},"at":"2026-12-01T00:00:00Z","by":"t","change":{change}}}"#);
+    let one_line: serde_json::Value = serde_json::from_str(&agent("ag-new-01", "prod")).unwrap();
+    let add = line(1, &format!(r#"{{"upsert": {{"agents": [{one_line}]}}}}"#));
+    std::fs::write(&journal, format!("{add}\n")).unwrap();
+    let out = validate();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("live directory: 1 changes (the last #1) lay over it: 1 objects"), "{text}");
+    assert!(text.contains("14 agents"), "{text}");
+
+    // A bundle that drops the blueprint the live agent uses: invalid, and the journal is named.
+    let directory = env.path("policies/directory.json");
+    let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&directory).unwrap()).unwrap();
+    doc["agents"].as_array_mut().unwrap().retain(|a| a["blueprint"] != "bp-mail");
+    doc["blueprints"].as_array_mut().unwrap().retain(|b| b["id"] != "bp-mail");
+    std::fs::write(&directory, doc.to_string()).unwrap();
+    let out = validate();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the live directory changes (the journal `directory.jsonl` under --state) no longer apply"),
+        "{err}"
+    );
+    assert!(err.contains("agent `ag-new-01`: field `blueprint`: unknown blueprint `bp-mail`"), "{err}");
+    // Nothing was changed by looking.
+    assert_eq!(std::fs::read_to_string(&journal).unwrap(), format!("{add}\n"));
+}

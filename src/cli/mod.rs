@@ -108,6 +108,11 @@ enum Command {
     Validate {
         #[command(flatten)]
         bundle: BundleArgs,
+        /// Also lay the live directory changes of this state folder (`serve --state`) over the
+        /// bundle's directory, as `serve` would at start: a bundle they no longer apply over
+        /// is invalid.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
     },
     /// Decide one request offline and print the decision (exit 0 allow, 2 deny, 1 bad input).
     Eval {
@@ -284,7 +289,7 @@ pub(crate) const STACK: usize = 32 << 20;
 fn dispatch(command: Command) -> Result<ExitCode, Error> {
     match command {
         Command::Serve(args) => serve::run(*args),
-        Command::Validate { bundle } => validate::run(&bundle.policies),
+        Command::Validate { bundle, state } => validate::run(&bundle.policies, state.as_deref()),
         Command::Eval { bundle, request, explain, audit } => {
             eval::run(&bundle.policies, &request, explain, audit.as_deref())
         }

@@ -3,10 +3,29 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use crate::live::DirectoryJournal;
+use crate::snapshot::Store;
+
 use super::{Error, load};
 
-pub fn run(dir: &Path) -> Result<ExitCode, Error> {
-    let snap = load(dir)?;
+pub fn run(dir: &Path, state: Option<&Path>) -> Result<ExitCode, Error> {
+    let snap = match state {
+        None => std::sync::Arc::new(load(dir)?),
+        Some(state) => {
+            let replay = DirectoryJournal::read(state)?;
+            let store = Store::open_with(dir, &replay.changes, replay.seq)
+                .map_err(|errors| Error::InvalidBundle { dir: dir.to_path_buf(), errors })?;
+            let snap = store.current();
+            outln!(
+                "live directory: {} changes (the last #{}) lay over it: {} objects set or removed{}",
+                replay.changes.len(),
+                replay.seq,
+                snap.live_objects(),
+                if replay.cut_tail { "; its last line was cut by a crash and is left out" } else { "" }
+            )?;
+            snap
+        }
+    };
     for w in snap.warnings() {
         errln!("warning: {w}");
     }
