@@ -143,7 +143,7 @@ fn main() {
         b.iter(|| {
             let i = n.fetch_add(1, Ordering::Relaxed);
             let change = Change::from_json_str(&upsert(i, &blueprint, &sponsor)).unwrap();
-            store.apply_directory(&change, |_, _| Ok(())).unwrap()
+            store.apply_directory(&change, |_, _, _| Ok(())).unwrap()
         })
     });
     let state = tempfile::tempdir().unwrap();
@@ -153,8 +153,8 @@ fn main() {
             let i = n.fetch_add(1, Ordering::Relaxed);
             let change = Change::from_json_str(&upsert(i, &blueprint, &sponsor)).unwrap();
             store
-                .apply_directory(&change, |seq, net| {
-                    journal.append(seq, &change, "bench", "", net).map_err(|e| e.to_string())
+                .apply_directory(&change, |seq, resolved, net| {
+                    journal.append(seq, resolved, "bench", "", net).map_err(|e| e.to_string())
                 })
                 .unwrap()
         })
@@ -173,7 +173,7 @@ fn main() {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let change = Change::from_json_str(&upsert(1_000_000 + i, &blueprint, &sponsor)).unwrap();
-                store.apply_directory(&change, |_, _| Ok(())).unwrap();
+                store.apply_directory(&change, |_, _, _| Ok(())).unwrap();
                 i += 1;
                 applied.store(i, Ordering::Relaxed);
                 // Paced to 1,000 a second.

@@ -488,7 +488,7 @@ impl Objects {
 }
 
 /// Ids by section: what a change removes, or the ids of what it upserts.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct Ids {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<SmolStr>,
@@ -597,6 +597,29 @@ impl Change {
         if errors.is_empty() { Ok(change) } else { Err(errors) }
     }
 
+    /// This change as it applies over `served`: an upsert of an object `served` lacks becomes
+    /// whole (the file's defaults in the fields it left out), so that it means the same
+    /// whatever it is later laid over. What the journal keeps and the overlay records.
+    pub fn resolved(&self, served: &Directory) -> Change {
+        fn resolve<T: Record>(ups: &[Upsert<T>], served: &Map<T>) -> Vec<Upsert<T>> {
+            ups.iter()
+                .map(|u| if served.contains_key(u.id()) { u.clone() } else { Upsert::whole(u.record.clone()) })
+                .collect()
+        }
+        let u = &self.upsert;
+        Change {
+            upsert: Objects {
+                users: resolve(&u.users, &served.users),
+                sponsors: resolve(&u.sponsors, &served.sponsors),
+                blueprints: resolve(&u.blueprints, &served.blueprints),
+                agents: resolve(&u.agents, &served.agents),
+                resources: resolve(&u.resources, &served.resources),
+            },
+            remove: self.remove.clone(),
+            warnings: Vec::new(),
+        }
+    }
+
     /// Fields and sections the change does not know, ignored.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
@@ -699,9 +722,32 @@ impl std::fmt::Debug for Directory {
 /// errors is refused with a message that still fits an answer's header and a log line.
 pub fn listed(errors: &[DirectoryError], sep: &str) -> String {
     const SHOWN: usize = 50;
-    let mut text = errors.iter().take(SHOWN).map(ToString::to_string).collect::<Vec<_>>().join(sep);
-    if errors.len() > SHOWN {
-        text.push_str(&format!("{sep}… and {} more", errors.len() - SHOWN));
+    /// An error is cut here, and the list stops growing past its total.
+    const ERROR_BYTES: usize = 240;
+    const TOTAL_BYTES: usize = 8 << 10;
+    let mut text = String::new();
+    let mut shown = 0;
+    for e in errors.iter().take(SHOWN) {
+        if text.len() >= TOTAL_BYTES {
+            break;
+        }
+        let mut e = e.to_string();
+        if e.len() > ERROR_BYTES {
+            let mut cut = ERROR_BYTES;
+            while !e.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            e.truncate(cut);
+            e.push('…');
+        }
+        if shown > 0 {
+            text.push_str(sep);
+        }
+        text.push_str(&e);
+        shown += 1;
+    }
+    if errors.len() > shown {
+        text.push_str(&format!("{sep}… and {} more", errors.len() - shown));
     }
     text
 }
@@ -1107,16 +1153,15 @@ pub struct Overlay {
     resources: Layer<Resource>,
 }
 
-/// Adds `upserts` and then `removals`, which applied over `base` with `layer` on it.
+/// Adds `upserts` (resolved: see [`Change::resolved`]) and then `removals`, which applied over
+/// `base` with `layer` on it.
 fn record_layer<T: Record>(layer: &mut Layer<T>, upserts: &[Upsert<T>], removals: &[SmolStr], base: &Map<T>) {
     for u in upserts {
         let net = match layer.get(u.id()) {
             // Over a live upsert: this one's fields over it.
             Some(Some(prev)) => Upsert { record: u.over(Some(&prev.record)), given: prev.given | u.given },
-            // Over the base's object: a patch of it.
-            None if base.contains_key(u.id()) => u.clone(),
-            // A new object (or one removed before): whole, the file's defaults where it gave none.
-            _ => Upsert::whole(u.record.clone()),
+            // A patch of the base's object, or a whole new object, as it was resolved.
+            _ => u.clone(),
         };
         layer.insert(u.id().clone(), Some(net));
     }
@@ -1908,13 +1953,15 @@ mod change_tests {
         assert_eq!(
             errors(r#"{"upsert": {"agents": [{"id": "ag 1", "blueprint": "b", "sponsor": "s\u001b"}]}}"#),
             [
-                "agent `ag 1`: field `id`: is not an id: 1 to 512 bytes, no whitespace or control characters",
-                "agent `ag 1`: field `sponsor`: is not an id: 1 to 512 bytes, no whitespace or control characters",
+                "agent `ag 1`: field `id`: is not an id: 1 to 512 bytes, no whitespace, control or invisible characters",
+                "agent `ag 1`: field `sponsor`: is not an id: 1 to 512 bytes, no whitespace, control or invisible characters",
             ]
         );
         assert_eq!(
             errors(r#"{"remove": {"agents": ["ok", "x\ny"]}}"#),
-            ["`remove.agents`: `x\\u{a}y`: is not an id: 1 to 512 bytes, no whitespace or control characters"]
+            [
+                "`remove.agents`: `x\\u{a}y`: is not an id: 1 to 512 bytes, no whitespace, control or invisible characters"
+            ]
         );
         assert_eq!(
             errors(r#"{"upsert": {"agents": [{"id": "a", "enabeld": false}], "blueprintz": []}}"#),
@@ -1941,6 +1988,13 @@ mod change_tests {
         let text = listed(&refused.unwrap_err(), "\n");
         assert_eq!(text.lines().count(), 51);
         assert!(text.ends_with("… and 70 more"), "{text}");
+        // Long values are cut: the list fits an answer's header whatever the input.
+        let long = "a".repeat(20_000);
+        let errors =
+            Change::from_json_str(&format!(r#"{{"upsert": {{"agents": [{{"id": "{long}", "{long}": 1}}]}}}}"#))
+                .unwrap_err();
+        let text = listed(&errors, "\n");
+        assert!(text.len() < 1_000 && text.lines().count() == 2, "{}", text.len());
     }
 
     #[test]

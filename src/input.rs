@@ -52,8 +52,12 @@ impl InputError {
 /// without whitespace or control characters (they reach logs, terminals and audit records,
 /// and a request could never name one with a space).
 pub fn id_problem(id: &str) -> Option<String> {
-    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Some(format!("is not an id: 1 to {MAX_ID_LEN} bytes, no whitespace or control characters"))
+    let invisible = |c: char| matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}');
+    if id.is_empty()
+        || id.len() > MAX_ID_LEN
+        || id.chars().any(|c| c.is_whitespace() || is_unsafe_char(c) || invisible(c))
+    {
+        Some(format!("is not an id: 1 to {MAX_ID_LEN} bytes, no whitespace, control or invisible characters"))
     } else {
         None
     }

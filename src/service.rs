@@ -45,6 +45,9 @@ pub struct Service {
     metrics: Arc<Metrics>,
     /// The journal's upkeep (compaction) error, reported once and shown in Status.
     journal_error: std::sync::Mutex<Option<String>>,
+    /// The directory journal's compaction failed: it holds lines a reload made stale, so it is
+    /// compacted at the next chance, and Status says so until it is.
+    directory_error: std::sync::Mutex<Option<String>>,
     /// One signal or directory change at a time: journal order is apply order, a compaction
     /// sees every change journaled before it, and one barrier wait is in progress at a time.
     signalling: tokio::sync::Mutex<()>,
@@ -124,6 +127,7 @@ impl Service {
             settings,
             metrics,
             journal_error: std::sync::Mutex::new(None),
+            directory_error: std::sync::Mutex::new(None),
             signalling: tokio::sync::Mutex::new(()),
         })
     }
@@ -371,8 +375,8 @@ impl Service {
             .blocking(move |s| {
                 let journal = s.directory_journal.as_ref().ok_or(DirectoryFailure::NoJournal)?;
                 s.store
-                    .apply_directory(&applying, |seq, net| {
-                        journal.append(seq, &applying, &by_owned, &reason_owned, net).map_err(|e| e.to_string())
+                    .apply_directory(&applying, |seq, resolved, net| {
+                        journal.append(seq, resolved, &by_owned, &reason_owned, net).map_err(|e| e.to_string())
                     })
                     .map_err(|e| match e {
                         ApplyError::Refused(errors) => DirectoryFailure::Refused(errors),
@@ -389,7 +393,8 @@ impl Service {
         let record = DirectoryRecord::new(seq, &change, by, reason, snap.revision(), caller);
         // Like a signal's, its record waits for room whatever the overflow policy.
         let _ = self.audit.submit_waiting(records::body(&record)).await;
-        self.compact_directory_journal(false).await;
+        let due = self.directory_error.lock().is_ok_and(|e| e.is_some());
+        self.compact_directory_journal(due).await;
         Ok(DirectoryApplied {
             seq,
             summary: change.summary(),
@@ -411,11 +416,25 @@ impl Service {
                 journal.compact(seq, &net)
             })
             .await;
-        match done {
-            Some(Ok(())) => {}
-            Some(Err(e)) => tracing::error!(error = %e, "directory journal compaction failed; retried later"),
-            None => tracing::error!("the directory journal compaction task failed"),
+        let error = match done {
+            Some(Ok(())) => None,
+            Some(Err(e)) => Some(e.to_string()),
+            None => Some("the directory journal compaction task failed".to_string()),
+        };
+        let Ok(mut slot) = self.directory_error.lock() else { return };
+        match (&*slot, &error) {
+            (None, Some(e)) => {
+                tracing::error!(error = %e, "directory journal compaction failed; retried with the next change or reload")
+            }
+            (Some(_), None) => tracing::info!("directory journal compaction succeeds again"),
+            _ => {}
         }
+        *slot = error;
+    }
+
+    /// Why the directory journal could not be compacted, until it can.
+    pub fn directory_error(&self) -> Option<String> {
+        self.directory_error.lock().ok().and_then(|e| e.clone())
     }
 
     fn journal(&self) -> Result<&Journal, SignalFailure> {

@@ -624,12 +624,13 @@ impl Store {
 
     /// Applies a live directory change over the directory served, whole or not at all:
     /// checked (references, removals, the schema), then made durable by `durable` (given the
-    /// change's live sequence number, and the live changes before it, net, should it need to
-    /// write them anew), then swapped in for the next request.
+    /// change's live sequence number, the change as resolved over the directory served, which
+    /// is what to keep, and the live changes before it, net, should it need to write them
+    /// anew), then swapped in for the next request.
     pub fn apply_directory(
         &self,
         change: &Change,
-        durable: impl FnOnce(u64, &dyn Fn() -> Change) -> Result<(), String>,
+        durable: impl FnOnce(u64, &Change, &dyn Fn() -> Change) -> Result<(), String>,
     ) -> Result<u64, ApplyError> {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let served = self.current();
@@ -642,10 +643,11 @@ impl Store {
                 }])
             })?;
         let seq = live.seq + 1;
+        let resolved = change.resolved(&served.directory);
         let net = || live.overlay.as_change(served.base_directory());
-        durable(seq, &net).map_err(ApplyError::NotDurable)?;
+        durable(seq, &resolved, &net).map_err(ApplyError::NotDurable)?;
         live.seq = seq;
-        live.overlay.record(change, served.base_directory());
+        live.overlay.record(&resolved, served.base_directory());
         let objects = live.overlay.len();
         self.swap(served.with_directory(directory, seq, objects));
         Ok(seq)
@@ -779,15 +781,15 @@ mod tests {
             ))
             .unwrap()
         };
-        assert_eq!(store.apply_directory(&tags("dev"), |_, _| Ok(())), Ok(1));
+        assert_eq!(store.apply_directory(&tags("dev"), |_, _, _| Ok(())), Ok(1));
         let d = evaluate(&store.current(), &live, &req);
         assert_eq!(d.reasons[0].policy.as_deref(), Some("prod-resources-need-prod-agents"), "{:?}", d.reasons);
         // The resource changes too (others' serial): its tag no longer asks for prod agents.
         let resource = r#"{"upsert": {"resources": [{"id": "graph", "audiences": ["https://graph.example.com"], "tags": {"env": "test"}}]}}"#;
-        assert_eq!(store.apply_directory(&Change::from_json_str(resource).unwrap(), |_, _| Ok(())), Ok(2));
+        assert_eq!(store.apply_directory(&Change::from_json_str(resource).unwrap(), |_, _, _| Ok(())), Ok(2));
         assert_eq!(evaluate(&store.current(), &live, &req).decision, Verdict::Allow);
         // Not durable: nothing applies, and the sequence does not move.
-        let refused = store.apply_directory(&tags("prod"), |_, _| Err("disk full".into()));
+        let refused = store.apply_directory(&tags("prod"), |_, _, _| Err("disk full".into()));
         assert_eq!(refused, Err(ApplyError::NotDurable("disk full".into())));
         assert_eq!(store.current().live_seq(), 2);
         assert_eq!(store.current().live_objects(), 2);
@@ -820,8 +822,54 @@ mod tests {
             assert_eq!(d.reasons[0].policy.as_deref(), Some("stop-while-ag-mail-02-is-risky"));
         }
         let calm = r#"{"upsert": {"agents": [{"id": "ag-mail-02", "blueprint": "bp-mail", "sponsor": "s-alice", "risk": "none"}]}}"#;
-        store.apply_directory(&Change::from_json_str(calm).unwrap(), |_, _| Ok(())).unwrap();
+        store.apply_directory(&Change::from_json_str(calm).unwrap(), |_, _, _| Ok(())).unwrap();
         assert_eq!(evaluate(&store.current(), &live, &req).decision, Verdict::Allow);
+    }
+
+    #[test]
+    fn a_reload_and_a_restart_serve_the_same_live_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        // What a journal keeps: each change as resolved, read back from its line.
+        let mut journal: Vec<Change> = Vec::new();
+        let mut apply = |json: &str| {
+            let change = Change::from_json_str(json).unwrap();
+            store
+                .apply_directory(&change, |_, resolved, _| {
+                    journal.push(Change::from_json_str(&resolved.to_json().unwrap()).unwrap());
+                    Ok(())
+                })
+                .unwrap();
+        };
+        apply(
+            r#"{"upsert": {"agents": [{"id": "ag-new", "blueprint": "bp-mail", "sponsor": "s-alice", "tags": {"env": "prod"}}]}}"#,
+        );
+        apply(r#"{"upsert": {"agents": [{"id": "ag-mail-01", "tags": {"env": "prod", "team": "mail"}}]}}"#);
+        // The bundle now has ag-new too, disabled, and renames ag-mail-01.
+        let file = dir.path().join(DIRECTORY_FILE);
+        let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let agents = doc["agents"].as_array_mut().unwrap();
+        agents
+            .push(serde_json::json!({"id": "ag-new", "blueprint": "bp-mail", "sponsor": "s-alice", "enabled": false}));
+        agents.iter_mut().find(|a| a["id"] == "ag-mail-01").unwrap()["name"] = "Renamed".into();
+        std::fs::write(&file, doc.to_string()).unwrap();
+        assert!(matches!(store.reload(), Reloaded::Swapped { .. }));
+        let reloaded = store.current().directory().to_json().unwrap();
+        // A restart replays the journal over the same bundle: the same directory.
+        let restarted = Store::open_with(dir.path(), &journal, journal.len() as u64).unwrap();
+        assert_eq!(restarted.current().directory().to_json().unwrap(), reloaded);
+        // The live creation of ag-new was whole: it wins over the bundle's (until folded); the
+        // patch of ag-mail-01 keeps the bundle's new name.
+        let snap = restarted.current();
+        assert!(snap.agent("ag-new").unwrap().enabled());
+        assert_eq!(snap.directory().agent("ag-mail-01").unwrap().name.as_str(), "Renamed");
+        assert_eq!(snap.directory().agent("ag-mail-01").unwrap().tags.get("team"), Some("mail"));
     }
 
     #[test]

@@ -232,6 +232,17 @@ async fn one_server_per_state_folder_and_export_writes_only_files() {
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     let exported: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&real).unwrap()).unwrap();
     assert_eq!(exported["agents"].as_array().unwrap().len(), 13);
+    // A link to a file not there yet makes it; a file's mode is kept.
+    let ahead = env.path("ahead.json");
+    std::os::unix::fs::symlink(env.path("later.json"), &ahead).unwrap();
+    let (ok, _, err) = cli(&server, &["export-directory", "--out", &ahead], None);
+    assert!(ok, "{err}");
+    assert!(std::fs::metadata(env.path("later.json")).unwrap().is_file());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, _, err) = cli(&server, &["export-directory", "--out", &real], None);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::metadata(&real).unwrap().permissions().mode() & 0o777, 0o600);
     let fifo = env.path("fifo");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let (ok, _, err) = cli(&server, &["export-directory", "--out", &fifo], None);

@@ -186,6 +186,9 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
                 s.live_directory_seq,
                 s.live_directory_objects
             )?;
+            if !s.live_directory_error.is_empty() {
+                outln!("DIRECTORY JOURNAL ERROR {}", printable(&s.live_directory_error))?;
+            }
             outln!(
                 "live signals   {} ({} for ids the directory lacks; at most {})",
                 s.live_signals,
@@ -292,13 +295,22 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
 /// (a device, a FIFO, a folder) is refused, never replaced.
 fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let target = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)?,
-        _ => path.to_path_buf(),
-    };
-    if let Ok(m) = std::fs::metadata(&target)
-        && !m.is_file()
-    {
+    // Follow links (a chain of them, to a file that may not exist yet), as opening would.
+    let mut target = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&target) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let next = std::fs::read_link(&target)?;
+                target = target.parent().map_or(next.clone(), |dir| dir.join(&next));
+            }
+            _ => break,
+        }
+    }
+    if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(std::io::Error::other("too many links, or a loop of them"));
+    }
+    let existing = std::fs::metadata(&target).ok();
+    if existing.as_ref().is_some_and(|m| !m.is_file()) {
         return Err(std::io::Error::other(
             "not a regular file: a directory is written to a file, never over anything else",
         ));
@@ -306,7 +318,9 @@ fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> 
     let name = target.file_name().ok_or_else(|| std::io::Error::other("not a file name"))?;
     let tmp = target.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
     let mut f = std::fs::File::create(&tmp)?;
-    let written = f.write_all(data).and_then(|()| f.write_all(b"\n")).and_then(|()| f.sync_all());
+    // The file it replaces keeps its mode (a directory may be readable by its owner only).
+    let kept = existing.map_or(Ok(()), |m| f.set_permissions(m.permissions()));
+    let written = kept.and_then(|()| f.write_all(data)).and_then(|()| f.write_all(b"\n")).and_then(|()| f.sync_all());
     if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &target)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);

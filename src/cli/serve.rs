@@ -326,7 +326,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     };
     let dir = args.bundle.policies.clone();
     // One server per state folder: two would number changes twice and compact away each
-    // other's. The lock is the kernel's, so a killed server leaves none behind.
+    // other's. The lock is the kernel's, on the folder, so a killed server leaves none behind.
     let _state = lock_state(&args.state)?;
     // The live directory changes are laid over the bundle's directory as it loads.
     let (directory_journal, replay) = DirectoryJournal::open(&args.state)?;
@@ -504,14 +504,14 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
 }
 
 /// Binds the metrics listener and serves the probes on it until the process ends.
-/// Locks `STATE/lock` for as long as the returned file is open.
+/// Locks the state folder itself (no lock file to delete by mistake) for as long as the
+/// returned handle is open.
 fn lock_state(dir: &std::path::Path) -> Result<std::fs::File, Error> {
-    let path = dir.join("lock");
-    let io = |source| Error::State { path: path.clone(), source };
+    let io = |source| Error::State { path: dir.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
+    let folder = std::fs::File::open(dir).map_err(io)?;
+    match folder.try_lock() {
+        Ok(()) => Ok(folder),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::StateInUse(dir.to_path_buf())),
         Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }

@@ -115,6 +115,7 @@ impl pb::admin_service_server::AdminService for Admin {
             access: self.access_status(),
             live_directory_seq: snap.live_seq(),
             live_directory_objects: snap.live_objects() as u64,
+            live_directory_error: self.service.directory_error().unwrap_or_default(),
         }))
     }
 
