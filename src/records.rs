@@ -191,6 +191,10 @@ pub struct ReloadRecord<'a> {
     /// Who asked for it, for a reload asked for through AdminService.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<&'a Caller>,
+    /// The journal number of the last live directory change in force, when there is one: the
+    /// `directory` records before it should account for every number up to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_directory_seq: Option<u64>,
 }
 
 impl<'a> ReloadRecord<'a> {
@@ -201,7 +205,17 @@ impl<'a> ReloadRecord<'a> {
         error: Option<&'a str>,
         trigger: &'a str,
     ) -> Self {
-        ReloadRecord { kind: "reload", time: Utc::now(), outcome, from, revision, error, trigger, caller: None }
+        ReloadRecord {
+            kind: "reload",
+            time: Utc::now(),
+            outcome,
+            from,
+            revision,
+            error,
+            trigger,
+            caller: None,
+            live_directory_seq: None,
+        }
     }
 }
 

@@ -371,12 +371,24 @@ impl Service {
         let _one_at_a_time = self.signalling.lock().await;
         let change = Arc::new(change);
         let (applying, by_owned, reason_owned) = (change.clone(), by.to_string(), reason.to_string());
+        let audited_caller = caller.clone();
         let applied = self
             .blocking(move |s| {
                 let journal = s.directory_journal.as_ref().ok_or(DirectoryFailure::NoJournal)?;
                 s.store
                     .apply_directory(&applying, |seq, resolved, net| {
-                        journal.append(seq, resolved, &by_owned, &reason_owned, net).map_err(|e| e.to_string())
+                        journal.append(seq, resolved, &by_owned, &reason_owned, net).map_err(|e| e.to_string())?;
+                        // Recorded once durable and before any request is decided with it: a
+                        // kill after this point leaves a change both replayed and recorded. Like
+                        // a signal's, the record waits for room whatever the overflow policy; a
+                        // log that refuses it cannot undo what the journal holds, so it is said.
+                        let revision = s.store.current().revision().clone();
+                        let record =
+                            DirectoryRecord::new(seq, resolved, &by_owned, &reason_owned, &revision, &audited_caller);
+                        if let Err(refused) = s.audit.submit_blocking(records::body(&record)) {
+                            tracing::error!(seq, %refused, "directory change applied without its audit record");
+                        }
+                        Ok(())
                     })
                     .map_err(|e| match e {
                         ApplyError::Refused(errors) => DirectoryFailure::Refused(errors),
@@ -390,9 +402,6 @@ impl Service {
         self.metrics.serving(&snap);
         tracing::info!(seq, caller = %caller, by, change = %change.summary(), "directory change applied");
         self.live.quiesce().await;
-        let record = DirectoryRecord::new(seq, &change, by, reason, snap.revision(), caller);
-        // Like a signal's, its record waits for room whatever the overflow policy.
-        let _ = self.audit.submit_waiting(records::body(&record)).await;
         let due = self.directory_error.lock().is_ok_and(|e| e.is_some());
         self.compact_directory_journal(due).await;
         Ok(DirectoryApplied {
@@ -528,6 +537,8 @@ impl Service {
         }
         let mut record = ReloadRecord::new(outcome, from, revision, error.as_deref(), trigger);
         record.caller = caller;
+        let live_seq = self.store.current().live_seq();
+        record.live_directory_seq = Some(live_seq).filter(|seq| *seq > 0);
         if outcome != "unchanged" {
             let _ = self.audit.submit_waiting(records::body(&record)).await;
         }
@@ -547,7 +558,8 @@ impl Service {
     /// Records the first load.
     pub async fn loaded(&self) {
         let snap = self.store.current();
-        let record = ReloadRecord::new("loaded", None, snap.revision(), None, "start");
+        let mut record = ReloadRecord::new("loaded", None, snap.revision(), None, "start");
+        record.live_directory_seq = Some(snap.live_seq()).filter(|seq| *seq > 0);
         let _ = self.audit.submit_waiting(records::body(&record)).await;
     }
 

@@ -126,6 +126,10 @@ async fn agents_upserted_live_decide_at_once_and_survive_sigkill_restarts_and_re
     assert_eq!(changes.len(), 2);
     assert_eq!(changes[1]["upsert"]["agents"], serde_json::json!(["ag-new-01"]));
     assert_eq!(changes[1]["by"], "cli-admin");
+    // Each start says which live changes were in force: the restart after the kill had both.
+    let starts: Vec<&serde_json::Value> = records.iter().filter(|r| r["outcome"] == "loaded").collect();
+    assert_eq!(starts[0].get("live_directory_seq"), None);
+    assert_eq!(starts[1]["live_directory_seq"], 2);
     let verify = Command::new(env!("CARGO_BIN_EXE_agentca"))
         .args(["audit", "verify", &env.path("audit.jsonl")])
         .output()

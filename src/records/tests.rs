@@ -174,6 +174,20 @@ fn bodies() -> Vec<String> {
     let mut record = RefusedRecord::new("/agentca.v1.AdminService/Status", "read", "no_credentials", &grpc);
     record.time = time;
     out.push(body(&record));
+    // A live directory change, with the change itself; and a start with live changes in force.
+    let change = crate::directory::Change::from_json_str(
+        r#"{"upsert": {"agents": [{"id": "ag-mail-03", "blueprint": "bp-mail", "sponsor": "sp-ops", "tags": {"env": "prod"}}]},
+            "remove": {"agents": ["ag-mail-02"]}}"#,
+    )
+    .unwrap();
+    let mut record = DirectoryRecord::new(12, &change, "idp@contoso", "provisioning", "3f2a9c", &mtls);
+    record.time = time;
+    out.push(body(&record));
+    let mut record = ReloadRecord::new("loaded", None, "3f2a9c", None, "start");
+    record.time = time;
+    record.live_directory_seq = Some(12);
+    out.push(body(&record));
+
     out
 }
 
@@ -187,7 +201,7 @@ fn every_kind_of_record_keeps_its_exact_bytes() {
     }
     drop(log);
     let written = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(audit::verify(std::slice::from_ref(&path)).unwrap().records, 15);
+    assert_eq!(audit::verify(std::slice::from_ref(&path)).unwrap().records, 17);
 
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/audit-records.jsonl");
     if std::env::var_os("AGENTCA_BLESS").is_some() {
