@@ -724,7 +724,8 @@ pub fn listed(errors: &[DirectoryError], sep: &str) -> String {
     const SHOWN: usize = 50;
     /// An error is cut here, and the list stops growing past its total.
     const ERROR_BYTES: usize = 240;
-    const TOTAL_BYTES: usize = 8 << 10;
+    // Sent in a header, percent-encoded: up to three times as long.
+    const TOTAL_BYTES: usize = 2 << 10;
     let mut text = String::new();
     let mut shown = 0;
     for e in errors.iter().take(SHOWN) {
@@ -861,10 +862,14 @@ impl Directory {
                 d.forget_names(&old);
             }
         }
-        // Ids first, then audiences: an audience that is another resource's id is the error.
+        // Ids first, then audiences: an audience that is another resource's id is the error,
+        // unless that resource goes in this change (its names are free once it is gone, as
+        // they would be had it gone in a change of its own before).
+        let going: HashSet<&SmolStr> = rm.resources.iter().collect();
         for r in &resources {
             if let Some(other) = d.names.insert(r.id.clone(), r.id.clone())
                 && other != r.id
+                && !going.contains(&other)
             {
                 errors.push(DirectoryError::Field {
                     object: format!("resource `{}`", r.id),
@@ -876,7 +881,7 @@ impl Directory {
         for r in &resources {
             for aud in r.audiences.iter() {
                 match d.names.get(aud) {
-                    Some(other) if *other != r.id => errors.push(DirectoryError::Field {
+                    Some(other) if *other != r.id && !going.contains(other) => errors.push(DirectoryError::Field {
                         object: format!("resource `{}`", r.id),
                         field: "audiences".into(),
                         message: format!("audience `{aud}` also names resource `{other}`"),
@@ -1868,6 +1873,13 @@ mod change_tests {
                 "resource `mail`: field `audiences`: audience `https://graph.example.com` also names resource `graph`",
             ]
         );
+        // A resource removed in the same change frees its names: as one change, what two did.
+        let d2 = apply(&d, r#"{"upsert": {"blueprints": [{"id": "bp-mail", "allowed_resources": ["hr"]}]}}"#).unwrap();
+        let both = r#"{"upsert": {"resources": [{"id": "graph2", "audiences": ["https://graph.example.com"]}]},
+                       "remove": {"resources": ["graph"]}}"#;
+        let moved = apply(&d2, both).unwrap();
+        assert_eq!(moved.resource("https://graph.example.com").map(|r| r.id.as_str()), Some("graph2"));
+        assert!(moved.resource("graph").is_none());
         // A resource may take over an audience its old version had.
         let moved = apply(&d, r#"{"upsert": {"resources": [{"id": "graph", "audiences": ["api://graph"]}]}}"#).unwrap();
         assert!(moved.resource("https://graph.example.com").is_none());

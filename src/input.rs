@@ -52,7 +52,15 @@ impl InputError {
 /// without whitespace or control characters (they reach logs, terminals and audit records,
 /// and a request could never name one with a space).
 pub fn id_problem(id: &str) -> Option<String> {
-    let invisible = |c: char| matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}');
+    // Characters that print as nothing (format characters, fillers, variation selectors,
+    // tags): two ids that look the same must be the same id.
+    let invisible = |c: char| {
+        matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{2800}'
+            | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
+    };
     if id.is_empty()
         || id.len() > MAX_ID_LEN
         || id.chars().any(|c| c.is_whitespace() || is_unsafe_char(c) || invisible(c))

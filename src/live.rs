@@ -179,7 +179,9 @@ impl DirectoryJournal {
         let tmp = self.path.with_extension("jsonl.compact");
         let mut out = File::create(&tmp)?;
         let empty = net.upsert.is_empty() && net.remove.is_empty();
-        if empty {
+        if empty && seq == 0 {
+            // No change was ever taken: nothing to keep, not even a number.
+        } else if empty {
             let mut line = serde_json::to_vec(&serde_json::json!({"seq": seq, "at": Utc::now(), "by": "compaction"}))
                 .map_err(io::Error::other)?;
             line.push(b'\n');
@@ -197,7 +199,7 @@ impl DirectoryJournal {
         let file = OpenOptions::new().append(true).open(&self.path)?;
         let len = file.metadata()?.len();
         *tail = Tail { file, len, torn: false };
-        self.lines.store(1, Ordering::Relaxed);
+        self.lines.store(u64::from(len > 0), Ordering::Relaxed);
         self.compacted_len.store(len, Ordering::Relaxed);
         Ok(())
     }
@@ -230,6 +232,11 @@ fn read_file(path: &Path) -> Result<(Replay, u64, Option<u64>), LiveJournalError
         let unreadable = |why: &str| err(&format!("line {at}: {why} ({UNREADABLE})"));
         let line = std::str::from_utf8(line).map_err(|_| unreadable("not UTF-8"))?;
         let entry: ReadEntry<'_> = serde_json::from_str(line).map_err(|e| unreadable(&e.to_string()))?;
+        // A compaction before any change wrote `#0` with no change: nothing to read back.
+        if entry.seq == 0 && entry.change.is_none() && replay.seq == 0 {
+            lines += 1;
+            continue;
+        }
         if entry.seq <= replay.seq {
             return Err(unreadable(&format!("change #{} does not follow #{}", entry.seq, replay.seq)));
         }
@@ -323,6 +330,16 @@ mod tests {
         let (_, replay) = DirectoryJournal::open(dir.path()).unwrap();
         assert_eq!((replay.changes.len(), replay.seq), (2, 2));
         assert!(replay.changes[1].to_json().unwrap().contains("\"c\""));
+        // Never a change: compacted, the journal is empty, and reads back (as a `#0` marker does).
+        let fresh = tempfile::tempdir().unwrap();
+        let (never, _) = DirectoryJournal::open(fresh.path()).unwrap();
+        never.compact(0, &Change::default()).unwrap();
+        assert_eq!(fs::read(fresh.path().join(DIRECTORY_JOURNAL_FILE)).unwrap().len(), 0);
+        fs::write(fresh.path().join(DIRECTORY_JOURNAL_FILE), "{\"seq\":0,\"by\":\"compaction\"}\n").unwrap();
+        let (never, replay) = DirectoryJournal::open(fresh.path()).unwrap();
+        assert_eq!((replay.changes.len(), replay.seq), (0, 0));
+        never.append(1, &b, "admin", "", &net).unwrap();
+        assert_eq!(DirectoryJournal::read(fresh.path()).unwrap().seq, 1);
         // Nothing live: the compacted journal keeps only the sequence, which goes on from there.
         journal.compact(2, &Change::default()).unwrap();
         let (journal, replay) = DirectoryJournal::open(dir.path()).unwrap();

@@ -421,8 +421,8 @@ impl Service {
                 if !now && !journal.wants_compaction() {
                     return Ok(());
                 }
-                let (net, seq) = s.store.live_change();
-                journal.compact(seq, &net)
+                // Under the store's lock: no reload rewrites the journal in between.
+                s.store.with_live_change(|seq, net| journal.compact(seq, net))
             })
             .await;
         let error = match done {
@@ -430,6 +430,12 @@ impl Service {
             Some(Err(e)) => Some(e.to_string()),
             None => Some("the directory journal compaction task failed".to_string()),
         };
+        self.note_directory_upkeep(error);
+    }
+
+    /// Records the outcome of the directory journal's compaction: an error is logged once and
+    /// shown in Status until a compaction succeeds.
+    fn note_directory_upkeep(&self, error: Option<String>) {
         let Ok(mut slot) = self.directory_error.lock() else { return };
         match (&*slot, &error) {
             (None, Some(e)) => {
@@ -508,16 +514,28 @@ impl Service {
     }
 
     async fn take_reload(self: &Arc<Self>, trigger: &str, caller: Option<&Caller>) -> Reloaded {
-        let result = match self.blocking(|s| s.store.reload()).await {
-            Some(result) => result,
+        // The store takes one reload or live change at a time: the reload lays the live changes
+        // over the new bundle and rewrites their journal in step. (Signals do not wait for it.)
+        let reloaded = self
+            .blocking(|s| {
+                s.store.reload_with(|seq, net| match s.directory_journal.as_ref() {
+                    Some(journal) => journal.compact(seq, net).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                })
+            })
+            .await;
+        let result = match reloaded {
+            Some((result, compacted)) => {
+                if matches!(result, Reloaded::Swapped { .. }) {
+                    self.note_directory_upkeep(compacted);
+                }
+                result
+            }
             None => self.reload_failed(),
         };
         self.metrics.reloaded(&result);
         if matches!(result, Reloaded::Swapped { .. }) {
             self.metrics.serving(&self.store.current());
-            // The new bundle may say what some live changes said: they were dropped.
-            let _one_at_a_time = self.signalling.lock().await;
-            self.compact_directory_journal(true).await;
         }
         let error = match &result {
             Reloaded::Failed { error, .. } => Some(error.to_string()),

@@ -613,6 +613,13 @@ impl Store {
         (live.overlay.as_change(self.current().base_directory()), live.seq)
     }
 
+    /// Calls `f` with the live sequence and the live changes, net, while no reload or live
+    /// change can come in between (a journal compaction).
+    pub fn with_live_change<T>(&self, f: impl FnOnce(u64, &Change) -> T) -> T {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        f(live.seq, &live.overlay.as_change(self.current().base_directory()))
+    }
+
     fn swap(&self, new: Snapshot) {
         let old = self.current.swap(Arc::new(new));
         // INVARIANT: `old` is held here until it is marked, so whoever drops it last (a request
@@ -657,10 +664,21 @@ impl Store {
     /// and swaps it in; on failure keeps the old one. A `directory.json` that did not change is
     /// not read again: the served base directory is kept.
     pub fn reload(&self) -> Reloaded {
+        self.reload_with(|_, _| Ok(())).0
+    }
+
+    /// As [`Store::reload`], keeping the live changes' journal in step: when a new revision is
+    /// swapped in, `compact` is given the live sequence and the live changes as they now lie
+    /// over the new bundle (some may be folded into it), to rewrite the journal with. Only if
+    /// it succeeds are the folded changes dropped here too: a journal that still holds them
+    /// would bring them back at the next start, over whatever bundle is there then. Returns
+    /// the result, and `compact`'s error.
+    pub fn reload_with(&self, compact: impl FnOnce(u64, &Change) -> Result<(), String>) -> (Reloaded, Option<String>) {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let served = self.current();
         let from = served.revision().clone();
         let started = Instant::now();
+        let mut compacted = None;
         let loaded = Bundle::load_reusing(&self.dir, Some(&served.core.bundle)).and_then(|bundle| {
             if bundle.revision() == &*from {
                 return Ok(None);
@@ -677,7 +695,11 @@ impl Store {
             Ok(None) => Reloaded::Unchanged(from),
             Ok(Some((new, overlay))) => {
                 let to = new.revision().clone();
-                live.overlay = overlay;
+                match compact(live.seq, &overlay.as_change(new.base_directory())) {
+                    Ok(()) => live.overlay = overlay,
+                    // The served directory is the same either way: only what is kept differs.
+                    Err(e) => compacted = Some(e),
+                }
                 self.swap(new);
                 Reloaded::Swapped { from, to }
             }
@@ -693,7 +715,7 @@ impl Store {
                 _ => None,
             };
         }
-        result
+        (result, compacted)
     }
 }
 
@@ -870,6 +892,54 @@ mod tests {
         assert!(snap.agent("ag-new").unwrap().enabled());
         assert_eq!(snap.directory().agent("ag-mail-01").unwrap().name.as_str(), "Renamed");
         assert_eq!(snap.directory().agent("ag-mail-01").unwrap().tags.get("team"), Some("mail"));
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_compacted_keeps_what_a_reload_would_fold() {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut journal: Vec<Change> = Vec::new();
+        let patch =
+            Change::from_json_str(r#"{"upsert": {"agents": [{"id": "ag-mail-01", "tags": {"k": "a"}}]}}"#).unwrap();
+        store
+            .apply_directory(&patch, |_, resolved, _| {
+                journal.push(Change::from_json_str(&resolved.to_json().unwrap()).unwrap());
+                Ok(())
+            })
+            .unwrap();
+        let file = dir.path().join(DIRECTORY_FILE);
+        let tag = |k: &str| {
+            let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            doc["agents"].as_array_mut().unwrap().iter_mut().find(|a| a["id"] == "ag-mail-01").unwrap()["tags"] =
+                serde_json::json!({ "k": k });
+            std::fs::write(&file, doc.to_string()).unwrap();
+        };
+        // The bundle says what the patch said, but the journal cannot be rewritten: the patch
+        // is kept, as the journal keeps it.
+        tag("a");
+        let (reloaded, error) = store.reload_with(|_, _| Err("disk full".into()));
+        assert!(matches!(reloaded, Reloaded::Swapped { .. }) && error.as_deref() == Some("disk full"));
+        assert_eq!(store.live_change().0.upsert.len(), 1);
+        // The bundle changes again: served and restarted agree (the patch still applies).
+        tag("b");
+        let (_, error) = store.reload_with(|_, _| Err("disk full".into()));
+        assert!(error.is_some());
+        let served = store.current().directory().to_json().unwrap();
+        let restarted = Store::open_with(dir.path(), &journal, 1).unwrap();
+        assert_eq!(restarted.current().directory().to_json().unwrap(), served);
+        assert_eq!(store.current().directory().agent("ag-mail-01").unwrap().tags.get("k"), Some("a"));
+        // Once the journal is rewritten, the fold holds.
+        tag("a");
+        let (_, error) =
+            store.reload_with(|_, net| if net.upsert.is_empty() { Ok(()) } else { Err("not folded".into()) });
+        assert_eq!(error, None);
+        assert_eq!(store.live_change().0.upsert.len(), 0);
     }
 
     #[test]

@@ -301,6 +301,25 @@ async fn upserts_under_load_fail_no_request_and_each_is_effective_when_acknowled
     assert_eq!(status(&server).await.agents, 63);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_before_any_live_change_leaves_a_journal_that_starts() {
+    let env = Env::new();
+    let server = env.start(&[]);
+    let directory = env.path("policies/directory.json");
+    let text = std::fs::read_to_string(&directory).unwrap();
+    std::fs::write(&directory, text.replace("Mail triage 01", "Mail triage one")).unwrap();
+    let mut admin = server.admin().await;
+    assert_eq!(admin.reload(pb::ReloadRequest {}).await.unwrap().into_inner().outcome, "swapped");
+    drop(server);
+    let server = env.start(&[]);
+    assert!(is_allow(&decide(&server, "ag-mail-01").await));
+    let done = server.admin().await.apply_directory(upsert(&[agent("ag-new-01", "prod")])).await.unwrap().into_inner();
+    assert_eq!(done.seq, 1);
+    drop(server);
+    let server = env.start(&[]);
+    assert_eq!(status(&server).await.live_directory_seq, 1);
+}
+
 #[test]
 fn validate_lays_a_state_folders_live_changes_over_the_bundle() {
     let env = Env::new();
