@@ -1158,9 +1158,8 @@ pub struct Overlay {
     resources: Layer<Resource>,
 }
 
-/// Adds `upserts` (resolved: see [`Change::resolved`]) and then `removals`, which applied over
-/// `base` with `layer` on it.
-fn record_layer<T: Record>(layer: &mut Layer<T>, upserts: &[Upsert<T>], removals: &[SmolStr], base: &Map<T>) {
+/// Adds `upserts` (resolved: see [`Change::resolved`]) and then `removals`.
+fn record_layer<T: Record>(layer: &mut Layer<T>, upserts: &[Upsert<T>], removals: &[SmolStr]) {
     for u in upserts {
         let net = match layer.get(u.id()) {
             // Over a live upsert: this one's fields over it.
@@ -1170,13 +1169,10 @@ fn record_layer<T: Record>(layer: &mut Layer<T>, upserts: &[Upsert<T>], removals
         };
         layer.insert(u.id().clone(), Some(net));
     }
+    // A removal is kept as such, whatever the base has: what a restart replays must not
+    // depend on the bundle it finds. A fold drops it once the bundle lacks the object too.
     for id in removals {
-        if base.contains_key(id) {
-            layer.insert(id.clone(), None);
-        } else {
-            // It was live only: removed, it is as if it never came.
-            layer.remove(id);
-        }
+        layer.insert(id.clone(), None);
     }
 }
 
@@ -1202,15 +1198,15 @@ fn fold_layer<T: Record>(layer: &mut Layer<T>, base: &Map<T>) {
 }
 
 impl Overlay {
-    /// Adds a change that applied over `base` with this overlay on it (upserts first, then
-    /// removals, as it was applied).
-    pub fn record(&mut self, change: &Change, base: &Directory) {
+    /// Adds a change (resolved: see [`Change::resolved`]), upserts first, then removals, as
+    /// it was applied.
+    pub fn record(&mut self, change: &Change) {
         let (up, rm) = (&change.upsert, &change.remove);
-        record_layer(&mut self.users, &up.users, &rm.users, &base.users);
-        record_layer(&mut self.sponsors, &up.sponsors, &rm.sponsors, &base.sponsors);
-        record_layer(&mut self.blueprints, &up.blueprints, &rm.blueprints, &base.blueprints);
-        record_layer(&mut self.agents, &up.agents, &rm.agents, &base.agents);
-        record_layer(&mut self.resources, &up.resources, &rm.resources, &base.resources);
+        record_layer(&mut self.users, &up.users, &rm.users);
+        record_layer(&mut self.sponsors, &up.sponsors, &rm.sponsors);
+        record_layer(&mut self.blueprints, &up.blueprints, &rm.blueprints);
+        record_layer(&mut self.agents, &up.agents, &rm.agents);
+        record_layer(&mut self.resources, &up.resources, &rm.resources);
     }
 
     /// How many objects the live changes set or remove.
@@ -1944,7 +1940,7 @@ mod change_tests {
         let change =
             Change::from_json_str(r#"{"upsert": {"agents": [{"id": "ag-1", "tags": {"env": "prod"}}]}}"#).unwrap();
         let mut overlay = Overlay::default();
-        overlay.record(&change, &d);
+        overlay.record(&change);
         let newer = Directory::from_json_str(
             r#"{"users": [{"id": "u-bob"}], "sponsors": [{"id": "s"}], "blueprints": [{"id": "b"}],
                 "agents": [{"id": "ag-1", "name": "Renamed", "blueprint": "b", "sponsor": "s", "tags": {"env": "dev"}}]}"#,
@@ -1989,7 +1985,7 @@ mod change_tests {
             Change::from_json_str(r#"{"upsert": {"agents": [{"id": "ag-1", "owners": ["u-eve", "u-bob", "u-eve"]}]}}"#)
                 .unwrap();
         let live = d.apply(&change).unwrap();
-        overlay.record(&change, &d);
+        overlay.record(&change);
         assert_eq!(&*live.agent("ag-1").unwrap().owners, &[SmolStr::new("u-bob"), SmolStr::new("u-eve")][..]);
         let reordered = BASE.replace(r#""owners": ["u-bob"]"#, r#""owners": ["u-eve", "u-bob"]"#);
         assert_eq!(overlay.fold(&Directory::from_json_str(&reordered).unwrap()), 1);
@@ -2033,17 +2029,17 @@ mod change_tests {
         ] {
             let change = Change::from_json_str(c).unwrap();
             d.apply(&overlay.as_change(&d)).unwrap().apply(&change).unwrap();
-            overlay.record(&change, &d);
+            overlay.record(&change);
         }
         let live = d.apply(&overlay.as_change(&d)).unwrap();
         assert!(live.agent("ag-1").is_none() && live.agent("ag-3").is_none() && live.agent("ag-2").is_some());
         // Exported and made the bundle's directory: the overlay has nothing left to say.
         let exported = Directory::from_json_str(&live.to_json().unwrap()).unwrap();
         assert_eq!(exported.to_json().unwrap(), live.to_json().unwrap());
-        // ag-3, made and removed live, left nothing; over the old base nothing is folded.
-        assert_eq!(overlay.len(), 2);
-        assert_eq!(overlay.clone().fold(&d), 0);
-        assert_eq!(overlay.fold(&exported), 2);
+        // ag-3, made and removed live, is kept removed until a fold sees the base lacks it.
+        assert_eq!(overlay.len(), 3);
+        assert_eq!(overlay.clone().fold(&d), 1);
+        assert_eq!(overlay.fold(&exported), 3);
         assert!(overlay.is_empty());
     }
 }

@@ -576,10 +576,11 @@ impl Store {
         let started = Instant::now();
         let bundle = Bundle::load(dir)?;
         let mut overlay = Overlay::default();
+        // As the journal has them, not folded: only a rewrite of the journal may fold (see
+        // `reload_with`), or a later start would bring back what this one dropped.
         for c in changes {
-            overlay.record(c, bundle.directory());
+            overlay.record(c);
         }
-        overlay.fold(bundle.directory());
         let mut snapshot = Snapshot::with_live(bundle, &overlay, seq)?;
         if let Some(core) = Arc::get_mut(&mut snapshot.core) {
             core.load_ms = started.elapsed().as_millis() as u64;
@@ -654,7 +655,7 @@ impl Store {
         let net = || live.overlay.as_change(served.base_directory());
         durable(seq, &resolved, &net).map_err(ApplyError::NotDurable)?;
         live.seq = seq;
-        live.overlay.record(&resolved, served.base_directory());
+        live.overlay.record(&resolved);
         let objects = live.overlay.len();
         self.swap(served.with_directory(directory, seq, objects));
         Ok(seq)
@@ -940,6 +941,47 @@ mod tests {
             store.reload_with(|_, net| if net.upsert.is_empty() { Ok(()) } else { Err("not folded".into()) });
         assert_eq!(error, None);
         assert_eq!(store.live_change().0.upsert.len(), 0);
+    }
+
+    #[test]
+    fn a_start_folds_nothing_the_journal_still_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut journal: Vec<Change> = Vec::new();
+        let create = Change::from_json_str(r#"{"upsert": {"users": [{"id": "u-new1", "name": "A"}]}}"#).unwrap();
+        store
+            .apply_directory(&create, |_, resolved, _| {
+                journal.push(Change::from_json_str(&resolved.to_json().unwrap()).unwrap());
+                Ok(())
+            })
+            .unwrap();
+        let file = dir.path().join(DIRECTORY_FILE);
+        let users = |add: bool| {
+            let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            let users = doc["users"].as_array_mut().unwrap();
+            users.retain(|u| u["id"] != "u-new1");
+            if add {
+                users.push(serde_json::json!({"id": "u-new1", "name": "A"}));
+            }
+            std::fs::write(&file, doc.to_string()).unwrap();
+        };
+        // The bundle says the same; the journal cannot be rewritten; a start, then the bundle
+        // drops the user: the live creation still stands, as it does after the next start.
+        users(true);
+        assert!(store.reload_with(|_, _| Err("disk full".into())).1.is_some());
+        let started = Store::open_with(dir.path(), &journal, 1).unwrap();
+        users(false);
+        assert!(started.reload_with(|_, _| Err("disk full".into())).1.is_some());
+        let served = started.current().directory().to_json().unwrap();
+        assert!(served.contains("u-new1"));
+        let again = Store::open_with(dir.path(), &journal, 1).unwrap();
+        assert_eq!(again.current().directory().to_json().unwrap(), served);
     }
 
     #[test]
