@@ -1230,6 +1230,27 @@ impl Overlay {
         change
     }
 
+    /// Every entry, as one change: what a journal keeps of the overlay, exactly (a removal of
+    /// what the base lacks included: it is laid over a base only through [`Overlay::as_change`]).
+    pub fn as_journal(&self) -> Change {
+        let mut change = Change::default();
+        let (up, rm) = (&mut change.upsert, &mut change.remove);
+        fn all<T: Record>(layer: &Layer<T>, up: &mut Vec<Upsert<T>>, rm: &mut Vec<SmolStr>) {
+            for (id, x) in layer {
+                match x {
+                    Some(u) => up.push(u.clone()),
+                    None => rm.push(id.clone()),
+                }
+            }
+        }
+        all(&self.users, &mut up.users, &mut rm.users);
+        all(&self.sponsors, &mut up.sponsors, &mut rm.sponsors);
+        all(&self.blueprints, &mut up.blueprints, &mut rm.blueprints);
+        all(&self.agents, &mut up.agents, &mut rm.agents);
+        all(&self.resources, &mut up.resources, &mut rm.resources);
+        change
+    }
+
     /// Drops what `base` already says: the live changes an admin folded into the bundle.
     /// Returns how many were dropped.
     pub fn fold(&mut self, base: &Directory) -> usize {

@@ -611,14 +611,14 @@ impl Store {
     /// compacts to), and the sequence number of the last.
     pub fn live_change(&self) -> (Change, u64) {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        (live.overlay.as_change(self.current().base_directory()), live.seq)
+        (live.overlay.as_journal(), live.seq)
     }
 
     /// Calls `f` with the live sequence and the live changes, net, while no reload or live
     /// change can come in between (a journal compaction).
     pub fn with_live_change<T>(&self, f: impl FnOnce(u64, &Change) -> T) -> T {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        f(live.seq, &live.overlay.as_change(self.current().base_directory()))
+        f(live.seq, &live.overlay.as_journal())
     }
 
     fn swap(&self, new: Snapshot) {
@@ -652,7 +652,7 @@ impl Store {
             })?;
         let seq = live.seq + 1;
         let resolved = change.resolved(&served.directory);
-        let net = || live.overlay.as_change(served.base_directory());
+        let net = || live.overlay.as_journal();
         durable(seq, &resolved, &net).map_err(ApplyError::NotDurable)?;
         live.seq = seq;
         live.overlay.record(&resolved);
@@ -696,7 +696,7 @@ impl Store {
             Ok(None) => Reloaded::Unchanged(from),
             Ok(Some((new, overlay))) => {
                 let to = new.revision().clone();
-                match compact(live.seq, &overlay.as_change(new.base_directory())) {
+                match compact(live.seq, &overlay.as_journal()) {
                     Ok(()) => live.overlay = overlay,
                     // The served directory is the same either way: only what is kept differs.
                     Err(e) => compacted = Some(e),
@@ -982,6 +982,13 @@ mod tests {
         assert!(served.contains("u-new1"));
         let again = Store::open_with(dir.path(), &journal, 1).unwrap();
         assert_eq!(again.current().directory().to_json().unwrap(), served);
+
+        // What a compaction writes is the overlay exactly: a removal of what the bundle lacks
+        // too, which a start would otherwise not find to keep.
+        let remove = Change::from_json_str(r#"{"remove": {"users": ["u-new1"]}}"#).unwrap();
+        again.apply_directory(&remove, |_, _, _| Ok(())).unwrap();
+        let (net, seq) = again.live_change();
+        assert_eq!((net.remove.users.as_slice(), seq), (&[smol_str::SmolStr::new("u-new1")][..], 2));
     }
 
     #[test]
