@@ -731,6 +731,28 @@ mod tests {
         Snapshot::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies").as_path()).unwrap()
     }
 
+    /// A copy of the sample bundle (its files, not its tests) in a folder of its own.
+    fn sample_copy() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        dir
+    }
+
+    /// Applies `change`, keeping in `journal` what a journal keeps (its resolved form, read back).
+    fn apply_journaled(store: &Store, change: &Change, journal: &mut Vec<Change>) {
+        store
+            .apply_directory(change, |_, resolved, _| {
+                journal.push(Change::from_json_str(&resolved.to_json().unwrap()).unwrap());
+                Ok(())
+            })
+            .unwrap();
+    }
+
     fn request(json: &str) -> Request {
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         RawRequest::from_json(&v).unwrap().validate(Utc::now()).unwrap()
@@ -821,13 +843,7 @@ mod tests {
     #[test]
     fn a_policy_naming_another_agent_follows_that_agents_changes() {
         use crate::engine::{Verdict, evaluate};
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_file() {
-                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-            }
-        }
+        let dir = sample_copy();
         // While ag-mail-02 is at high risk, every agent is stopped (a context-free condition,
         // which the memo would keep for ag-mail-01 if it did not know whom it names).
         std::fs::write(
@@ -851,25 +867,11 @@ mod tests {
 
     #[test]
     fn a_reload_and_a_restart_serve_the_same_live_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_file() {
-                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-            }
-        }
+        let dir = sample_copy();
         let store = Store::open(dir.path()).unwrap();
         // What a journal keeps: each change as resolved, read back from its line.
         let mut journal: Vec<Change> = Vec::new();
-        let mut apply = |json: &str| {
-            let change = Change::from_json_str(json).unwrap();
-            store
-                .apply_directory(&change, |_, resolved, _| {
-                    journal.push(Change::from_json_str(&resolved.to_json().unwrap()).unwrap());
-                    Ok(())
-                })
-                .unwrap();
-        };
+        let mut apply = |json: &str| apply_journaled(&store, &Change::from_json_str(json).unwrap(), &mut journal);
         apply(
             r#"{"upsert": {"agents": [{"id": "ag-new", "blueprint": "bp-mail", "sponsor": "s-alice", "tags": {"env": "prod"}}]}}"#,
         );
@@ -897,23 +899,12 @@ mod tests {
 
     #[test]
     fn a_journal_that_cannot_be_compacted_keeps_what_a_reload_would_fold() {
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_file() {
-                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-            }
-        }
+        let dir = sample_copy();
         let store = Store::open(dir.path()).unwrap();
         let mut journal: Vec<Change> = Vec::new();
         let patch =
             Change::from_json_str(r#"{"upsert": {"agents": [{"id": "ag-mail-01", "tags": {"k": "a"}}]}}"#).unwrap();
-        store
-            .apply_directory(&patch, |_, resolved, _| {
-                journal.push(Change::from_json_str(&resolved.to_json().unwrap()).unwrap());
-                Ok(())
-            })
-            .unwrap();
+        apply_journaled(&store, &patch, &mut journal);
         let file = dir.path().join(DIRECTORY_FILE);
         let tag = |k: &str| {
             let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
@@ -945,22 +936,11 @@ mod tests {
 
     #[test]
     fn a_start_folds_nothing_the_journal_still_holds() {
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_file() {
-                std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-            }
-        }
+        let dir = sample_copy();
         let store = Store::open(dir.path()).unwrap();
         let mut journal: Vec<Change> = Vec::new();
         let create = Change::from_json_str(r#"{"upsert": {"users": [{"id": "u-new1", "name": "A"}]}}"#).unwrap();
-        store
-            .apply_directory(&create, |_, resolved, _| {
-                journal.push(Change::from_json_str(&resolved.to_json().unwrap()).unwrap());
-                Ok(())
-            })
-            .unwrap();
+        apply_journaled(&store, &create, &mut journal);
         let file = dir.path().join(DIRECTORY_FILE);
         let users = |add: bool| {
             let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
