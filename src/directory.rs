@@ -478,8 +478,19 @@ impl Objects {
         }
     }
 
+    /// How many each section holds, by section name.
+    pub fn counts(&self) -> [(&'static str, usize); 5] {
+        [
+            ("users", self.users.len()),
+            ("sponsors", self.sponsors.len()),
+            ("blueprints", self.blueprints.len()),
+            ("agents", self.agents.len()),
+            ("resources", self.resources.len()),
+        ]
+    }
+
     pub fn len(&self) -> usize {
-        self.users.len() + self.sponsors.len() + self.blueprints.len() + self.agents.len() + self.resources.len()
+        self.counts().iter().map(|(_, n)| n).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -503,8 +514,19 @@ pub struct Ids {
 }
 
 impl Ids {
+    /// How many each section holds, by section name.
+    pub fn counts(&self) -> [(&'static str, usize); 5] {
+        [
+            ("users", self.users.len()),
+            ("sponsors", self.sponsors.len()),
+            ("blueprints", self.blueprints.len()),
+            ("agents", self.agents.len()),
+            ("resources", self.resources.len()),
+        ]
+    }
+
     pub fn len(&self) -> usize {
-        self.users.len() + self.sponsors.len() + self.blueprints.len() + self.agents.len() + self.resources.len()
+        self.counts().iter().map(|(_, n)| n).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -632,31 +654,10 @@ impl Change {
 
     /// What the change does, in a few words (an audit record, an answer).
     pub fn summary(&self) -> String {
-        let (u, r) = (&self.upsert, &self.remove);
-        let mut parts = Vec::new();
-        for (what, n) in [
-            ("users", u.users.len()),
-            ("sponsors", u.sponsors.len()),
-            ("blueprints", u.blueprints.len()),
-            ("agents", u.agents.len()),
-            ("resources", u.resources.len()),
-        ] {
-            if n > 0 {
-                parts.push(format!("upsert {n} {what}"));
-            }
-        }
-        for (what, n) in [
-            ("users", r.users.len()),
-            ("sponsors", r.sponsors.len()),
-            ("blueprints", r.blueprints.len()),
-            ("agents", r.agents.len()),
-            ("resources", r.resources.len()),
-        ] {
-            if n > 0 {
-                parts.push(format!("remove {n} {what}"));
-            }
-        }
-        parts.join(", ")
+        let upserts = self.upsert.counts().map(|(what, n)| ("upsert", what, n));
+        let removals = self.remove.counts().map(|(what, n)| ("remove", what, n));
+        let parts = upserts.into_iter().chain(removals).filter(|(_, _, n)| *n > 0);
+        parts.map(|(verb, what, n)| format!("{verb} {n} {what}")).collect::<Vec<_>>().join(", ")
     }
 
     /// An id given twice in one list, or both upserted and removed, is an error: which one

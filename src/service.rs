@@ -44,13 +44,43 @@ pub struct Service {
     settings: Settings,
     metrics: Arc<Metrics>,
     /// The journal's upkeep (compaction) error, reported once and shown in Status.
-    journal_error: std::sync::Mutex<Option<String>>,
+    journal_error: Upkeep,
     /// The directory journal's compaction failed: it holds lines a reload made stale, so it is
     /// compacted at the next chance, and Status says so until it is.
-    directory_error: std::sync::Mutex<Option<String>>,
+    directory_error: Upkeep,
     /// One signal or directory change at a time: journal order is apply order, a compaction
     /// sees every change journaled before it, and one barrier wait is in progress at a time.
     signalling: tokio::sync::Mutex<()>,
+}
+
+/// The last outcome of a journal's upkeep (its compaction): an error is logged once, not per
+/// attempt (a read-only state folder fails every one), and shown in Status until it clears.
+struct Upkeep {
+    journal: &'static str,
+    retried_with: &'static str,
+    error: std::sync::Mutex<Option<String>>,
+}
+
+impl Upkeep {
+    fn new(journal: &'static str, retried_with: &'static str) -> Upkeep {
+        Upkeep { journal, retried_with, error: std::sync::Mutex::new(None) }
+    }
+
+    fn note(&self, error: Option<String>) {
+        let Ok(mut slot) = self.error.lock() else { return };
+        match (&*slot, &error) {
+            (None, Some(e)) => {
+                tracing::error!(error = %e, "{} compaction failed; retried with {}", self.journal, self.retried_with)
+            }
+            (Some(_), None) => tracing::info!("{} compaction succeeds again", self.journal),
+            _ => {}
+        }
+        *slot = error;
+    }
+
+    fn error(&self) -> Option<String> {
+        self.error.lock().ok().and_then(|e| e.clone())
+    }
 }
 
 /// The result of one live directory change.
@@ -126,8 +156,8 @@ impl Service {
             audit,
             settings,
             metrics,
-            journal_error: std::sync::Mutex::new(None),
-            directory_error: std::sync::Mutex::new(None),
+            journal_error: Upkeep::new("signal journal", "later signals"),
+            directory_error: Upkeep::new("directory journal", "the next change or reload"),
             signalling: tokio::sync::Mutex::new(()),
         })
     }
@@ -291,7 +321,7 @@ impl Service {
     /// The journal's upkeep error, if its last compaction failed, else the last thing that
     /// happened to its file (deleted or replaced, and written anew).
     pub fn journal_error(&self) -> Option<String> {
-        let error = self.journal_error.lock().ok().and_then(|e| e.clone());
+        let error = self.journal_error.error();
         error.or_else(|| self.journal.as_ref().and_then(Journal::notice))
     }
 
@@ -402,7 +432,7 @@ impl Service {
         self.metrics.serving(&snap);
         tracing::info!(seq, caller = %caller, by, change = %change.summary(), "directory change applied");
         self.live.quiesce().await;
-        let due = self.directory_error.lock().is_ok_and(|e| e.is_some());
+        let due = self.directory_error.error().is_some();
         self.compact_directory_journal(due).await;
         Ok(DirectoryApplied {
             seq,
@@ -433,23 +463,13 @@ impl Service {
         self.note_directory_upkeep(error);
     }
 
-    /// Records the outcome of the directory journal's compaction: an error is logged once and
-    /// shown in Status until a compaction succeeds.
     fn note_directory_upkeep(&self, error: Option<String>) {
-        let Ok(mut slot) = self.directory_error.lock() else { return };
-        match (&*slot, &error) {
-            (None, Some(e)) => {
-                tracing::error!(error = %e, "directory journal compaction failed; retried with the next change or reload")
-            }
-            (Some(_), None) => tracing::info!("directory journal compaction succeeds again"),
-            _ => {}
-        }
-        *slot = error;
+        self.directory_error.note(error);
     }
 
     /// Why the directory journal could not be compacted, until it can.
     pub fn directory_error(&self) -> Option<String> {
-        self.directory_error.lock().ok().and_then(|e| e.clone())
+        self.directory_error.error()
     }
 
     fn journal(&self) -> Result<&Journal, SignalFailure> {
@@ -467,18 +487,8 @@ impl Service {
         tokio::task::spawn_blocking(move || work(&service)).await.ok()
     }
 
-    /// Records the outcome of the journal's upkeep: an error is logged once, not per signal
-    /// (a read-only state folder fails every compaction), and shown in Status until it clears.
     fn note_journal_upkeep(&self, error: Option<String>) {
-        let Ok(mut slot) = self.journal_error.lock() else { return };
-        match (&*slot, &error) {
-            (None, Some(e)) => {
-                tracing::error!(error = %e, "signal journal compaction failed; retried with later signals")
-            }
-            (Some(_), None) => tracing::info!("signal journal compaction succeeds again"),
-            _ => {}
-        }
-        *slot = error;
+        self.journal_error.note(error);
     }
 
     /// True if `target` is an agent, blueprint or sponsor (as `field` says) that the served

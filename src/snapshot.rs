@@ -13,7 +13,7 @@ use cedar_policy::{Authorizer, Entities, EntityUid, PolicySet, Request as CedarR
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
 use crate::bundle::{Bundle, BundleError, BundleErrors, BundlePolicy, DIRECTORY_FILE, PolicyState};
-use crate::cedar::{CedarEntity, CedarError, ContextBuilder, action_entities, check_entities, entities_of};
+use crate::cedar::{CedarEntity, CedarError, ContextBuilder, action_entities, check_entities, entities_of, entity_uid};
 use crate::directory::{
     Agent, Blueprint, Change, Directory, DirectoryError, EntityTypes, Overlay, Resource, RiskLevel, Sponsor,
 };
@@ -31,7 +31,7 @@ pub struct AgentRef<'a> {
 impl<'a> AgentRef<'a> {
     /// The agent's Cedar entity id.
     pub fn uid(&self) -> EntityUid {
-        EntityTypes::uid(&EntityTypes::get().agent, &self.agent.id)
+        entity_uid(&EntityTypes::get().agent, &self.agent.id)
     }
 
     pub fn id(&self) -> &'a str {
@@ -90,7 +90,7 @@ impl<'a> ResourceRef<'a> {
 
     /// The resource's Cedar entity id.
     pub fn uid(&self) -> EntityUid {
-        EntityTypes::uid(&EntityTypes::get().resource, &self.resource.id)
+        entity_uid(&EntityTypes::get().resource, &self.resource.id)
     }
 }
 
