@@ -18,7 +18,7 @@ pub const MAX_ACCESS_BYTES: u64 = 4 << 20;
 pub enum Role {
     /// DecisionService (Evaluate, EvaluateBatch) and Envoy's Check.
     Decide,
-    /// AdminService Status and ListSignals.
+    /// AdminService Status, ListSignals and Fleet.
     Read,
     /// AdminService Signal.
     Signal,

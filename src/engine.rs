@@ -55,6 +55,8 @@ pub enum ReasonCode {
     BlueprintDisabled,
     SponsorInactive,
     AuditUnavailable,
+    /// In a fleet, the live state is older than `--live-stale-after` and the policy is deny.
+    LiveStateUnavailable,
 }
 
 impl ReasonCode {
@@ -69,6 +71,7 @@ impl ReasonCode {
             ReasonCode::BlueprintDisabled => "blueprint_disabled",
             ReasonCode::SponsorInactive => "sponsor_inactive",
             ReasonCode::AuditUnavailable => "audit_unavailable",
+            ReasonCode::LiveStateUnavailable => "live_state_unavailable",
         }
     }
 }

@@ -59,7 +59,8 @@ fn decide(raw: RawRequest) {
     let _ = raw.clone().validate_with(now, Some(TimeDelta::minutes(5)));
     let (Ok(request), Some(snap)) = (raw.validate(now), sample()) else { return };
     let decision = evaluate(snap, &Overlay::new(), &request);
-    let caller = crate::records::Caller { peer: None, identity: None, subject: None, token: None, via: "cli" };
+    let caller =
+        crate::records::Caller { peer: None, identity: None, subject: None, token: None, via: "cli", replica: None };
     let record = crate::records::DecisionRecord::new(snap, &request, &decision, &caller);
     let _ = crate::records::body(&record);
 }

@@ -52,6 +52,7 @@ pub mod cedar;
 pub mod cli;
 pub mod directory;
 pub mod engine;
+pub mod fleet;
 // Fuzzing entry points: built for `fuzz/` (the `fuzzing` feature) and for the tests.
 #[cfg(any(feature = "fuzzing", test))]
 pub mod fuzz;

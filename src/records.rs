@@ -41,6 +41,9 @@ pub struct Caller {
     pub token: Option<String>,
     /// `grpc`, `envoy`, `cli`.
     pub via: &'static str,
+    /// In a fleet: the replica the call came to, for a change another replica applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<Arc<str>>,
 }
 
 /// As logs show a caller: how it came, and who it is (its identity, else its address).

@@ -9,6 +9,7 @@ use chrono::Utc;
 use crate::audit::{self, Audit, Refused};
 use crate::directory::{Change as DirectoryChange, DirectoryError};
 use crate::engine::{Decision, ReasonCode, evaluate};
+use crate::fleet::{Fleet, Message, Outcome, SentDirectory};
 use crate::live::{DirectoryJournal, LiveJournalError};
 use crate::metrics::{Metrics, Sample, listener::Source};
 use crate::records::{self, Caller, DecisionRecord, DirectoryRecord, RefusedRecord, ReloadRecord, SignalRecord};
@@ -26,11 +27,14 @@ pub struct Settings {
     pub max_clock_skew: Option<chrono::TimeDelta>,
     /// Most live signals for targets the served directory does not know.
     pub max_unknown_signals: usize,
+    /// The fleet this replica shares its live state with (`--live nats://…`), if any: then
+    /// signals and directory changes go through its stream.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { max_clock_skew: None, max_unknown_signals: 10_000 }
+        Settings { max_clock_skew: None, max_unknown_signals: 10_000, fleet: None }
     }
 }
 
@@ -93,6 +97,8 @@ pub struct DirectoryApplied {
     pub warnings: Vec<String>,
     /// The bundle revision it applied over.
     pub revision: std::sync::Arc<str>,
+    /// In a fleet: the replicas that had not applied it when the wait for them ended.
+    pub unconfirmed: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +110,9 @@ pub enum DirectoryFailure {
     Refused(Vec<DirectoryError>),
     #[error("the change could not be made durable, and nothing of it applied: {0}")]
     NotDurable(String),
+    /// In a fleet: the stream did not take it, so no replica applies it.
+    #[error("the fleet's stream did not take the change, so no replica applies it: {0}")]
+    Unavailable(String),
     #[error("the directory change task failed")]
     Aborted,
 }
@@ -114,6 +123,8 @@ pub struct Signalled {
     pub seq: u64,
     pub signal: Signal,
     pub unknown_target: bool,
+    /// In a fleet: the replicas that had not applied it when the wait for them ended.
+    pub unconfirmed: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +142,9 @@ pub enum SignalFailure {
     NothingToClear(String),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// In a fleet: the stream did not take it, so no replica applies it.
+    #[error("the fleet's stream did not take the signal, so no replica applies it: {0}")]
+    Unavailable(String),
     #[error("the signal task failed")]
     Aborted,
 }
@@ -205,7 +219,7 @@ impl Service {
             self.metrics.invalid_request();
             tracing::debug!(caller = %caller, error = %e, "invalid request");
         })?;
-        let decision = evaluate(&snap, &self.live, &request);
+        let decision = self.judged(&snap, &request);
         Ok(self.audited(&snap, &request, decision, caller).await)
     }
 
@@ -221,7 +235,7 @@ impl Service {
                 tracing::debug!(caller = %caller, error = %e, "invalid batch item");
             });
             pending.push(item.map(|request| {
-                let decision = evaluate(&snap, &self.live, &request);
+                let decision = self.judged(&snap, &request);
                 (request, decision)
             }));
             // A large batch gives the thread back now and then: admin calls, the kill switch
@@ -235,6 +249,22 @@ impl Service {
             Ok(self.audited(snap, &request, decision, caller).await)
         });
         futures::future::join_all(audits).await
+    }
+
+    /// The decision on `request`: the engine's, unless the fleet's live state is too old to
+    /// decide with (`--live-stale-after` with `--live-stale-policy deny`).
+    fn judged(&self, snap: &Snapshot, request: &Request) -> Decision {
+        let decision = evaluate(snap, &self.live, request);
+        match &self.settings.fleet {
+            Some(fleet) if fleet.denying() => Decision::deny(
+                ReasonCode::LiveStateUnavailable,
+                "the live state (signals, directory changes) is older than --live-stale-after allows: the fleet's \
+                 stream cannot be reached",
+                decision.revision,
+                decision.request_id,
+            ),
+            _ => decision,
+        }
     }
 
     /// Audits a decision (see `recorded`), counts it and logs it (at debug level).
@@ -327,9 +357,35 @@ impl Service {
 
     async fn take_signal(self: &Arc<Self>, signal: Signal, caller: &Caller) -> Result<Signalled, SignalFailure> {
         self.journal()?;
+        if let Some(fleet) = self.settings.fleet.clone() {
+            self.check_unknown_cap(&signal)?;
+            let message = Message {
+                origin: fleet.replica().to_string(),
+                caller: crate::fleet::Sender::of(caller),
+                signal: Some(signal.clone()),
+                directory: None,
+            };
+            let seq = fleet.publish(&message).await.map_err(SignalFailure::Unavailable)?;
+            let (unconfirmed, _) = fleet.confirm(seq).await;
+            let unknown_target = self.unknown_target(&self.store.current(), signal.change().field(), signal.target());
+            return Ok(Signalled { seq, signal, unknown_target, unconfirmed });
+        }
         let _one_at_a_time = self.signalling.lock().await;
-        // Signals for ids the directory lacks are kept for agents yet to come, but not without
-        // bound: a flood of them would grow the overlay and the journal for ever.
+        self.check_unknown_cap(&signal)?;
+        // Journaled (written and fsynced, off the async threads), then applied.
+        let (recorded, signal) = self
+            .blocking(move |s| (s.journal().and_then(|j| Ok(j.record(&signal, &s.live)?)), signal))
+            .await
+            .ok_or(SignalFailure::Aborted)?;
+        let seq = recorded?;
+        self.signal_applied(seq, &signal, caller).await;
+        let unknown_target = self.unknown_target(&self.store.current(), signal.change().field(), signal.target());
+        Ok(Signalled { seq, signal, unknown_target, unconfirmed: Vec::new() })
+    }
+
+    /// Signals for ids the directory lacks are kept for agents yet to come, but not without
+    /// bound: a flood of them would grow the overlay and the journal for ever.
+    fn check_unknown_cap(&self, signal: &Signal) -> Result<(), SignalFailure> {
         let snap = self.store.current();
         let (field, target) = (signal.change().field(), signal.target());
         if !matches!(signal.change(), Change::Clear(_)) && !knows(&snap, field, target) && !self.live.has(field, target)
@@ -340,13 +396,12 @@ impl Service {
                 return Err(SignalFailure::TooManyUnknown { target: target.to_string(), live, cap });
             }
         }
-        drop(snap);
-        // Journaled (written and fsynced, off the async threads), then applied.
-        let (recorded, signal) = self
-            .blocking(move |s| (s.journal().and_then(|j| Ok(j.record(&signal, &s.live)?)), signal))
-            .await
-            .ok_or(SignalFailure::Aborted)?;
-        let seq = recorded?;
+        Ok(())
+    }
+
+    /// What follows a journaled signal: counted, logged, waited for (no decision taken before
+    /// it still on its way), recorded in the audit log, and the journal compacted if due.
+    async fn signal_applied(self: &Arc<Self>, seq: u64, signal: &Signal, caller: &Caller) {
         self.metrics.signalled(signal.kind());
         tracing::info!(
             seq,
@@ -358,7 +413,7 @@ impl Service {
         );
         self.live.quiesce().await;
         let unknown_target = self.unknown_target(&self.store.current(), signal.change().field(), signal.target());
-        let record = SignalRecord::new(seq, &signal, unknown_target, caller);
+        let record = SignalRecord::new(seq, signal, unknown_target, caller);
         // A signal's record waits for room whatever the overflow policy: signals are rare and
         // the signal already holds.
         let _ = self.audit.submit_waiting(records::body(&record)).await;
@@ -368,7 +423,6 @@ impl Service {
             Some(_) => None,
             None => Some("the compaction task failed".into()),
         });
-        Ok(Signalled { seq, signal, unknown_target })
     }
 
     /// Applies a live directory change: checked whole against the directory served, journaled
@@ -398,15 +452,63 @@ impl Service {
         if self.directory_journal.is_none() {
             return Err(DirectoryFailure::NoJournal);
         }
+        if let Some(fleet) = self.settings.fleet.clone() {
+            // Checked over the directory served first: a change refused here never enters the
+            // stream. (Replicas check it again as they apply it.)
+            self.store.current().directory().apply(&change).map_err(DirectoryFailure::Refused)?;
+            let json = change.to_json().map_err(|e| DirectoryFailure::NotDurable(e.to_string()))?;
+            let raw = serde_json::value::RawValue::from_string(json)
+                .map_err(|e| DirectoryFailure::NotDurable(e.to_string()))?;
+            let message = Message {
+                origin: fleet.replica().to_string(),
+                caller: crate::fleet::Sender::of(caller),
+                signal: None,
+                directory: Some(SentDirectory { change: raw, by: by.to_string(), reason: reason.to_string() }),
+            };
+            let seq = fleet.publish(&message).await.map_err(DirectoryFailure::Unavailable)?;
+            let (unconfirmed, outcome) = fleet.confirm(seq).await;
+            if let Some(Outcome::Refused(errors)) = outcome {
+                return Err(DirectoryFailure::Refused(errors));
+            }
+            return Ok(DirectoryApplied {
+                seq,
+                summary: change.summary(),
+                warnings: change.warnings().to_vec(),
+                revision: self.store.current().revision().clone(),
+                unconfirmed,
+            });
+        }
         let _one_at_a_time = self.signalling.lock().await;
         let change = Arc::new(change);
+        let seq = self.change_directory(None, change.clone(), by, reason, caller).await?;
+        let snap = self.store.current();
+        Ok(DirectoryApplied {
+            seq,
+            summary: change.summary(),
+            warnings: change.warnings().to_vec(),
+            revision: snap.revision().clone(),
+            unconfirmed: Vec::new(),
+        })
+    }
+
+    /// Applies a directory change (numbered `at`, in a fleet), journaled and audited, then
+    /// waits until no decision taken before it is still on its way. The caller holds
+    /// `signalling`.
+    async fn change_directory(
+        self: &Arc<Self>,
+        at: Option<u64>,
+        change: Arc<DirectoryChange>,
+        by: &str,
+        reason: &str,
+        caller: &Caller,
+    ) -> Result<u64, DirectoryFailure> {
         let (applying, by_owned, reason_owned) = (change.clone(), by.to_string(), reason.to_string());
         let audited_caller = caller.clone();
         let applied = self
             .blocking(move |s| {
                 let journal = s.directory_journal.as_ref().ok_or(DirectoryFailure::NoJournal)?;
                 s.store
-                    .apply_directory(&applying, |seq, resolved, net| {
+                    .apply_directory_at(at, &applying, |seq, resolved, net| {
                         journal.append(seq, resolved, &by_owned, &reason_owned, net).map_err(|e| e.to_string())?;
                         // Recorded once durable and before any request is decided with it: a
                         // kill after this point leaves a change both replayed and recorded. Like
@@ -434,12 +536,91 @@ impl Service {
         self.live.quiesce().await;
         let due = self.directory_error.error().is_some();
         self.compact_directory_journal(due).await;
-        Ok(DirectoryApplied {
-            seq,
-            summary: change.summary(),
-            warnings: change.warnings().to_vec(),
-            revision: snap.revision().clone(),
-        })
+        Ok(seq)
+    }
+
+    /// The fleet this replica belongs to, if any.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.settings.fleet.as_ref()
+    }
+
+    /// The last live number applied: signals and directory changes share a fleet's numbers.
+    pub fn live_applied(&self) -> u64 {
+        let signals = self.journal.as_ref().map_or(0, Journal::seq);
+        signals.max(self.store.current().live_seq())
+    }
+
+    /// Applies the fleet stream's message `seq`: journaled (numbered `seq`), applied, waited
+    /// for and audited as a change sent here would be. A change that does not apply here
+    /// (refused over this replica's directory, or unreadable) is marked as taken and skipped:
+    /// every replica on the same bundle refuses it alike. An error means nothing is durable;
+    /// the fleet retries it.
+    pub async fn apply_streamed(
+        self: &Arc<Self>,
+        seq: u64,
+        message: Result<Message, String>,
+    ) -> Result<Outcome, String> {
+        let _one_at_a_time = self.signalling.lock().await;
+        if seq <= self.live_applied() {
+            return Ok(Outcome::Applied);
+        }
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(seq, error = %e, "an unreadable change on the fleet's stream was skipped");
+                self.mark_taken(seq).await?;
+                return Ok(Outcome::Refused(Vec::new()));
+            }
+        };
+        let caller = message.caller.caller(&message.origin);
+        match (message.signal, message.directory) {
+            (Some(signal), None) => {
+                let recorded = self
+                    .blocking(move |s| {
+                        let journal = s.journal().map_err(|e| e.to_string())?;
+                        journal.record_at(seq, &signal, &s.live).map_err(|e| e.to_string())?;
+                        Ok::<_, String>(signal)
+                    })
+                    .await
+                    .ok_or("the signal task failed")??;
+                self.signal_applied(seq, &recorded, &caller).await;
+                Ok(Outcome::Applied)
+            }
+            (None, Some(sent)) => {
+                let change = match DirectoryChange::from_json_str(sent.change.get()) {
+                    Ok(change) => Arc::new(change),
+                    Err(errors) => {
+                        tracing::error!(seq, errors = %crate::directory::listed(&errors, "; "), "a fleet's directory change does not read here; skipped");
+                        self.mark_taken(seq).await?;
+                        return Ok(Outcome::Refused(errors));
+                    }
+                };
+                match self.change_directory(Some(seq), change, &sent.by, &sent.reason, &caller).await {
+                    Ok(_) => Ok(Outcome::Applied),
+                    Err(DirectoryFailure::Refused(errors)) => {
+                        tracing::warn!(seq, origin = %message.origin, errors = %crate::directory::listed(&errors, "; "), "a fleet's directory change does not apply here; skipped");
+                        self.mark_taken(seq).await?;
+                        Ok(Outcome::Refused(errors))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            _ => {
+                tracing::error!(
+                    seq,
+                    "a change on the fleet's stream is neither a signal nor a directory change; skipped"
+                );
+                self.mark_taken(seq).await?;
+                Ok(Outcome::Refused(Vec::new()))
+            }
+        }
+    }
+
+    /// Journals that number `seq` was taken without a change, so that a restart goes on after it.
+    async fn mark_taken(self: &Arc<Self>, seq: u64) -> Result<(), String> {
+        self.blocking(move |s| s.journal().map_err(|e| e.to_string())?.mark(seq, &s.live).map_err(|e| e.to_string()))
+            .await
+            .ok_or("the journal task failed")?
     }
 
     /// Rewrites the directory journal as the net of the live changes, if it has grown (or
@@ -607,6 +788,25 @@ impl Service {
     }
 }
 
+/// What the fleet applies its stream's messages with.
+impl crate::fleet::Applier for Service {
+    fn applied(&self) -> u64 {
+        self.live_applied()
+    }
+
+    fn has_local_state(&self) -> bool {
+        self.live_applied() > 0 || !self.live.is_empty()
+    }
+
+    fn revision(&self) -> String {
+        self.store.current().revision().to_string()
+    }
+
+    async fn apply(self: Arc<Self>, seq: u64, message: Result<Message, String>) -> Result<Outcome, String> {
+        self.apply_streamed(seq, message).await
+    }
+}
+
 /// What `/metrics` and `/readyz` read.
 impl Source for Service {
     fn metrics(&self) -> &Arc<Metrics> {
@@ -623,6 +823,17 @@ impl Source for Service {
             audit_pending: audit.pending,
             audit_written: audit.written,
             audit_errors: audit.failed_writes,
+            fleet: self.settings.fleet.as_ref().map(|fleet| {
+                let fresh = fleet.freshness();
+                let view = fleet.view(fleet.this(self.store.current().revision().to_string()));
+                crate::metrics::FleetSample {
+                    replicas: view.replicas.len() as u64,
+                    lag: fresh.stream_seq.saturating_sub(fresh.applied),
+                    revision_disagreement: view.replicas.iter().any(|r| r.other_revision),
+                    stale_seconds: fresh.stale_seconds.unwrap_or_else(|| fleet.up_seconds()),
+                    healthy: fresh.healthy,
+                }
+            }),
         }
     }
 

@@ -632,6 +632,14 @@ struct Entry {
     signal: Signal,
 }
 
+/// A journal line that only keeps a number: what a compaction with nothing live writes, and
+/// a fleet's change that did not apply here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Marker {
+    seq: u64,
+}
+
 /// What replaying the journal found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Replayed {
@@ -721,6 +729,11 @@ impl Journal {
                 // line that does not parse is skipped but kept.
                 let whole = line.ends_with(b"\n");
                 lines += 1;
+                if whole && let Ok(Marker { seq }) = serde_json::from_slice::<Marker>(&line) {
+                    last_seq = last_seq.max(seq);
+                    line.clear();
+                    continue;
+                }
                 match serde_json::from_slice::<Entry>(&line) {
                     Ok(entry) if whole => {
                         overlay.apply(&entry.signal);
@@ -785,9 +798,27 @@ impl Journal {
     /// so no live value is ever in force that a restart would not replay. Returns the
     /// signal's sequence number.
     pub fn record(&self, signal: &Signal, overlay: &Overlay) -> Result<u64, JournalError> {
-        let seq = self.append(signal, overlay)?;
+        let seq = self.append(signal, overlay, None)?;
         overlay.apply(signal);
         Ok(seq)
+    }
+
+    /// As `record`, numbered `seq` (a fleet's stream sequence, above every number before).
+    pub fn record_at(&self, seq: u64, signal: &Signal, overlay: &Overlay) -> Result<u64, JournalError> {
+        let seq = self.append(signal, overlay, Some(seq))?;
+        overlay.apply(signal);
+        Ok(seq)
+    }
+
+    /// Notes that number `seq` was taken without a signal (a fleet's change that did not apply
+    /// here), so that a restart goes on after it.
+    pub fn mark(&self, seq: u64, overlay: &Overlay) -> Result<(), JournalError> {
+        self.write_line(overlay, seq, |_| serde_json::to_vec(&Marker { seq }))
+    }
+
+    /// The number of the last signal (or mark) journaled.
+    pub fn seq(&self) -> u64 {
+        self.file.lock().map_or(0, |tail| tail.seq)
     }
 
     /// Appends a signal and fsyncs it; returns its sequence number. On failure (a full disk)
@@ -797,7 +828,23 @@ impl Journal {
     /// If the journal at the path is no longer the file being appended to (deleted, moved or
     /// replaced), it is first written anew from `overlay`, the live state it held: a signal is
     /// acknowledged only once it is in the file that a restart will read.
-    fn append(&self, signal: &Signal, overlay: &Overlay) -> Result<u64, JournalError> {
+    fn append(&self, signal: &Signal, overlay: &Overlay, at: Option<u64>) -> Result<u64, JournalError> {
+        let mut taken = 0;
+        self.write_line(overlay, at.unwrap_or(0), |tail_seq| {
+            taken = at.unwrap_or(tail_seq + 1);
+            serde_json::to_vec(&Entry { seq: taken, signal: signal.clone() })
+        })?;
+        Ok(taken)
+    }
+
+    /// Appends the line `line` makes (given the last number) and fsyncs it; `at`, if not 0,
+    /// must be above the last number, and becomes it.
+    fn write_line(
+        &self,
+        overlay: &Overlay,
+        at: u64,
+        line: impl FnOnce(u64) -> serde_json::Result<Vec<u8>>,
+    ) -> Result<(), JournalError> {
         let err = |source| JournalError { path: self.path.display().to_string(), source };
         let mut guard = self.file.lock().map_err(|_| err(io::Error::other("journal lock poisoned")))?;
         let tail = &mut *guard;
@@ -814,8 +861,10 @@ impl Journal {
         if tail.torn {
             cut_back(tail).map_err(err)?;
         }
-        let entry = Entry { seq: tail.seq + 1, signal: signal.clone() };
-        let mut line = serde_json::to_vec(&entry).map_err(|e| err(io::Error::other(e)))?;
+        if at != 0 && at <= tail.seq {
+            return Err(err(io::Error::other(format!("number {at} does not follow {}", tail.seq))));
+        }
+        let mut line = line(tail.seq).map_err(|e| err(io::Error::other(e)))?;
         line.push(b'\n');
         if let Err(e) = tail.file.write_all(&line).and_then(|()| tail.file.sync_data()) {
             tail.torn = true;
@@ -825,9 +874,9 @@ impl Journal {
             return Err(err(e));
         }
         tail.len += line.len() as u64;
-        tail.seq += 1;
+        tail.seq = if at == 0 { tail.seq + 1 } else { at };
         self.lines.fetch_add(1, Ordering::Relaxed);
-        Ok(tail.seq)
+        Ok(())
     }
 
     /// Rewrites the journal as one signal per live value, if it has grown well past that.
@@ -868,12 +917,17 @@ impl Journal {
         let tmp = self.path.with_extension("jsonl.compact");
         let mut out = File::create(&tmp)?;
         let entries = overlay.entries();
-        // The sequence moves on only once the compacted journal replaces the old one.
-        let mut seq = tail.seq;
+        // Every line keeps the last number, and a journal with nothing live keeps it in a mark:
+        // numbers are never used twice, and a fleet's replica goes on from where it was.
+        let seq = tail.seq;
         for Listed { target, change, mark } in &entries {
             let signal = Signal { kind: change.verb(), change: *change, target: target.clone(), mark: mark.clone() };
-            seq += 1;
             let mut line = serde_json::to_vec(&Entry { seq, signal }).map_err(io::Error::other)?;
+            line.push(b'\n');
+            out.write_all(&line)?;
+        }
+        if entries.is_empty() && seq > 0 {
+            let mut line = serde_json::to_vec(&Marker { seq }).map_err(io::Error::other)?;
             line.push(b'\n');
             out.write_all(&line)?;
         }
@@ -942,9 +996,9 @@ mod tests {
         let overlay = Overlay::new();
         let (journal, replayed) = Journal::open(dir.path(), &overlay).unwrap();
         assert_eq!(replayed, Replayed::default());
-        assert_eq!(journal.append(&signal("disable_agent", "ag-1", ""), &Overlay::new()).unwrap(), 1);
-        assert_eq!(journal.append(&signal("set_risk", "ag-2", "medium"), &Overlay::new()).unwrap(), 2);
-        assert_eq!(journal.append(&signal("disable_blueprint", "bp-x", ""), &Overlay::new()).unwrap(), 3);
+        assert_eq!(journal.append(&signal("disable_agent", "ag-1", ""), &Overlay::new(), None).unwrap(), 1);
+        assert_eq!(journal.append(&signal("set_risk", "ag-2", "medium"), &Overlay::new(), None).unwrap(), 2);
+        assert_eq!(journal.append(&signal("disable_blueprint", "bp-x", ""), &Overlay::new(), None).unwrap(), 3);
         drop(journal);
         // A crash cut the last write.
         let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
@@ -960,7 +1014,7 @@ mod tests {
         assert_eq!(overlay.agent_risk("ag-2").map(|l| l.value), Some(RiskLevel::Medium));
         assert_eq!(overlay.blueprint_enabled("bp-x").map(|l| l.value), Some(false));
         // The next signal goes on a line of its own and replays.
-        assert_eq!(journal.append(&signal("enable_agent", "ag-1", ""), &Overlay::new()).unwrap(), 4);
+        assert_eq!(journal.append(&signal("enable_agent", "ag-1", ""), &Overlay::new(), None).unwrap(), 4);
         drop(journal);
         let overlay = Overlay::new();
         let (_, replayed) = Journal::open(dir.path(), &overlay).unwrap();
@@ -972,7 +1026,7 @@ mod tests {
     fn a_journal_line_whose_verb_and_change_disagree_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = Journal::open(dir.path(), &Overlay::new()).unwrap();
-        journal.append(&signal("disable_agent", "ag-1", ""), &Overlay::new()).unwrap();
+        journal.append(&signal("disable_agent", "ag-1", ""), &Overlay::new(), None).unwrap();
         drop(journal);
         let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
         let at = r#""reason":"","actor":"x","at":"2026-11-27T10:00:00Z"}"#;
@@ -1032,7 +1086,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let overlay = Overlay::new();
         let (journal, _) = Journal::open(dir.path(), &overlay).unwrap();
-        journal.append(&signal("set_risk", "ag-2", "low"), &Overlay::new()).unwrap();
+        journal.append(&signal("set_risk", "ag-2", "low"), &Overlay::new(), None).unwrap();
         drop(journal);
         // What a failed append left behind before appends were cut back.
         let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
@@ -1046,7 +1100,7 @@ mod tests {
         let (journal, replayed) = Journal::open(dir.path(), &overlay).unwrap();
         assert_eq!(replayed.applied, 2);
         assert_eq!(overlay.agent_enabled("ag-1").map(|l| l.value), Some(false));
-        assert_eq!(journal.append(&signal("enable_agent", "ag-3", ""), &Overlay::new()).unwrap(), 3);
+        assert_eq!(journal.append(&signal("enable_agent", "ag-3", ""), &Overlay::new(), None).unwrap(), 3);
     }
 
     #[test]
@@ -1059,14 +1113,14 @@ mod tests {
         std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
         // An overlong line between two signals is skipped; both signals replay.
         let (journal, _) = Journal::open(dir.path(), &Overlay::new()).unwrap();
-        journal.append(&signal("disable_agent", "ag-1", ""), &Overlay::new()).unwrap();
+        journal.append(&signal("disable_agent", "ag-1", ""), &Overlay::new(), None).unwrap();
         drop(journal);
         let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
         f.write_all(&vec![b'x'; 300_000]).unwrap();
         f.write_all(b"\n").unwrap();
         drop(f);
         let (journal, _) = Journal::open(dir.path(), &Overlay::new()).unwrap();
-        journal.append(&signal("disable_agent", "ag-2", ""), &Overlay::new()).unwrap();
+        journal.append(&signal("disable_agent", "ag-2", ""), &Overlay::new(), None).unwrap();
         drop(journal);
         let overlay = Overlay::new();
         let (_, replayed) = Journal::open(dir.path(), &overlay).unwrap();
@@ -1082,7 +1136,7 @@ mod tests {
             let overlay = Overlay::new();
             let (journal, _) = Journal::open(dir.path(), &overlay).unwrap();
             let s = signal("disable_agent", "ag-1", "");
-            journal.append(&s, &overlay).unwrap();
+            journal.append(&s, &overlay, None).unwrap();
             overlay.apply(&s);
             let path = dir.path().join(JOURNAL_FILE);
             if moved {
@@ -1091,7 +1145,7 @@ mod tests {
                 fs::remove_file(&path).unwrap();
             }
             let s = signal("disable_agent", "ag-2", "");
-            journal.append(&s, &overlay).unwrap();
+            journal.append(&s, &overlay, None).unwrap();
             overlay.apply(&s);
             assert!(journal.notice().unwrap().contains("deleted or moved"), "{:?}", journal.notice());
             drop(journal);
@@ -1129,15 +1183,43 @@ mod tests {
         journal.compact_after = 10;
         for i in 0..30 {
             let s = signal(if i % 2 == 0 { "disable_agent" } else { "enable_agent" }, &format!("ag-{}", i % 3), "");
-            journal.append(&s, &overlay).unwrap();
+            journal.append(&s, &overlay, None).unwrap();
             overlay.apply(&s);
             journal.compact_if_needed(&overlay).unwrap();
         }
+        assert_eq!(journal.seq(), 30);
         let lines = fs::read_to_string(journal.path()).unwrap().lines().count();
         assert!(lines < 15, "{lines} lines");
         let replayed = Overlay::new();
         Journal::open(dir.path(), &replayed).unwrap();
         assert_eq!(replayed.entries(), overlay.entries());
+    }
+
+    /// A fleet numbers its signals by the stream: a number is taken once, marks keep the
+    /// numbers of changes that did not apply, and a compaction keeps the last number even
+    /// with nothing live, so that a restart resumes after it.
+    #[test]
+    fn numbers_given_by_a_stream_survive_marks_compaction_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let overlay = Overlay::new();
+        let (journal, _) = Journal::open(dir.path(), &overlay).unwrap();
+        assert_eq!(journal.record_at(5, &signal("disable_agent", "ag-1", ""), &overlay).unwrap(), 5);
+        assert!(journal.record_at(5, &signal("enable_agent", "ag-1", ""), &overlay).is_err());
+        journal.mark(9, &overlay).unwrap();
+        assert!(journal.mark(9, &overlay).is_err());
+        let (reopened, replayed) = Journal::open(dir.path(), &Overlay::new()).unwrap();
+        assert_eq!((reopened.seq(), replayed.applied, replayed.skipped.len()), (9, 1, 0));
+        assert_eq!(
+            journal.record_at(12, &Signal::clear(Field::AgentEnabled, "ag-1", "", "x").unwrap(), &overlay).unwrap(),
+            12
+        );
+        assert!(overlay.is_empty());
+        journal.compact(&overlay).unwrap();
+        let fresh = Overlay::new();
+        let (reopened, replayed) = Journal::open(dir.path(), &fresh).unwrap();
+        assert_eq!((reopened.seq(), replayed.skipped.len(), fresh.len()), (12, 0, 0));
+        // Local numbering goes on after it too.
+        assert_eq!(reopened.record(&signal("disable_agent", "ag-2", ""), &fresh).unwrap(), 13);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

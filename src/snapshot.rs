@@ -640,6 +640,17 @@ impl Store {
         change: &Change,
         durable: impl FnOnce(u64, &Change, &dyn Fn() -> Change) -> Result<(), String>,
     ) -> Result<u64, ApplyError> {
+        self.apply_directory_at(None, change, durable)
+    }
+
+    /// As `apply_directory`, numbered `at` if given (a fleet's stream sequence, which must be
+    /// above the last live number) rather than the next number.
+    pub fn apply_directory_at(
+        &self,
+        at: Option<u64>,
+        change: &Change,
+        durable: impl FnOnce(u64, &Change, &dyn Fn() -> Change) -> Result<(), String>,
+    ) -> Result<u64, ApplyError> {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let served = self.current();
         let directory = served.directory.apply(change).map_err(ApplyError::Refused)?;
@@ -650,7 +661,10 @@ impl Store {
                     message: format!("does not fit the schema: {e}"),
                 }])
             })?;
-        let seq = live.seq + 1;
+        let seq = at.unwrap_or(live.seq + 1);
+        if seq <= live.seq {
+            return Err(ApplyError::NotDurable(format!("change #{seq} does not follow #{}", live.seq)));
+        }
         let resolved = change.resolved(&served.directory);
         let net = || live.overlay.as_journal();
         durable(seq, &resolved, &net).map_err(ApplyError::NotDurable)?;

@@ -68,6 +68,9 @@ enum AdminCommand {
     Status,
     /// Reload the bundle now.
     Reload,
+    /// The replicas of the server's fleet (`serve --live`): revision, applied sequence, and
+    /// what disagrees. Exits 4 if any replica is unhealthy, lags, or serves another revision.
+    Fleet,
     /// Apply a live directory change from FILE (or `-`, standard input):
     /// {"upsert": {<directory.json sections>}, "remove": {"agents": [ids], …}}. Checked whole,
     /// journaled, effective on the next request, kept across reloads.
@@ -198,6 +201,33 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
             if !s.signals_error.is_empty() {
                 outln!("SIGNALS ERROR  {}", printable(&s.signals_error))?;
             }
+            if let Some(l) = &s.live {
+                let stale = match l.stale_seconds {
+                    -1 => "never in step with it".to_string(),
+                    0 => "in step".to_string(),
+                    n => format!("STALE for {n} s (since {})", l.synced_at),
+                };
+                outln!(
+                    "fleet          replica {} on stream {}: applied #{} of #{}, {}{}; {} replicas{}",
+                    printable(&l.replica),
+                    printable(&l.stream),
+                    l.applied_seq,
+                    l.stream_seq,
+                    stale,
+                    if l.connected { "" } else { ", NOT CONNECTED" },
+                    l.replicas,
+                    if l.revision_disagreement { ", REVISIONS DISAGREE (admin fleet)" } else { "" }
+                )?;
+                if !l.error.is_empty() {
+                    outln!("FLEET ERROR    {}", printable(&l.error))?;
+                }
+                if l.denying {
+                    outln!(
+                        "DENYING        every request: live state older than {} s (--live-stale-policy deny)",
+                        l.stale_after_seconds
+                    )?;
+                }
+            }
             if let Some(t) = &s.tls {
                 outln!(
                     "tls            {} until {} (sha256 {}), loaded at {}; client certificates {}; {} failed handshakes",
@@ -243,7 +273,7 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
             for w in &done.warnings {
                 outln!("warning: {}", printable(w))?;
             }
-            return Ok(ExitCode::SUCCESS);
+            return unconfirmed(&done.unconfirmed_replicas);
         }
         AdminCommand::ExportDirectory { out } => {
             let (data, revision, live_seq) = admin.export_directory().await?;
@@ -268,6 +298,40 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
             }
             return Ok(ExitCode::SUCCESS);
         }
+        AdminCommand::Fleet => {
+            let f = admin.fleet().await?;
+            outln!("stream at #{}; most replicas serve {}", f.stream_seq, printable(&f.majority_revision))?;
+            let mut flagged = false;
+            for r in &f.replicas {
+                let mut flags = Vec::new();
+                if !r.healthy {
+                    flags.push(format!(
+                        "UNHEALTHY{}",
+                        if r.error.is_empty() { String::new() } else { format!(" ({})", printable(&r.error)) }
+                    ));
+                }
+                if r.lag > 0 {
+                    flags.push(format!("LAGGING {} behind", r.lag));
+                }
+                if r.other_revision {
+                    flags.push("OTHER REVISION".into());
+                }
+                flagged |= !flags.is_empty();
+                outln!(
+                    "{}{} at {}: revision {}, applied #{}, up since {}, seen {} ms ago{}{}",
+                    printable(&r.id),
+                    if r.this { " (this one)" } else { "" },
+                    printable(&r.address),
+                    printable(&r.revision),
+                    r.applied_seq,
+                    r.started_at,
+                    r.seen_ms_ago,
+                    if flags.is_empty() { "" } else { ": " },
+                    flags.join(", ")
+                )?;
+            }
+            return Ok(ExitCode::from(if flagged { exit::UNCONFIRMED } else { exit::OK }));
+        }
         AdminCommand::Reload => {
             let r = admin.reload().await?;
             match r.outcome.as_str() {
@@ -286,7 +350,21 @@ async fn send(args: AdminArgs) -> Result<ExitCode, Error> {
         out!("journaled as #{}: ", done.seq)?;
         print_signal(s)?;
     }
-    Ok(ExitCode::SUCCESS)
+    unconfirmed(&done.unconfirmed_replicas)
+}
+
+/// Names the replicas of a fleet that had not confirmed a change (exit 4), if any did not.
+fn unconfirmed(replicas: &[String]) -> Result<ExitCode, Error> {
+    if replicas.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let names: Vec<String> = replicas.iter().map(|r| printable(r).to_string()).collect();
+    outln!(
+        "NOT CONFIRMED by {}: the change is in the fleet's stream and they apply it when they read it; until then \
+         they decide without it",
+        names.join(", ")
+    )?;
+    Ok(ExitCode::from(exit::UNCONFIRMED))
 }
 
 /// Writes `data` beside `path`, syncs it, and renames it over `path`: a reader (a bundle

@@ -50,6 +50,9 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     pub const DENY: u8 = 2;
     pub const INVALID_BUNDLE: u8 = 3;
+    /// A fleet's change is in the stream and applied here, but some replicas had not
+    /// confirmed it within --fleet-ack-timeout (they are named).
+    pub const UNCONFIRMED: u8 = 4;
 }
 
 #[derive(Debug, Parser)]
@@ -202,6 +205,8 @@ pub(crate) enum Error {
     Journal(#[from] JournalError),
     #[error(transparent)]
     DirectoryJournal(#[from] crate::live::LiveJournalError),
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
     #[error("another `agentca serve` uses the state folder `{}` (--state): give each server its own", .0.display())]
     StateInUse(PathBuf),
     #[error("state folder: `{}`: {source}", path.display())]
@@ -246,7 +251,9 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        // The NATS client says every reconnect attempt at info level: the fleet's own lines say
+        // what matters (out of step, in step again).
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},async_nats=warn")));
     match &cli.command {
         Command::Serve(args) if args.log_format() == serve::LogFormat::Json => {
             // One JSON object a line, the event's fields beside `message` (no ANSI colours),

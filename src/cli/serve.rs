@@ -47,6 +47,8 @@ pub struct ServeArgs {
     /// Folder of the live-signal journal.
     #[arg(long, value_name = "DIR", default_value = "state", env = "AGENTCA_STATE")]
     state: PathBuf,
+    #[command(flatten)]
+    live: LiveArgs,
     /// Require `authorization: Bearer TOKEN` on AdminService calls.
     #[arg(long, env = "AGENTCA_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -76,6 +78,48 @@ pub struct ServeArgs {
     /// audit log gets to be written, in milliseconds (each).
     #[arg(long, default_value_t = 10_000)]
     shutdown_grace_ms: u64,
+}
+
+/// A fleet: live state shared with other replicas through NATS JetStream.
+#[derive(Debug, clap::Args)]
+pub struct LiveArgs {
+    /// Share live signals and directory changes with every replica through NATS JetStream:
+    /// `nats://HOST:PORT[,nats://HOST:PORT…]`. Without it, they stay on this server
+    /// (journaled under --state).
+    #[arg(long, value_name = "URL", env = "AGENTCA_LIVE")]
+    live: Option<String>,
+    /// NATS credentials (a `.creds` file: a user JWT and its NKey seed).
+    #[arg(long, value_name = "FILE", requires = "live", env = "AGENTCA_LIVE_CREDS")]
+    live_creds: Option<PathBuf>,
+    /// Trust this CA (PEM) for NATS over TLS, and require TLS.
+    #[arg(long, value_name = "FILE", requires = "live", env = "AGENTCA_LIVE_TLS_CA")]
+    live_tls_ca: Option<PathBuf>,
+    /// The JetStream stream's name (its subject is NAME.live, the heartbeat bucket NAME-fleet).
+    #[arg(long, value_name = "NAME", default_value = "agentca", env = "AGENTCA_LIVE_STREAM")]
+    live_stream: String,
+    /// This replica's id in the fleet (default: the host's name and the listening port).
+    #[arg(long, value_name = "ID", env = "AGENTCA_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// The address other replicas and admins reach this one at, as the fleet lists it
+    /// (default: the listening address).
+    #[arg(long, value_name = "ADDR", env = "AGENTCA_ADVERTISE")]
+    advertise: Option<String>,
+    /// How long a signal or directory change waits for every replica to apply it before it
+    /// is answered with the ones that had not (e.g. `2s`, `500ms`).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    fleet_ack_timeout: Duration,
+    /// The age past which the live state counts as stale when NATS cannot be reached (see
+    /// --live-stale-policy); unset, it never does.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, env = "AGENTCA_LIVE_STALE_AFTER")]
+    live_stale_after: Option<Duration>,
+    /// How long a starting replica waits to be in step with the stream before it serves the
+    /// last live state it applied (calls wait meanwhile).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    live_start_wait: Duration,
+    /// What a replica does once its live state is stale: keep deciding with it (`serve`), or
+    /// deny every request with `live_state_unavailable` (`deny`).
+    #[arg(long, value_enum, default_value = "serve", env = "AGENTCA_LIVE_STALE_POLICY")]
+    live_stale_policy: crate::fleet::StalePolicy,
 }
 
 /// `--log-format`.
@@ -359,19 +403,54 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     if replayed.applied > 0 {
         tracing::info!(signals = replayed.applied, live = live.len(), "replayed the signal journal");
     }
-    let settings = Settings {
-        max_clock_skew: args.max_clock_skew.map(|s| chrono::TimeDelta::seconds(i64::from(s))),
-        max_unknown_signals: args.max_unknown_signals,
-    };
-    let service = Service::new(store, live, Some(journal), Some(directory_journal), audit, settings);
-    service.loaded().await;
-
     let listener = TcpListener::bind(args.listen).await.map_err(|source| Error::Listen {
         flag: "listen",
         addr: args.listen,
         source,
     })?;
     let addr = listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
+    let port = listener.local_addr().map_or(args.listen.port(), |a| a.port());
+    let fleet = match &args.live.live {
+        Some(live) => {
+            let options = crate::fleet::Options {
+                servers: crate::fleet::parse_servers(live)?,
+                creds: args.live.live_creds.clone(),
+                tls_ca: args.live.live_tls_ca.clone(),
+                stream: args.live.live_stream.clone(),
+                replica: args.live.replica_id.clone().unwrap_or_else(|| crate::fleet::default_replica_id(port)),
+                address: args.live.advertise.clone().unwrap_or_else(|| addr.clone()),
+                ack_timeout: args.live.fleet_ack_timeout,
+                stale_after: args.live.live_stale_after,
+                stale_policy: args.live.live_stale_policy,
+            };
+            let applied = journal.seq().max(store.current().live_seq());
+            Some(crate::fleet::Fleet::new(options, &args.state, applied)?)
+        }
+        None => None,
+    };
+    let settings = Settings {
+        max_clock_skew: args.max_clock_skew.map(|s| chrono::TimeDelta::seconds(i64::from(s))),
+        max_unknown_signals: args.max_unknown_signals,
+        fleet: fleet.clone(),
+    };
+    let service = Service::new(store, live, Some(journal), Some(directory_journal), audit, settings);
+    service.loaded().await;
+    if let Some(fleet) = &fleet {
+        fleet.start(service.clone()).await?;
+        tracing::info!(replica = fleet.replica(), stream = %fleet.options().stream, servers = %fleet.options().servers.join(","), "sharing live state through NATS JetStream");
+        // Calls wait in the listener's backlog meanwhile: none is decided with a live state
+        // older than what the stream holds, unless the stream cannot be reached in time.
+        if fleet.in_step(args.live.live_start_wait).await {
+            tracing::info!(applied = fleet.freshness().applied, "in step with the fleet's stream");
+        } else {
+            let fresh = fleet.freshness();
+            tracing::warn!(
+                applied = fresh.applied,
+                error = fresh.error.as_deref().unwrap_or(""),
+                "not in step with the fleet's stream after --live-start-wait: serving the last live state applied"
+            );
+        }
+    }
     let snap = service.store().current();
     tracing::info!(%addr, revision = %snap.revision(), policies = snap.policies().len(), audit = %service.audit().config().target.describe(), "serving");
     if let Some(tls) = &tls {

@@ -44,6 +44,29 @@ impl Admin {
         })
     }
 
+    fn live_status(&self) -> Option<pb::LiveStatus> {
+        let fleet = self.service.fleet()?;
+        let fresh = fleet.freshness();
+        let view = fleet.view(fleet.this(self.service.store().current().revision().to_string()));
+        let options = fleet.options();
+        Some(pb::LiveStatus {
+            replica: options.replica.clone(),
+            stream: options.stream.clone(),
+            stream_seq: fresh.stream_seq,
+            applied_seq: fresh.applied,
+            connected: fresh.connected,
+            healthy: fresh.healthy,
+            synced_at: fresh.synced_at.map(rfc3339).unwrap_or_default(),
+            stale_seconds: fresh.stale_seconds.map_or(-1, |s| s as i64),
+            error: fresh.error.unwrap_or_default(),
+            stale_after_seconds: options.stale_after.map_or(0, |d| d.as_secs()),
+            stale_policy: format!("{:?}", options.stale_policy).to_lowercase(),
+            denying: fleet.denying(),
+            replicas: view.replicas.len() as u32,
+            revision_disagreement: view.replicas.iter().any(|r| r.other_revision),
+        })
+    }
+
     fn access_status(&self) -> Option<pb::AccessStatus> {
         let access = self.access.as_ref()?;
         let [(_, no_credentials), (_, bad_token), (_, no_role)] = access.refused();
@@ -116,6 +139,36 @@ impl pb::admin_service_server::AdminService for Admin {
             live_directory_seq: snap.live_seq(),
             live_directory_objects: snap.live_objects() as u64,
             live_directory_error: self.service.directory_error().unwrap_or_default(),
+            live: self.live_status(),
+        }))
+    }
+
+    async fn fleet(&self, _: Request<pb::FleetRequest>) -> Result<Response<pb::FleetResponse>, Status> {
+        let fleet = self.service.fleet().ok_or_else(|| {
+            Status::failed_precondition("this server is not in a fleet: it was started without --live")
+        })?;
+        let view = fleet.view(fleet.this(self.service.store().current().revision().to_string()));
+        let replicas = view
+            .replicas
+            .into_iter()
+            .map(|r| pb::Replica {
+                id: r.heartbeat.id,
+                address: r.heartbeat.address,
+                revision: r.heartbeat.revision,
+                applied_seq: r.heartbeat.applied,
+                started_at: rfc3339(r.heartbeat.started_at),
+                healthy: r.heartbeat.healthy,
+                error: r.heartbeat.error.unwrap_or_default(),
+                lag: r.lag,
+                other_revision: r.other_revision,
+                seen_ms_ago: r.seen_ms_ago,
+                this: r.this,
+            })
+            .collect();
+        Ok(Response::new(pb::FleetResponse {
+            replicas,
+            stream_seq: view.stream_seq,
+            majority_revision: view.majority_revision,
         }))
     }
 
@@ -140,12 +193,13 @@ impl pb::admin_service_server::AdminService for Admin {
                 summary: done.summary,
                 warnings: done.warnings,
                 revision: done.revision.to_string(),
+                unconfirmed_replicas: done.unconfirmed,
             })),
             Err(e @ DirectoryFailure::Refused(_)) => Err(Status::invalid_argument(e.to_string())),
             Err(e @ DirectoryFailure::NoJournal) => Err(Status::failed_precondition(e.to_string())),
-            Err(e @ (DirectoryFailure::NotDurable(_) | DirectoryFailure::Aborted)) => {
-                Err(Status::unavailable(e.to_string()))
-            }
+            Err(
+                e @ (DirectoryFailure::NotDurable(_) | DirectoryFailure::Aborted | DirectoryFailure::Unavailable(_)),
+            ) => Err(Status::unavailable(e.to_string())),
         }
     }
 
@@ -217,6 +271,7 @@ impl pb::admin_service_server::AdminService for Admin {
                 seq: last.seq,
                 signal: Some(signalled(&last.signal, last.unknown_target)),
                 unknown_target: last.unknown_target,
+                unconfirmed_replicas: last.unconfirmed.clone(),
             }));
         }
         if !r.field.is_empty() {
@@ -232,6 +287,7 @@ impl pb::admin_service_server::AdminService for Admin {
                 seq: done.seq,
                 signal: Some(signalled(&done.signal, done.unknown_target)),
                 unknown_target: done.unknown_target,
+                unconfirmed_replicas: done.unconfirmed,
             })),
             Err(e) => Err(failure(e)),
         }
@@ -288,7 +344,9 @@ fn failure(e: SignalFailure) -> Status {
         SignalFailure::Invalid(e) => Status::invalid_argument(e.to_string()),
         SignalFailure::TooManyUnknown { .. } => Status::resource_exhausted(e.to_string()),
         SignalFailure::NothingToClear(_) => Status::not_found(e.to_string()),
-        SignalFailure::Journal(_) | SignalFailure::Aborted => Status::unavailable(e.to_string()),
+        SignalFailure::Journal(_) | SignalFailure::Aborted | SignalFailure::Unavailable(_) => {
+            Status::unavailable(e.to_string())
+        }
     }
 }
 

@@ -198,6 +198,10 @@ impl Admin {
         Ok(self.client.status(pb::StatusRequest {}).await?.into_inner())
     }
 
+    pub async fn fleet(&mut self) -> Result<pb::FleetResponse, ClientError> {
+        Ok(self.client.fleet(pb::FleetRequest {}).await?.into_inner())
+    }
+
     pub async fn reload(&mut self) -> Result<pb::ReloadResponse, ClientError> {
         Ok(self.client.reload(pb::ReloadRequest {}).await?.into_inner())
     }

@@ -41,7 +41,7 @@ pub fn need_of(path: &str) -> Need {
     match (service, method) {
         ("grpc.health.v1.Health", _) => Need::Open,
         ("agentca.v1.DecisionService" | "envoy.service.auth.v3.Authorization", _) => Need::Role(Role::Decide),
-        ("agentca.v1.AdminService", "Status" | "ListSignals") => Need::Role(Role::Read),
+        ("agentca.v1.AdminService", "Status" | "ListSignals" | "Fleet") => Need::Role(Role::Read),
         ("agentca.v1.AdminService", "Signal") => Need::Role(Role::Signal),
         ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", _) => Need::AnyRole,
         _ => Need::Role(Role::Admin),
@@ -212,6 +212,7 @@ mod tests {
             ("/envoy.service.auth.v3.Authorization/Check", Need::Role(Role::Decide)),
             ("/agentca.v1.AdminService/Status", Need::Role(Role::Read)),
             ("/agentca.v1.AdminService/ListSignals", Need::Role(Role::Read)),
+            ("/agentca.v1.AdminService/Fleet", Need::Role(Role::Read)),
             ("/agentca.v1.AdminService/Signal", Need::Role(Role::Signal)),
             ("/agentca.v1.AdminService/Reload", Need::Role(Role::Admin)),
             ("/agentca.v1.AdminService/SomethingNew", Need::Role(Role::Admin)),

@@ -82,7 +82,7 @@ impl Refusal {
 
 /// The gRPC methods the server knows, as `(service, method)`: the label space of the RPC
 /// metrics. A path outside it is counted as `unknown`, so a caller cannot grow the label set.
-const METHODS: [(&str, &str); 13] = [
+const METHODS: [(&str, &str); 15] = [
     ("agentca.v1.DecisionService", "Evaluate"),
     ("agentca.v1.DecisionService", "EvaluateBatch"),
     ("agentca.v1.AdminService", "Status"),
@@ -95,6 +95,8 @@ const METHODS: [(&str, &str); 13] = [
     ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo"),
     ("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo"),
     ("agentca.v1.AdminService", "ApplyDirectory"),
+    ("agentca.v1.AdminService", "ExportDirectory"),
+    ("agentca.v1.AdminService", "Fleet"),
     ("unknown", "unknown"),
 ];
 
@@ -143,7 +145,7 @@ const GRPC_CODES: [&str; 17] = [
 ];
 
 /// The reason codes of DESIGN §5, in the order of their counters.
-const CODES: [ReasonCode; 9] = [
+const CODES: [ReasonCode; 10] = [
     ReasonCode::Policy,
     ReasonCode::NoPermit,
     ReasonCode::PolicyError,
@@ -153,6 +155,7 @@ const CODES: [ReasonCode; 9] = [
     ReasonCode::BlueprintDisabled,
     ReasonCode::SponsorInactive,
     ReasonCode::AuditUnavailable,
+    ReasonCode::LiveStateUnavailable,
 ];
 
 fn code_index(code: ReasonCode) -> usize {
@@ -166,6 +169,7 @@ fn code_index(code: ReasonCode) -> usize {
         ReasonCode::BlueprintDisabled => 6,
         ReasonCode::SponsorInactive => 7,
         ReasonCode::AuditUnavailable => 8,
+        ReasonCode::LiveStateUnavailable => 9,
     }
 }
 
@@ -380,6 +384,24 @@ pub struct Sample {
     pub audit_written: u64,
     /// Audit writes that failed (each is retried until it lands).
     pub audit_errors: u64,
+    /// In a fleet (`--live`): its size and agreement, and this replica's place in its stream.
+    pub fleet: Option<FleetSample>,
+}
+
+/// What a fleet's replica shows (`--live`).
+#[derive(Debug, Clone, Default)]
+pub struct FleetSample {
+    /// Replicas heard from in the last few seconds, this one included.
+    pub replicas: u64,
+    /// Changes in the stream this replica has not applied yet.
+    pub lag: u64,
+    /// 1 if some replica serves another bundle revision than the majority.
+    pub revision_disagreement: bool,
+    /// Seconds since the live state was last known in step with the stream (0 while it is;
+    /// since the start if it never was).
+    pub stale_seconds: u64,
+    /// Connected and caught up.
+    pub healthy: bool,
 }
 
 #[derive(Debug)]
@@ -533,6 +555,43 @@ impl Collector for Scrape {
         let signals = SignalKind::ALL.iter().zip(&m.signals).map(|(k, n)| ([("kind", k.as_str())], load(n)));
         family(&mut e, "agentca_signals", "Live signals taken (journaled and applied), by kind.", Counter, signals)?;
         single(&mut e, "agentca_live_signals", "Live values set by signals now.", Gauge, s.live_signals)?;
+        if let Some(f) = &s.fleet {
+            single(
+                &mut e,
+                "agentca_fleet_replicas",
+                "Replicas of the fleet heard from, this one included.",
+                Gauge,
+                f.replicas,
+            )?;
+            single(
+                &mut e,
+                "agentca_live_lag",
+                "Changes in the fleet's stream this replica has not applied yet.",
+                Gauge,
+                f.lag,
+            )?;
+            single(
+                &mut e,
+                "agentca_bundle_revision_disagreement",
+                "1 if a replica of the fleet serves another bundle revision than most.",
+                Gauge,
+                u64::from(f.revision_disagreement),
+            )?;
+            single(
+                &mut e,
+                "agentca_live_stale_seconds",
+                "Seconds since the live state was last in step with the fleet's stream (0 while it is).",
+                Gauge,
+                f.stale_seconds,
+            )?;
+            single(
+                &mut e,
+                "agentca_live_healthy",
+                "1 while connected to the fleet's stream and caught up.",
+                Gauge,
+                u64::from(f.healthy),
+            )?;
+        }
         single(
             &mut e,
             "agentca_audit_queue_depth",

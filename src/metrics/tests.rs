@@ -159,8 +159,18 @@ fn sampled_gauges_and_audit_counters_are_rendered() {
         audit_pending: 2,
         audit_written: 11,
         audit_errors: 1,
+        fleet: Some(crate::metrics::FleetSample {
+            replicas: 3,
+            lag: 2,
+            revision_disagreement: true,
+            stale_seconds: 4,
+            healthy: false,
+        }),
     };
     let s = samples(&metrics.render(sample));
+    assert_eq!((s["agentca_fleet_replicas"], s["agentca_live_lag"]), (3.0, 2.0));
+    assert_eq!((s["agentca_bundle_revision_disagreement"], s["agentca_live_stale_seconds"]), (1.0, 4.0));
+    assert_eq!(s["agentca_live_healthy"], 0.0);
     assert_eq!(s["agentca_bundle_stale_seconds"], 7.0);
     assert_eq!(s["agentca_live_signals"], 3.0);
     assert_eq!(s["agentca_audit_queue_depth"], 2.0);

@@ -305,3 +305,4 @@ pub fn scrape(addr: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_string()
 }
+pub mod nats;

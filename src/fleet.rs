@@ -1,0 +1,960 @@
+//! A fleet of replicas sharing live state through NATS JetStream (`serve --live nats://…`).
+//!
+//! Signals and directory changes sent to any replica are published to one stream; every
+//! replica, the sender included, applies them only as it reads them back, in the stream's
+//! order, numbered by the stream's sequence. What a replica applied is kept in its own journals
+//! under `--state` (the same ones a lone server keeps), so it starts and serves while NATS is
+//! down and resumes after its last number. Replicas announce themselves in a key-value bucket
+//! (a heartbeat a second, gone after a few seconds of silence); a sender waits until every
+//! replica it hears from has applied its change, or until `--fleet-ack-timeout`, and names the
+//! ones that had not.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::records::Caller;
+use crate::signals::Signal;
+
+/// How often a replica announces itself and asks the stream how far it goes.
+const BEAT: Duration = Duration::from_secs(1);
+/// A replica not heard from for this long is no longer waited for nor listed.
+pub const GONE_AFTER: Duration = Duration::from_secs(5);
+/// A consumer or watch that brings nothing it should for this long is made anew.
+const STALLED: Duration = Duration::from_secs(3);
+/// How long the heartbeat bucket keeps a silent replica's last heartbeat.
+const BUCKET_TTL: Duration = Duration::from_secs(30);
+/// The file under `--state` that ties the folder to one stream.
+pub const FLEET_FILE: &str = "fleet.json";
+
+/// What `--live-stale-policy` does once the live state is older than `--live-stale-after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StalePolicy {
+    /// Keep deciding with the last state applied.
+    Serve,
+    /// Deny every request (`live_state_unavailable`).
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `nats://HOST:PORT` (or `tls://…`), one or more.
+    pub servers: Vec<String>,
+    pub creds: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    /// The stream's name; its subject is `NAME.live` and the heartbeat bucket `NAME-fleet`.
+    pub stream: String,
+    /// This replica's id in the fleet (a key of the heartbeat bucket).
+    pub replica: String,
+    /// The address it serves on, as others should reach it.
+    pub address: String,
+    pub ack_timeout: Duration,
+    pub stale_after: Option<Duration>,
+    pub stale_policy: StalePolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("--live: `{0}` is not a NATS address (nats://HOST:PORT, or tls://HOST:PORT)")]
+    Address(String),
+    #[error("--replica-id `{0}`: use 1 to 64 letters, digits, `-` and `_`")]
+    ReplicaId(String),
+    #[error("--live-stream `{0}`: use 1 to 32 letters, digits, `-` and `_`")]
+    StreamName(String),
+    #[error("--live-creds `{path}`: {source}")]
+    Creds { path: String, source: std::io::Error },
+    #[error("--live-tls-ca `{0}`: not a readable file")]
+    TlsCa(String),
+    #[error("state folder `{path}`: {message}")]
+    State { path: String, message: String },
+}
+
+/// Checks `--live` (comma-separated addresses) and returns the addresses.
+pub fn parse_servers(live: &str) -> Result<Vec<String>, FleetError> {
+    let mut servers = Vec::new();
+    for part in live.split(',').map(str::trim) {
+        let ok = match part.split_once("://") {
+            Some((scheme, rest)) => matches!(scheme, "nats" | "tls") && !rest.is_empty(),
+            None => false,
+        };
+        if !ok || part.parse::<async_nats::ServerAddr>().is_err() {
+            return Err(FleetError::Address(part.to_string()));
+        }
+        servers.push(part.to_string());
+    }
+    Ok(servers)
+}
+
+/// True if `id` can be a replica id or stream name: a key of the bucket, a token of a subject.
+fn is_name(id: &str, max: usize) -> bool {
+    !id.is_empty() && id.len() <= max && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+pub fn check_names(options: &Options) -> Result<(), FleetError> {
+    if !is_name(&options.replica, 64) {
+        return Err(FleetError::ReplicaId(options.replica.clone()));
+    }
+    if !is_name(&options.stream, 32) {
+        return Err(FleetError::StreamName(options.stream.clone()));
+    }
+    Ok(())
+}
+
+/// A default replica id: the host's name and the port, as a bucket key allows.
+pub fn default_replica_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String =
+        host.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).take(50).collect();
+    let host = if host.is_empty() { "agentca".to_string() } else { host };
+    format!("{host}-{port}")
+}
+
+/// Who sent a change, as the replica that took it saw them (recorded by every replica).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Sender {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub via: String,
+}
+
+impl Sender {
+    pub fn of(caller: &Caller) -> Sender {
+        Sender {
+            peer: caller.peer.as_deref().map(str::to_string),
+            identity: caller.identity.as_deref().map(str::to_string),
+            token: caller.token.clone(),
+            via: caller.via.to_string(),
+        }
+    }
+
+    /// The caller to record on a replica that applies the change: as sent, through `origin`.
+    pub fn caller(&self, origin: &str) -> Caller {
+        Caller {
+            peer: self.peer.as_deref().map(Arc::from),
+            identity: self.identity.as_deref().map(Arc::from),
+            subject: None,
+            token: self.token.clone(),
+            via: match self.via.as_str() {
+                "grpc" => "grpc",
+                "cli" => "cli",
+                "envoy" => "envoy",
+                _ => "fleet",
+            },
+            replica: Some(Arc::from(origin)),
+        }
+    }
+}
+
+/// A directory change as the stream carries it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SentDirectory {
+    pub change: Box<RawValue>,
+    #[serde(default)]
+    pub by: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// One message of the stream: a signal or a directory change, and who sent it where.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// The replica that took it.
+    pub origin: String,
+    #[serde(default)]
+    pub caller: Sender,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<Signal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<SentDirectory>,
+}
+
+/// What a replica announces every second.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub id: String,
+    pub address: String,
+    pub revision: String,
+    /// The stream sequence of the last change it applied (and passed its barrier for).
+    pub applied: u64,
+    pub started_at: DateTime<Utc>,
+    /// Connected, caught up with the stream, nothing failing.
+    pub healthy: bool,
+    pub at: DateTime<Utc>,
+    /// Why it is not healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One replica as `AdminService.Fleet` shows it.
+#[derive(Debug, Clone)]
+pub struct ReplicaView {
+    pub heartbeat: Heartbeat,
+    pub this: bool,
+    /// How far behind the stream's last sequence it is.
+    pub lag: u64,
+    /// Serves another bundle revision than most replicas.
+    pub other_revision: bool,
+    pub seen_ms_ago: u64,
+}
+
+/// The fleet as this replica sees it.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub replicas: Vec<ReplicaView>,
+    pub stream_seq: u64,
+    pub majority_revision: String,
+}
+
+/// How the last change this replica sent did here.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Applied,
+    /// A directory change refused here (each error names the object and field).
+    Refused(Vec<crate::directory::DirectoryError>),
+}
+
+/// The live state's freshness, as Status and metrics show it.
+#[derive(Debug, Clone, Default)]
+pub struct Freshness {
+    pub connected: bool,
+    pub healthy: bool,
+    pub applied: u64,
+    pub stream_seq: u64,
+    /// When this replica last knew it had applied all the stream held.
+    pub synced_at: Option<DateTime<Utc>>,
+    pub stale_seconds: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// What the service gives the fleet to apply messages with.
+pub trait Applier: Send + Sync + 'static {
+    /// The last number applied (kept in the journals under `--state`).
+    fn applied(&self) -> u64;
+    /// True if the journals hold live state from before this folder followed a stream.
+    fn has_local_state(&self) -> bool;
+    /// The served bundle revision.
+    fn revision(&self) -> String;
+    /// Applies message `seq` durably (or marks it taken, if it cannot apply here). An error
+    /// means it is not durable: it is retried, and nothing after it applies before it does.
+    fn apply(
+        self: Arc<Self>,
+        seq: u64,
+        message: Result<Message, String>,
+    ) -> impl std::future::Future<Output = Result<Outcome, String>> + Send;
+}
+
+#[derive(Clone)]
+struct Link {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    kv: kv::Store,
+}
+
+/// What `--state`/fleet.json holds: the stream the folder follows, and when it was last in
+/// step with it (so that a restart while NATS is down knows how stale it is).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Tie {
+    stream: String,
+    /// The stream's creation time, in nanoseconds: a stream deleted and made anew has another.
+    created: i128,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    synced_at: Option<DateTime<Utc>>,
+}
+
+pub struct Fleet {
+    options: Options,
+    state: PathBuf,
+    started_at: DateTime<Utc>,
+    link: Mutex<Option<Link>>,
+    applied: tokio::sync::watch::Sender<u64>,
+    stream_seq: AtomicU64,
+    tie: Mutex<Option<Tie>>,
+    synced_at: Mutex<Option<DateTime<Utc>>>,
+    /// Why the link is down or the state cannot follow the stream (a fatal one stays).
+    error: Mutex<Option<String>>,
+    fatal: AtomicBool,
+    /// When the stream last answered.
+    answered: Mutex<Option<Instant>>,
+    replicas: Mutex<HashMap<String, (Heartbeat, Instant)>>,
+    seen: tokio::sync::watch::Sender<u64>,
+    /// Counts the client's (re)connections: a consumer or watch from before one is made anew.
+    connections: Arc<tokio::sync::watch::Sender<u64>>,
+    outcomes: Mutex<HashMap<u64, Outcome>>,
+    deny: AtomicBool,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").field("replica", &self.options.replica).field("stream", &self.options.stream).finish()
+    }
+}
+
+impl Fleet {
+    /// Checks the options and the state folder's tie to a stream; connects later (`start`).
+    pub fn new(options: Options, state: &Path, applied: u64) -> Result<Arc<Fleet>, FleetError> {
+        check_names(&options)?;
+        if let Some(ca) = &options.tls_ca
+            && !std::fs::metadata(ca).is_ok_and(|m| m.is_file())
+        {
+            return Err(FleetError::TlsCa(ca.display().to_string()));
+        }
+        let tie = read_tie(state)?;
+        let synced_at = tie.as_ref().and_then(|t| t.synced_at);
+        Ok(Arc::new(Fleet {
+            options,
+            state: state.to_path_buf(),
+            started_at: Utc::now(),
+            link: Mutex::new(None),
+            applied: tokio::sync::watch::channel(applied).0,
+            stream_seq: AtomicU64::new(0),
+            tie: Mutex::new(tie),
+            synced_at: Mutex::new(synced_at),
+            error: Mutex::new(Some("not connected to NATS yet".into())),
+            fatal: AtomicBool::new(false),
+            answered: Mutex::new(None),
+            replicas: Mutex::new(HashMap::new()),
+            seen: tokio::sync::watch::channel(0).0,
+            connections: Arc::new(tokio::sync::watch::channel(0).0),
+            outcomes: Mutex::new(HashMap::new()),
+            deny: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Seconds since this replica started.
+    pub fn up_seconds(&self) -> u64 {
+        (Utc::now() - self.started_at).num_seconds().max(0) as u64
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.options.replica
+    }
+
+    fn subject(&self) -> String {
+        format!("{}.live", self.options.stream)
+    }
+
+    fn bucket(&self) -> String {
+        format!("{}-fleet", self.options.stream)
+    }
+
+    /// Connects (in the background: a replica starts and serves while NATS is down) and
+    /// starts following the stream, announcing itself, and watching the fleet.
+    pub async fn start<A: Applier>(self: &Arc<Self>, applier: Arc<A>) -> Result<(), FleetError> {
+        let mut connect = async_nats::ConnectOptions::new()
+            .name(format!("agentca {}", self.options.replica))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 250).min(2_000)))
+            .event_callback({
+                let connections = self.connections.clone();
+                move |event| {
+                    let connections = connections.clone();
+                    async move {
+                        if matches!(event, async_nats::Event::Connected) {
+                            connections.send_modify(|n| *n += 1);
+                        }
+                    }
+                }
+            });
+        if let Some(path) = &self.options.creds {
+            connect = connect
+                .credentials_file(path)
+                .await
+                .map_err(|source| FleetError::Creds { path: path.display().to_string(), source })?;
+        }
+        if let Some(ca) = &self.options.tls_ca {
+            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let addrs: Vec<async_nats::ServerAddr> = self.options.servers.iter().filter_map(|s| s.parse().ok()).collect();
+        let client = connect.connect(addrs).await.map_err(|e| FleetError::State {
+            path: self.state.display().to_string(),
+            message: format!("cannot set up the NATS client: {e}"),
+        })?;
+        tokio::spawn(self.clone().keep_time(applier.clone()));
+        tokio::spawn(self.clone().run(client, applier));
+        Ok(())
+    }
+
+    /// Sets up the stream and bucket (retried until NATS answers), checks that the state
+    /// folder follows this stream, then follows it for good.
+    async fn run<A: Applier>(self: Arc<Self>, client: async_nats::Client, applier: Arc<A>) {
+        let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client.clone());
+        let (stream, kv) = loop {
+            match self.set_up(&js).await {
+                Ok(done) => break done,
+                Err(e) => self.note_error(Some(format!("cannot reach the NATS stream: {e}"))),
+            }
+            tokio::time::sleep(BEAT).await;
+        };
+        if let Err(message) = self.tie_to(stream.cached_info(), applier.as_ref()) {
+            tracing::error!("{message}");
+            self.fatal.store(true, Ordering::SeqCst);
+            self.note_error(Some(message));
+            return;
+        }
+        let link = Link { client, js, kv };
+        if let Ok(mut slot) = self.link.lock() {
+            *slot = Some(link.clone());
+        }
+        tokio::spawn(self.clone().announce(link.clone(), applier.clone()));
+        tokio::spawn(self.clone().watch_fleet(link.clone()));
+        self.follow(stream, applier).await;
+    }
+
+    async fn set_up(&self, js: &jetstream::Context) -> Result<(stream::Stream, kv::Store), String> {
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: self.options.stream.clone(),
+                subjects: vec![self.subject()],
+                storage: stream::StorageType::File,
+                // A duplicate publish (a client retrying) within this window is dropped.
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let kv = match js.get_key_value(self.bucket()).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: self.bucket(),
+                    history: 1,
+                    max_age: BUCKET_TTL,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        Ok((stream, kv))
+    }
+
+    /// Checks that the state folder follows this very stream (or nothing yet), and ties it.
+    fn tie_to(&self, info: &stream::Info, applier: &impl Applier) -> Result<(), String> {
+        let created = info.created.unix_timestamp_nanos();
+        let applied = applier.applied();
+        let last = info.state.last_sequence;
+        let state = self.state.display();
+        let name = &self.options.stream;
+        let mut tie = self.tie.lock().map_err(|_| "fleet lock poisoned".to_string())?;
+        match tie.as_ref() {
+            Some(t) if t.stream != *name || t.created != created => {
+                return Err(format!(
+                    "state folder `{state}` follows another stream than `{name}` as it is now (deleted and made \
+                     anew, or another name): its live state cannot be laid over this one's numbers. Start this \
+                     replica on an empty --state folder to take the stream's state"
+                ));
+            }
+            Some(_) => {}
+            None if applier.has_local_state() => {
+                return Err(format!(
+                    "state folder `{state}` holds live signals or directory changes made without --live: a fleet \
+                     replica takes its live state from the stream only. Start it on an empty --state folder (and \
+                     send what is still needed again, to any replica)"
+                ));
+            }
+            None => {}
+        }
+        if applied > last {
+            return Err(format!(
+                "state folder `{state}` has applied change #{applied}, past the stream's last (#{last}): the stream \
+                 lost changes. Start this replica on an empty --state folder"
+            ));
+        }
+        if info.state.first_sequence > applied + 1 && last > applied {
+            return Err(format!(
+                "the stream no longer holds changes #{}..#{} that this replica has not applied. Start it on an \
+                 empty --state folder only if the stream still holds all its changes; otherwise restore them",
+                applied + 1,
+                info.state.first_sequence - 1
+            ));
+        }
+        if tie.is_none() {
+            let new = Tie { stream: name.clone(), created, synced_at: None };
+            write_tie(&self.state, &new).map_err(|e| format!("cannot write `{state}/{FLEET_FILE}`: {e}"))?;
+            *tie = Some(new);
+        }
+        Ok(())
+    }
+
+    /// Applies the stream's messages from the next number on, for good. A message that
+    /// cannot be made durable here is retried: nothing after it applies before it does.
+    async fn follow<A: Applier>(self: &Arc<Self>, stream: stream::Stream, applier: Arc<A>) {
+        loop {
+            let start = applier.applied() + 1;
+            let created = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: self.subject(),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+                    ..Default::default()
+                })
+                .await;
+            let mut messages = match created {
+                Ok(c) => match c.messages().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.note_error(Some(format!("cannot read the stream: {e}")));
+                        tokio::time::sleep(BEAT).await;
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    self.note_error(Some(format!("cannot read the stream: {e}")));
+                    tokio::time::sleep(BEAT).await;
+                    continue;
+                }
+            };
+            // A consumer can go quiet for good (NATS restarted under it): one that delivers
+            // nothing while the stream holds more is made anew.
+            let mut stalled_since: Option<Instant> = None;
+            let mut check = tokio::time::interval(BEAT);
+            let mut reconnected = self.connections.subscribe();
+            reconnected.mark_unchanged();
+            loop {
+                let item = tokio::select! {
+                    item = messages.next() => item,
+                    _ = reconnected.changed() => break,
+                    _ = check.tick() => {
+                        let behind = self.stream_seq.load(Ordering::SeqCst) > applier.applied();
+                        match (behind, stalled_since) {
+                            (false, _) => stalled_since = None,
+                            (true, None) => stalled_since = Some(Instant::now()),
+                            (true, Some(at)) if at.elapsed() >= STALLED => {
+                                tracing::info!("the stream's consumer delivers nothing while the stream holds more; made anew");
+                                break;
+                            }
+                            (true, Some(_)) => {}
+                        }
+                        continue;
+                    }
+                };
+                let Some(item) = item else { break };
+                stalled_since = None;
+                let message = match item {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the stream's consumer failed; made anew");
+                        break;
+                    }
+                };
+                let Ok(info) = message.info() else { continue };
+                let seq = info.stream_sequence;
+                let applied = applier.applied();
+                if seq <= applied {
+                    continue;
+                }
+                if seq > applied + 1 {
+                    tracing::warn!(from = applied + 1, to = seq - 1, "changes missing from the stream were skipped");
+                }
+                let parsed = serde_json::from_slice::<Message>(&message.payload).map_err(|e| e.to_string());
+                let origin = parsed.as_ref().map(|m| m.origin.clone()).unwrap_or_default();
+                let outcome = loop {
+                    let parsed = match &parsed {
+                        Ok(_) => serde_json::from_slice::<Message>(&message.payload).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.clone()),
+                    };
+                    match applier.clone().apply(seq, parsed).await {
+                        Ok(outcome) => break outcome,
+                        Err(e) => {
+                            self.note_error(Some(format!("cannot apply change #{seq} here, retrying: {e}")));
+                            tokio::time::sleep(BEAT).await;
+                        }
+                    }
+                };
+                if origin == self.options.replica
+                    && let Ok(mut outcomes) = self.outcomes.lock()
+                {
+                    // Kept until the sender takes it; a sender that gave up leaves a few.
+                    if outcomes.len() > 1000 {
+                        outcomes.clear();
+                    }
+                    outcomes.insert(seq, outcome);
+                }
+                self.stream_seq.fetch_max(seq, Ordering::SeqCst);
+                self.applied.send_replace(seq);
+            }
+            tokio::time::sleep(BEAT / 4).await;
+        }
+    }
+
+    /// Puts this replica's heartbeat every second, and at once after each change it applies.
+    async fn announce<A: Applier>(self: Arc<Self>, link: Link, applier: Arc<A>) {
+        let mut applied = self.applied.subscribe();
+        let mut tick = tokio::time::interval(BEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = applied.changed() => if changed.is_err() { return },
+            }
+            let heartbeat = self.heartbeat(applier.as_ref());
+            let Ok(body) = serde_json::to_vec(&heartbeat) else { continue };
+            self.saw(heartbeat);
+            if let Err(e) = link.kv.put(&self.options.replica, body.into()).await {
+                tracing::debug!(error = %e, "heartbeat not put");
+            }
+        }
+    }
+
+    fn heartbeat(&self, applier: &impl Applier) -> Heartbeat {
+        let freshness = self.freshness();
+        Heartbeat {
+            id: self.options.replica.clone(),
+            address: self.options.address.clone(),
+            revision: applier.revision(),
+            applied: *self.applied.borrow(),
+            started_at: self.started_at,
+            healthy: freshness.healthy,
+            at: Utc::now(),
+            error: freshness.error,
+        }
+    }
+
+    fn saw(&self, heartbeat: Heartbeat) {
+        if let Ok(mut replicas) = self.replicas.lock() {
+            replicas.insert(heartbeat.id.clone(), (heartbeat, Instant::now()));
+        }
+        self.seen.send_modify(|n| *n += 1);
+    }
+
+    /// Keeps the fleet's heartbeats as they come.
+    async fn watch_fleet(self: Arc<Self>, link: Link) {
+        loop {
+            match link.kv.watch_all().await {
+                Ok(mut entries) => {
+                    // This replica's own heartbeat comes every second: a watch that brings
+                    // nothing for longer has gone quiet (NATS restarted under it) and is made anew,
+                    // as is one from before a reconnection.
+                    let mut reconnected = self.connections.subscribe();
+                    reconnected.mark_unchanged();
+                    loop {
+                        let entry = tokio::select! {
+                            entry = tokio::time::timeout(STALLED, entries.next()) => entry,
+                            _ = reconnected.changed() => break,
+                        };
+                        let Ok(Some(Ok(entry))) = entry else { break };
+                        match entry.operation {
+                            kv::Operation::Put => {
+                                if entry.key == self.options.replica {
+                                    continue;
+                                }
+                                if let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&entry.value)
+                                    && heartbeat.id == entry.key
+                                {
+                                    self.saw(heartbeat);
+                                }
+                            }
+                            kv::Operation::Delete | kv::Operation::Purge => {
+                                if let Ok(mut replicas) = self.replicas.lock() {
+                                    replicas.remove(&entry.key);
+                                }
+                                self.seen.send_modify(|n| *n += 1);
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot watch the fleet's heartbeats"),
+            }
+            tokio::time::sleep(BEAT).await;
+        }
+    }
+
+    /// Every second: asks the stream how far it goes (without NATS, the state grows stale),
+    /// keeps the time it was last in step, and decides whether requests are denied.
+    async fn keep_time<A: Applier>(self: Arc<Self>, applier: Arc<A>) {
+        let mut tick = tokio::time::interval(BEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut kept_at: Option<Instant> = None;
+        loop {
+            tick.tick().await;
+            let link = self.link.lock().ok().and_then(|l| l.clone());
+            if let Some(link) = link {
+                let asked = match link.js.get_stream(&self.options.stream).await {
+                    Ok(mut stream) => stream.info().await.map(|i| i.state.last_sequence).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match asked {
+                    Ok(last) => {
+                        self.stream_seq.store(last, Ordering::SeqCst);
+                        if let Ok(mut answered) = self.answered.lock() {
+                            *answered = Some(Instant::now());
+                        }
+                        if applier.applied() >= last && !self.fatal.load(Ordering::SeqCst) {
+                            self.note_error(None);
+                            if let Ok(mut synced) = self.synced_at.lock() {
+                                *synced = Some(Utc::now());
+                            }
+                            if kept_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+                                kept_at = Some(Instant::now());
+                                self.keep_synced_at();
+                            }
+                        }
+                    }
+                    Err(e) => self.note_error(Some(format!("cannot reach the NATS stream: {e}"))),
+                }
+            }
+            let stale = self.freshness().stale_seconds;
+            let deny = match (self.options.stale_policy, self.options.stale_after) {
+                (StalePolicy::Deny, Some(after)) => stale.is_none_or(|s| s > after.as_secs()),
+                _ => false,
+            };
+            if self.deny.swap(deny, Ordering::SeqCst) != deny {
+                tracing::warn!(
+                    deny,
+                    "live state staleness: requests are {}",
+                    if deny { "denied" } else { "decided again" }
+                );
+            }
+        }
+    }
+
+    fn keep_synced_at(&self) {
+        let synced_at = self.synced_at.lock().ok().and_then(|s| *s);
+        let Ok(mut tie) = self.tie.lock() else { return };
+        if let Some(tie) = tie.as_mut() {
+            tie.synced_at = synced_at;
+            if let Err(e) = write_tie(&self.state, tie) {
+                tracing::debug!(error = %e, "cannot note when the live state was last in step");
+            }
+        }
+    }
+
+    fn note_error(&self, error: Option<String>) {
+        if self.fatal.load(Ordering::SeqCst) && error.is_none() {
+            return;
+        }
+        let Ok(mut slot) = self.error.lock() else { return };
+        match (&*slot, &error) {
+            (None, Some(e)) => tracing::warn!(error = %e, "the fleet's live state is not in step"),
+            (Some(_), None) => tracing::info!("the fleet's live state is in step with its stream"),
+            _ => {}
+        }
+        *slot = error;
+    }
+
+    /// True when requests are to be denied: the live state is older than --live-stale-after
+    /// and the policy is deny.
+    pub fn denying(&self) -> bool {
+        self.deny.load(Ordering::Relaxed)
+    }
+
+    pub fn freshness(&self) -> Freshness {
+        let connected = self.link.lock().ok().and_then(|l| l.as_ref().map(|l| l.client.connection_state()))
+            == Some(async_nats::connection::State::Connected);
+        let answered = self.answered.lock().ok().and_then(|a| *a).is_some_and(|a| a.elapsed() < 3 * BEAT);
+        let applied = *self.applied.borrow();
+        let stream_seq = self.stream_seq.load(Ordering::SeqCst);
+        let error = self.error.lock().ok().and_then(|e| e.clone());
+        let error = error.or_else(|| (!connected).then(|| "not connected to NATS".to_string()));
+        let synced_at = self.synced_at.lock().ok().and_then(|s| *s);
+        let in_step = connected && answered && applied >= stream_seq && error.is_none();
+        let stale_seconds =
+            if in_step { Some(0) } else { synced_at.map(|at| (Utc::now() - at).num_seconds().max(0) as u64) };
+        Freshness { connected, healthy: in_step, applied, stream_seq, synced_at, stale_seconds, error }
+    }
+
+    /// Waits until this replica is in step with the stream (connected, and it has applied all
+    /// the stream holds), for at most `limit`; true if it is. A replica that starts waits so
+    /// before it serves: it must not allow an agent that was disabled while it was down.
+    pub async fn in_step(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.freshness().healthy {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Publishes a change to the stream; its sequence once JetStream has it durably.
+    pub async fn publish(&self, message: &Message) -> Result<u64, String> {
+        if self.fatal.load(Ordering::SeqCst) {
+            return Err(self.error.lock().ok().and_then(|e| e.clone()).unwrap_or_default());
+        }
+        let link = self.link.lock().ok().and_then(|l| l.clone());
+        let Some(link) = link else { return Err("not connected to the NATS stream yet".into()) };
+        if link.client.connection_state() != async_nats::connection::State::Connected {
+            return Err("not connected to NATS".into());
+        }
+        let body = serde_json::to_vec(message).map_err(|e| e.to_string())?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
+        let ack = link
+            .js
+            .publish_with_headers(self.subject(), headers, body.into())
+            .await
+            .map_err(|e| format!("NATS did not take the change: {e}"))?;
+        let ack = ack.await.map_err(|e| format!("JetStream did not confirm the change: {e}"))?;
+        Ok(ack.sequence)
+    }
+
+    /// Waits until every replica heard from (this one included) has applied `seq`, or for
+    /// `--fleet-ack-timeout`; returns the ones that had not, and this replica's outcome.
+    pub async fn confirm(&self, seq: u64) -> (Vec<String>, Option<Outcome>) {
+        let deadline = tokio::time::Instant::now() + self.options.ack_timeout;
+        let mut applied = self.applied.subscribe();
+        let mut seen = self.seen.subscribe();
+        let behind = loop {
+            let behind = self.behind(seq);
+            if behind.is_empty() {
+                break behind;
+            }
+            tokio::select! {
+                _ = applied.changed() => {}
+                _ = seen.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => break self.behind(seq),
+            }
+        };
+        let outcome = self.outcomes.lock().ok().and_then(|mut o| o.remove(&seq));
+        (behind, outcome)
+    }
+
+    /// The replicas (this one first) that have not applied `seq`.
+    fn behind(&self, seq: u64) -> Vec<String> {
+        let mut behind = Vec::new();
+        if *self.applied.borrow() < seq {
+            behind.push(self.options.replica.clone());
+        }
+        if let Ok(replicas) = self.replicas.lock() {
+            let mut others: Vec<_> = replicas
+                .values()
+                .filter(|(h, seen)| h.id != self.options.replica && seen.elapsed() < GONE_AFTER && h.applied < seq)
+                .map(|(h, _)| h.id.clone())
+                .collect();
+            others.sort();
+            behind.extend(others);
+        }
+        behind
+    }
+
+    /// The replicas heard from in the last few seconds, with what disagrees.
+    pub fn view(&self, this: Heartbeat) -> View {
+        let stream_seq = self.stream_seq.load(Ordering::SeqCst);
+        let mut all: Vec<(Heartbeat, u64, bool)> = vec![(this, 0, true)];
+        if let Ok(replicas) = self.replicas.lock() {
+            for (h, seen) in replicas.values() {
+                if h.id != self.options.replica && seen.elapsed() < GONE_AFTER {
+                    all.push((h.clone(), seen.elapsed().as_millis() as u64, false));
+                }
+            }
+        }
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for (h, _, _) in &all {
+            *counts.entry(h.revision.as_str()).or_default() += 1;
+        }
+        // The most common revision; a tie goes to the first in name order, so every replica
+        // names the same one.
+        let majority = counts
+            .iter()
+            .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+            .map(|(r, _)| r.to_string())
+            .unwrap_or_default();
+        let mut replicas: Vec<ReplicaView> = all
+            .into_iter()
+            .map(|(heartbeat, seen_ms_ago, this)| ReplicaView {
+                lag: stream_seq.saturating_sub(heartbeat.applied),
+                other_revision: heartbeat.revision != majority,
+                heartbeat,
+                this,
+                seen_ms_ago,
+            })
+            .collect();
+        replicas.sort_by(|a, b| a.heartbeat.id.cmp(&b.heartbeat.id));
+        View { replicas, stream_seq, majority_revision: majority }
+    }
+
+    /// This replica's own heartbeat, as it would announce it now.
+    pub fn this(&self, revision: String) -> Heartbeat {
+        let freshness = self.freshness();
+        Heartbeat {
+            id: self.options.replica.clone(),
+            address: self.options.address.clone(),
+            revision,
+            applied: freshness.applied,
+            started_at: self.started_at,
+            healthy: freshness.healthy,
+            at: Utc::now(),
+            error: freshness.error,
+        }
+    }
+}
+
+fn read_tie(state: &Path) -> Result<Option<Tie>, FleetError> {
+    let path = state.join(FLEET_FILE);
+    let err = |message: String| FleetError::State { path: path.display().to_string(), message };
+    match std::fs::metadata(&path) {
+        Ok(m) if !m.is_file() => return Err(err("not a regular file".into())),
+        Ok(m) if m.len() > 64 * 1024 => return Err(err("larger than 64 KiB: not a fleet tie".into())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e.to_string())),
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| err(format!("unreadable ({e}); move it aside only with the folder's journals")))
+}
+
+fn write_tie(state: &Path, tie: &Tie) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = state.join(FLEET_FILE);
+    let tmp = state.join(format!("{FLEET_FILE}.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec(tie).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(dir) = std::fs::File::open(state) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_names_are_checked() {
+        assert_eq!(parse_servers("nats://127.0.0.1:4222, nats://h:1").unwrap().len(), 2);
+        for bad in ["", "127.0.0.1:4222", "http://h:1", "nats://", "nats://h:1,"] {
+            assert!(parse_servers(bad).is_err(), "{bad}");
+        }
+        assert!(is_name("replica-a_1", 64));
+        for bad in ["", "a.b", "a b", "a*", "é"] {
+            assert!(!is_name(bad, 64), "{bad}");
+        }
+        assert!(is_name(&default_replica_id(50051), 64));
+    }
+
+    #[test]
+    fn a_message_round_trips_and_refuses_unknown_fields() {
+        let signal = Signal::new("disable_agent", "ag-1", "", "why", "me").unwrap();
+        let message = Message { origin: "a".into(), caller: Sender::default(), signal: Some(signal), directory: None };
+        let text = serde_json::to_string(&message).unwrap();
+        let back: Message = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.signal.unwrap().target(), "ag-1");
+        assert!(serde_json::from_str::<Message>(r#"{"origin":"a","sgnal":{}}"#).is_err());
+    }
+}
