@@ -57,6 +57,9 @@ pub struct Options {
     /// The address it serves on, as others should reach it.
     pub address: String,
     pub ack_timeout: Duration,
+    /// Copies of the stream and the bucket the NATS cluster keeps (1 on a lone server; 3 on a
+    /// cluster of three, so that losing one server loses nothing).
+    pub copies: usize,
     pub stale_after: Option<Duration>,
     pub stale_policy: StalePolicy,
 }
@@ -295,6 +298,8 @@ pub struct Fleet {
     connections: Arc<tokio::sync::watch::Sender<u64>>,
     outcomes: Mutex<HashMap<u64, Outcome>>,
     deny: AtomicBool,
+    /// Another replica announcing itself under this one's id: its address, and when.
+    twin: Mutex<Option<(String, Instant)>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -331,6 +336,7 @@ impl Fleet {
             connections: Arc::new(tokio::sync::watch::channel(0).0),
             outcomes: Mutex::new(HashMap::new()),
             deny: AtomicBool::new(false),
+            twin: Mutex::new(None),
         }))
     }
 
@@ -428,6 +434,7 @@ impl Fleet {
                 storage: stream::StorageType::File,
                 // A duplicate publish (a client retrying) within this window is dropped.
                 duplicate_window: Duration::from_secs(120),
+                num_replicas: self.options.copies,
                 ..Default::default()
             })
             .await
@@ -440,6 +447,7 @@ impl Fleet {
                     history: 1,
                     max_age: BUCKET_TTL,
                     storage: stream::StorageType::File,
+                    num_replicas: self.options.copies,
                     ..Default::default()
                 })
                 .await
@@ -629,8 +637,22 @@ impl Fleet {
         }
     }
 
+    /// A heartbeat under this replica's own id that it did not put: another replica has the
+    /// same id, and the fleet cannot tell them apart (it would wait for one and hear the other).
+    fn check_twin(&self, value: &[u8]) {
+        let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(value) else { return };
+        if heartbeat.started_at == self.started_at && heartbeat.address == self.options.address {
+            return;
+        }
+        if let Ok(mut twin) = self.twin.lock() {
+            *twin = Some((heartbeat.address, Instant::now()));
+        }
+    }
+
     fn saw(&self, heartbeat: Heartbeat) {
         if let Ok(mut replicas) = self.replicas.lock() {
+            // Replicas gone long ago are forgotten: ids do not pile up.
+            replicas.retain(|_, (_, seen)| seen.elapsed() < 10 * GONE_AFTER);
             replicas.insert(heartbeat.id.clone(), (heartbeat, Instant::now()));
         }
         self.seen.send_modify(|n| *n += 1);
@@ -655,6 +677,7 @@ impl Fleet {
                         match entry.operation {
                             kv::Operation::Put => {
                                 if entry.key == self.options.replica {
+                                    self.check_twin(&entry.value);
                                     continue;
                                 }
                                 if let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&entry.value)
@@ -765,6 +788,15 @@ impl Fleet {
         let stream_seq = self.stream_seq.load(Ordering::SeqCst);
         let error = self.error.lock().ok().and_then(|e| e.clone());
         let error = error.or_else(|| (!connected).then(|| "not connected to NATS".to_string()));
+        let twin = self.twin.lock().ok().and_then(|t| t.clone()).filter(|(_, at)| at.elapsed() < GONE_AFTER);
+        let error = error.or_else(|| {
+            twin.map(|(address, _)| {
+                format!(
+                    "another replica announces itself as `{}` (at {address}): give each replica its own --replica-id",
+                    self.options.replica
+                )
+            })
+        });
         let synced_at = self.synced_at.lock().ok().and_then(|s| *s);
         let in_step = connected && answered && applied >= stream_seq && error.is_none();
         let stale_seconds =

@@ -322,7 +322,7 @@ async fn a_replica_past_its_stale_limit_denies_when_told_to_and_decides_again_in
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_on_another_bundle_revision_is_flagged() {
     let fleet = Fleet::new();
-    let (a, b) = (fleet.replica("a", &[]), fleet.replica("b", &[]));
+    let (a, b) = (fleet.replica("a", &["--metrics-listen", "127.0.0.1:0"]), fleet.replica("b", &[]));
     // Replica c's bundle differs by one comment: another revision.
     let policies = fleet.dir.path().join("c/policies");
     copy_sample(&policies);
@@ -336,6 +336,10 @@ async fn a_replica_on_another_bundle_revision_is_flagged() {
     assert_eq!(flagged, ["c"], "{view:?}");
     assert_eq!(view.majority_revision, status(&a).await.revision);
     assert!(live(&b).await.revision_disagreement);
+    let metrics = common::scrape(a.metrics_addr.as_deref().unwrap());
+    for line in ["agentca_fleet_replicas 3", "agentca_bundle_revision_disagreement 1", "agentca_live_lag 0", "agentca_live_healthy 1"] {
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in:\n{metrics}");
+    }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentca"))
         .args(["admin", "--server", &a.addr, "fleet"])
         .output()
@@ -360,4 +364,23 @@ async fn a_state_folder_with_local_changes_does_not_join_a_fleet() {
     let refused = a.admin().await.signal(signal("enable_agent", "ag-mail-01")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable);
     assert!(refused.message().contains("made without --live"), "{}", refused.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_one_id_both_say_so() {
+    let fleet = Fleet::new();
+    let a = fleet.replica("a", &[]);
+    // Its own folders, the same id.
+    let policies = fleet.dir.path().join("twin/policies");
+    copy_sample(&policies);
+    let (state, policies) = (fleet.path("twin/state"), policies.to_str().unwrap().to_string());
+    let url = fleet.nats.url();
+    let twin = Server::start(&[
+        "--policies", &policies, "--state", &state, "--audit", "off", "--no-watch", "--live", &url, "--replica-id", "a",
+        "--live-start-wait", "1s",
+    ]);
+    for r in [&a, &twin] {
+        let l = until(r, "the twin is seen", |l| l.error.contains("another replica announces itself as `a`")).await;
+        assert!(!l.healthy);
+    }
 }

@@ -112,6 +112,10 @@ pub struct LiveArgs {
     /// --live-stale-policy); unset, it never does.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, env = "AGENTCA_LIVE_STALE_AFTER")]
     live_stale_after: Option<Duration>,
+    /// How many NATS servers keep a copy of the stream and the heartbeat bucket when this
+    /// replica creates them (3 on a cluster of three: one server lost loses nothing).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    live_copies: u8,
     /// How long a starting replica waits to be in step with the stream before it serves the
     /// last live state it applied (calls wait meanwhile).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -420,6 +424,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
                 replica: args.live.replica_id.clone().unwrap_or_else(|| crate::fleet::default_replica_id(port)),
                 address: args.live.advertise.clone().unwrap_or_else(|| addr.clone()),
                 ack_timeout: args.live.fleet_ack_timeout,
+                copies: usize::from(args.live.live_copies),
                 stale_after: args.live.live_stale_after,
                 stale_policy: args.live.live_stale_policy,
             };
