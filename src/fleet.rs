@@ -36,7 +36,7 @@ const BUCKET_TTL: Duration = Duration::from_secs(30);
 pub const FLEET_FILE: &str = "fleet.json";
 
 /// What `--live-stale-policy` does once the live state is older than `--live-stale-after`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StalePolicy {
     /// Keep deciding with the last state applied.
     Serve,
@@ -78,6 +78,20 @@ pub enum FleetError {
     TlsCa(String),
     #[error("state folder `{path}`: {message}")]
     State { path: String, message: String },
+    #[error("--live: cannot set up the NATS client: {0}")]
+    Client(String),
+}
+
+/// Why a change was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Not sent: no replica applies it.
+    #[error("{0}")]
+    NotSent(String),
+    /// Sent, but JetStream's acknowledgement did not come: the stream may have it, and then
+    /// every replica applies it.
+    #[error("{0}")]
+    Unknown(String),
 }
 
 /// Checks `--live` (comma-separated addresses) and returns the addresses.
@@ -200,6 +214,10 @@ pub struct Heartbeat {
     /// Why it is not healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The last numbers it took without applying them (a change refused over its directory,
+    /// or one it could not read): a sender names it for those.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<u64>,
 }
 
 /// One replica as `AdminService.Fleet` shows it.
@@ -294,12 +312,17 @@ pub struct Fleet {
     answered: Mutex<Option<Instant>>,
     replicas: Mutex<HashMap<String, (Heartbeat, Instant)>>,
     seen: tokio::sync::watch::Sender<u64>,
-    /// Counts the client's (re)connections: a consumer or watch from before one is made anew.
-    connections: Arc<tokio::sync::watch::Sender<u64>>,
-    outcomes: Mutex<HashMap<u64, Outcome>>,
+    /// Counts the client's (re)connections, and when the last was: a consumer or watch from
+    /// before one is made anew.
+    connections: Arc<tokio::sync::watch::Sender<(u64, Option<Instant>)>>,
+    /// The last numbers this replica took without applying them (refused or unreadable).
+    skipped: Mutex<std::collections::VecDeque<u64>>,
+    outcomes: Mutex<std::collections::BTreeMap<u64, Outcome>>,
     deny: AtomicBool,
     /// Another replica announcing itself under this one's id: its address, and when.
     twin: Mutex<Option<(String, Instant)>>,
+    /// Shutting down: no more heartbeats.
+    leaving: AtomicBool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -333,10 +356,12 @@ impl Fleet {
             answered: Mutex::new(None),
             replicas: Mutex::new(HashMap::new()),
             seen: tokio::sync::watch::channel(0).0,
-            connections: Arc::new(tokio::sync::watch::channel(0).0),
-            outcomes: Mutex::new(HashMap::new()),
+            connections: Arc::new(tokio::sync::watch::channel((0, None)).0),
+            skipped: Mutex::new(std::collections::VecDeque::new()),
+            outcomes: Mutex::new(std::collections::BTreeMap::new()),
             deny: AtomicBool::new(false),
             twin: Mutex::new(None),
+            leaving: AtomicBool::new(false),
         }))
     }
 
@@ -369,6 +394,8 @@ impl Fleet {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
+            // A connection that died without a word is found within seconds, not minutes.
+            .ping_interval(Duration::from_secs(2))
             .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 250).min(2_000)))
             .event_callback({
                 let connections = self.connections.clone();
@@ -376,7 +403,10 @@ impl Fleet {
                     let connections = connections.clone();
                     async move {
                         if matches!(event, async_nats::Event::Connected) {
-                            connections.send_modify(|n| *n += 1);
+                            connections.send_modify(|(n, at)| {
+                                *n += 1;
+                                *at = Some(Instant::now());
+                            });
                         }
                     }
                 }
@@ -391,10 +421,7 @@ impl Fleet {
             connect = connect.add_root_certificates(ca.clone()).require_tls(true);
         }
         let addrs: Vec<async_nats::ServerAddr> = self.options.servers.iter().filter_map(|s| s.parse().ok()).collect();
-        let client = connect.connect(addrs).await.map_err(|e| FleetError::State {
-            path: self.state.display().to_string(),
-            message: format!("cannot set up the NATS client: {e}"),
-        })?;
+        let client = connect.connect(addrs).await.map_err(|e| FleetError::Client(e.to_string()))?;
         tokio::spawn(self.clone().keep_time(applier.clone()));
         tokio::spawn(self.clone().run(client, applier));
         Ok(())
@@ -411,24 +438,44 @@ impl Fleet {
             }
             tokio::time::sleep(BEAT).await;
         };
-        if let Err(message) = self.tie_to(stream.cached_info(), applier.as_ref()) {
-            tracing::error!("{message}");
-            self.fatal.store(true, Ordering::SeqCst);
-            self.note_error(Some(message));
+        let link = Link { client, js, kv };
+        // Announced whatever follows: a replica that cannot follow the stream is listed, with why.
+        tokio::spawn(self.clone().announce(link.clone(), applier.clone()));
+        tokio::spawn(self.clone().watch_fleet(link.clone()));
+        let info = stream.cached_info().clone();
+        let tied = {
+            let applier = applier.clone();
+            let fleet = self.clone();
+            tokio::task::spawn_blocking(move || fleet.tie_to(&info, applier.as_ref())).await
+        };
+        if let Err(message) = tied.unwrap_or_else(|_| Err("the state folder check failed".into())) {
+            self.stop_following(message);
             return;
         }
-        let link = Link { client, js, kv };
         if let Ok(mut slot) = self.link.lock() {
             *slot = Some(link.clone());
         }
-        tokio::spawn(self.clone().announce(link.clone(), applier.clone()));
-        tokio::spawn(self.clone().watch_fleet(link.clone()));
         self.follow(stream, applier).await;
     }
 
+    /// This replica can no longer follow the stream: it says why until it is restarted, and
+    /// takes no change (it decides with the last state it applied).
+    fn stop_following(&self, message: String) {
+        tracing::error!("{message}");
+        self.fatal.store(true, Ordering::SeqCst);
+        if let Ok(mut slot) = self.error.lock() {
+            *slot = Some(message);
+        }
+    }
+
     async fn set_up(&self, js: &jetstream::Context) -> Result<(stream::Stream, kv::Store), String> {
-        let stream = js
-            .get_or_create_stream(stream::Config {
+        // A folder that follows a stream never makes one: a stream deleted under it must not
+        // come back empty, with numbers it has already applied.
+        let tied = self.tie.lock().is_ok_and(|t| t.is_some());
+        let stream = if tied {
+            js.get_stream(&self.options.stream).await.map_err(|e| e.to_string())?
+        } else {
+            js.get_or_create_stream(stream::Config {
                 name: self.options.stream.clone(),
                 subjects: vec![self.subject()],
                 storage: stream::StorageType::File,
@@ -438,7 +485,8 @@ impl Fleet {
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+        };
         let kv = match js.get_key_value(self.bucket()).await {
             Ok(kv) => kv,
             Err(_) => js
@@ -564,14 +612,24 @@ impl Fleet {
                         break;
                     }
                 };
-                let Ok(info) = message.info() else { continue };
+                let Ok(info) = message.info() else {
+                    tracing::debug!("a message from the stream without its sequence; the consumer is made anew");
+                    break;
+                };
                 let seq = info.stream_sequence;
                 let applied = applier.applied();
                 if seq <= applied {
                     continue;
                 }
                 if seq > applied + 1 {
-                    tracing::warn!(from = applied + 1, to = seq - 1, "changes missing from the stream were skipped");
+                    self.stop_following(format!(
+                        "the stream no longer holds changes #{}..#{} that this replica has not applied: it stops \
+                         here rather than skip them. Start it on an empty --state folder only if the stream still \
+                         holds all its changes",
+                        applied + 1,
+                        seq - 1
+                    ));
+                    return;
                 }
                 let parsed = serde_json::from_slice::<Message>(&message.payload).map_err(|e| e.to_string());
                 let origin = parsed.as_ref().map(|m| m.origin.clone()).unwrap_or_default();
@@ -588,14 +646,23 @@ impl Fleet {
                         }
                     }
                 };
+                if matches!(outcome, Outcome::Refused(_))
+                    && let Ok(mut skipped) = self.skipped.lock()
+                {
+                    skipped.push_back(seq);
+                    while skipped.len() > 16 {
+                        skipped.pop_front();
+                    }
+                }
                 if origin == self.options.replica
                     && let Ok(mut outcomes) = self.outcomes.lock()
                 {
-                    // Kept until the sender takes it; a sender that gave up leaves a few.
-                    if outcomes.len() > 1000 {
-                        outcomes.clear();
-                    }
+                    // Kept until the sender takes it; a sender that gave up leaves it, and the
+                    // oldest such go first.
                     outcomes.insert(seq, outcome);
+                    while outcomes.len() > 1000 {
+                        outcomes.pop_first();
+                    }
                 }
                 self.stream_seq.fetch_max(seq, Ordering::SeqCst);
                 self.applied.send_replace(seq);
@@ -614,6 +681,9 @@ impl Fleet {
                 _ = tick.tick() => {}
                 changed = applied.changed() => if changed.is_err() { return },
             }
+            if self.leaving.load(Ordering::SeqCst) {
+                return;
+            }
             let heartbeat = self.heartbeat(applier.as_ref());
             let Ok(body) = serde_json::to_vec(&heartbeat) else { continue };
             self.saw(heartbeat);
@@ -624,17 +694,11 @@ impl Fleet {
     }
 
     fn heartbeat(&self, applier: &impl Applier) -> Heartbeat {
-        let freshness = self.freshness();
-        Heartbeat {
-            id: self.options.replica.clone(),
-            address: self.options.address.clone(),
-            revision: applier.revision(),
-            applied: *self.applied.borrow(),
-            started_at: self.started_at,
-            healthy: freshness.healthy,
-            at: Utc::now(),
-            error: freshness.error,
-        }
+        self.this(applier.revision())
+    }
+
+    fn skipped(&self) -> Vec<u64> {
+        self.skipped.lock().map(|s| s.iter().copied().collect()).unwrap_or_default()
     }
 
     /// A heartbeat under this replica's own id that it did not put: another replica has the
@@ -712,11 +776,23 @@ impl Fleet {
             let link = self.link.lock().ok().and_then(|l| l.clone());
             if let Some(link) = link {
                 let asked = match link.js.get_stream(&self.options.stream).await {
-                    Ok(mut stream) => stream.info().await.map(|i| i.state.last_sequence).map_err(|e| e.to_string()),
+                    Ok(mut stream) => stream
+                        .info()
+                        .await
+                        .map(|i| (i.state.last_sequence, i.created.unix_timestamp_nanos()))
+                        .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
                 match asked {
-                    Ok(last) => {
+                    Ok((_, created)) if self.tie.lock().ok().and_then(|t| t.as_ref().map(|t| t.created)) != Some(created) => {
+                        self.stop_following(format!(
+                            "the stream `{}` was deleted and made anew under this replica: its numbers start again, \
+                             so nothing more is applied here. Start the replicas on empty --state folders to take \
+                             the new stream's state",
+                            self.options.stream
+                        ));
+                    }
+                    Ok((last, _)) => {
                         self.stream_seq.store(last, Ordering::SeqCst);
                         if let Ok(mut answered) = self.answered.lock() {
                             *answered = Some(Instant::now());
@@ -728,16 +804,20 @@ impl Fleet {
                             }
                             if kept_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                                 kept_at = Some(Instant::now());
-                                self.keep_synced_at();
+                                let fleet = self.clone();
+                                let _ = tokio::task::spawn_blocking(move || fleet.keep_synced_at()).await;
                             }
                         }
                     }
                     Err(e) => self.note_error(Some(format!("cannot reach the NATS stream: {e}"))),
                 }
             }
-            let stale = self.freshness().stale_seconds;
             let deny = match (self.options.stale_policy, self.options.stale_after) {
-                (StalePolicy::Deny, Some(after)) => stale.is_none_or(|s| s > after.as_secs()),
+                (StalePolicy::Deny, Some(after)) => {
+                    let synced_at = self.synced_at.lock().ok().and_then(|s| *s);
+                    !self.freshness().healthy
+                        && synced_at.is_none_or(|at| (Utc::now() - at).to_std().unwrap_or_default() > after)
+                }
                 _ => false,
             };
             if self.deny.swap(deny, Ordering::SeqCst) != deny {
@@ -774,6 +854,19 @@ impl Fleet {
         *slot = error;
     }
 
+    /// Leaves the fleet on a clean shutdown: the heartbeat is removed, so no sender waits for
+    /// this replica or names it.
+    pub async fn leave(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
+        let link = self.link.lock().ok().and_then(|l| l.clone());
+        if let Some(link) = link {
+            let removed = tokio::time::timeout(BEAT, link.kv.delete(&self.options.replica)).await;
+            if !matches!(removed, Ok(Ok(()))) {
+                tracing::debug!("the heartbeat could not be removed; it expires by itself");
+            }
+        }
+    }
+
     /// True when requests are to be denied: the live state is older than --live-stale-after
     /// and the policy is deny.
     pub fn denying(&self) -> bool {
@@ -807,72 +900,102 @@ impl Fleet {
     /// Waits until this replica is in step with the stream (connected, and it has applied all
     /// the stream holds), for at most `limit`; true if it is. A replica that starts waits so
     /// before it serves: it must not allow an agent that was disabled while it was down.
+    ///
+    /// A replica still applying what it missed when `limit` is over goes on waiting as long
+    /// as it makes progress: it would otherwise serve part of the history.
     pub async fn in_step(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
+        let mut deadline = Instant::now() + limit;
+        let mut progress = *self.applied.borrow();
+        let mut applied = self.applied.subscribe();
         loop {
-            if self.freshness().healthy {
+            let fresh = self.freshness();
+            if fresh.healthy {
                 return true;
             }
             if Instant::now() >= deadline {
-                return false;
+                if !fresh.connected || fresh.applied <= progress || self.fatal.load(Ordering::SeqCst) {
+                    return false;
+                }
+                progress = fresh.applied;
+                deadline = Instant::now() + BEAT;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Woken by each change applied, and at least every 50 ms for the stream's answer.
+            let _ = tokio::time::timeout(Duration::from_millis(50), applied.changed()).await;
         }
     }
 
     /// Publishes a change to the stream; its sequence once JetStream has it durably.
-    pub async fn publish(&self, message: &Message) -> Result<u64, String> {
+    pub async fn publish(&self, message: &Message) -> Result<u64, PublishError> {
         if self.fatal.load(Ordering::SeqCst) {
-            return Err(self.error.lock().ok().and_then(|e| e.clone()).unwrap_or_default());
+            return Err(PublishError::NotSent(self.error.lock().ok().and_then(|e| e.clone()).unwrap_or_default()));
         }
         let link = self.link.lock().ok().and_then(|l| l.clone());
-        let Some(link) = link else { return Err("not connected to the NATS stream yet".into()) };
+        let Some(link) = link else { return Err(PublishError::NotSent("not connected to the NATS stream yet".into())) };
         if link.client.connection_state() != async_nats::connection::State::Connected {
-            return Err("not connected to NATS".into());
+            return Err(PublishError::NotSent("not connected to NATS".into()));
         }
-        let body = serde_json::to_vec(message).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(message).map_err(|e| PublishError::NotSent(e.to_string()))?;
+        let id = uuid::Uuid::now_v7().to_string();
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
-        let ack = link
-            .js
-            .publish_with_headers(self.subject(), headers, body.into())
-            .await
-            .map_err(|e| format!("NATS did not take the change: {e}"))?;
-        let ack = ack.await.map_err(|e| format!("JetStream did not confirm the change: {e}"))?;
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let unknown = |e: &dyn std::fmt::Display| PublishError::Unknown(format!("change {id}: {e}"));
+        let ack = link.js.publish_with_headers(self.subject(), headers, body.into()).await.map_err(|e| unknown(&e))?;
+        let ack = ack.await.map_err(|e| unknown(&e))?;
+        let applied = *self.applied.borrow();
+        if ack.sequence <= applied {
+            // The stream numbers anew: it was deleted and made again under this replica.
+            self.stop_following(format!(
+                "the stream `{}` numbered a new change #{}, at or below #{applied} that this replica applied: it \
+                 was deleted and made anew. Start the replicas on empty --state folders to take its state",
+                self.options.stream, ack.sequence
+            ));
+            return Err(unknown(&"the stream was made anew; no replica here applies it"));
+        }
         Ok(ack.sequence)
     }
 
     /// Waits until every replica heard from (this one included) has applied `seq`, or for
     /// `--fleet-ack-timeout`; returns the ones that had not, and this replica's outcome.
+    ///
+    /// It waits for the replicas heard from in the last 5 s, and names, without waiting for
+    /// them, the ones heard from in the last 30 s that have not applied it or skipped it (a
+    /// replica gone silent may still be deciding: it is never counted as having confirmed).
     pub async fn confirm(&self, seq: u64) -> (Vec<String>, Option<Outcome>) {
         let deadline = tokio::time::Instant::now() + self.options.ack_timeout;
+        // Just (re)connected: the others' heartbeats come within a beat or two, and only then
+        // is it known who is in the fleet.
+        let connected_at = self.connections.borrow().1;
+        if let Some(at) = connected_at.filter(|at| at.elapsed() < 2 * BEAT) {
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::from_std(at + 2 * BEAT))).await;
+        }
         let mut applied = self.applied.subscribe();
         let mut seen = self.seen.subscribe();
-        let behind = loop {
-            let behind = self.behind(seq);
-            if behind.is_empty() {
-                break behind;
-            }
+        while !self.behind(seq, GONE_AFTER).is_empty() {
             tokio::select! {
                 _ = applied.changed() => {}
                 _ = seen.changed() => {}
-                _ = tokio::time::sleep_until(deadline) => break self.behind(seq),
+                _ = tokio::time::sleep_until(deadline) => break,
             }
-        };
+        }
         let outcome = self.outcomes.lock().ok().and_then(|mut o| o.remove(&seq));
-        (behind, outcome)
+        (self.behind(seq, BUCKET_TTL), outcome)
     }
 
-    /// The replicas (this one first) that have not applied `seq`.
-    fn behind(&self, seq: u64) -> Vec<String> {
+    /// The replicas (this one first) heard from `within` that have not applied `seq`, or took
+    /// it without applying it.
+    fn behind(&self, seq: u64, within: Duration) -> Vec<String> {
         let mut behind = Vec::new();
-        if *self.applied.borrow() < seq {
+        if *self.applied.borrow() < seq || self.skipped.lock().is_ok_and(|s| s.contains(&seq)) {
             behind.push(self.options.replica.clone());
         }
         if let Ok(replicas) = self.replicas.lock() {
             let mut others: Vec<_> = replicas
                 .values()
-                .filter(|(h, seen)| h.id != self.options.replica && seen.elapsed() < GONE_AFTER && h.applied < seq)
+                .filter(|(h, seen)| {
+                    h.id != self.options.replica
+                        && seen.elapsed() < within
+                        && (h.applied < seq || h.skipped.contains(&seq))
+                })
                 .map(|(h, _)| h.id.clone())
                 .collect();
             others.sort();
@@ -929,6 +1052,7 @@ impl Fleet {
             healthy: freshness.healthy,
             at: Utc::now(),
             error: freshness.error,
+            skipped: self.skipped(),
         }
     }
 }

@@ -9,7 +9,7 @@ use chrono::Utc;
 use crate::audit::{self, Audit, Refused};
 use crate::directory::{Change as DirectoryChange, DirectoryError};
 use crate::engine::{Decision, ReasonCode, evaluate};
-use crate::fleet::{Fleet, Message, Outcome, SentDirectory};
+use crate::fleet::{Fleet, Message, Outcome, PublishError, SentDirectory};
 use crate::live::{DirectoryJournal, LiveJournalError};
 use crate::metrics::{Metrics, Sample, listener::Source};
 use crate::records::{self, Caller, DecisionRecord, DirectoryRecord, RefusedRecord, ReloadRecord, SignalRecord};
@@ -113,9 +113,16 @@ pub enum DirectoryFailure {
     /// In a fleet: the stream did not take it, so no replica applies it.
     #[error("the fleet's stream did not take the change, so no replica applies it: {0}")]
     Unavailable(String),
+    /// In a fleet: sent, but JetStream's acknowledgement did not come.
+    #[error("{UNKNOWN_OUTCOME}: {0}")]
+    Unknown(String),
     #[error("the directory change task failed")]
     Aborted,
 }
+
+/// What a fleet's change whose acknowledgement did not come says.
+const UNKNOWN_OUTCOME: &str = "no acknowledgement came from the fleet's stream, which may have taken the change: if it \
+     did, every replica applies it. Send it again to be sure (a signal or an upsert sent twice leaves the same state)";
 
 /// The result of one signal.
 #[derive(Debug, Clone)]
@@ -145,6 +152,9 @@ pub enum SignalFailure {
     /// In a fleet: the stream did not take it, so no replica applies it.
     #[error("the fleet's stream did not take the signal, so no replica applies it: {0}")]
     Unavailable(String),
+    /// In a fleet: sent, but JetStream's acknowledgement did not come.
+    #[error("{UNKNOWN_OUTCOME}: {0}")]
+    Unknown(String),
     #[error("the signal task failed")]
     Aborted,
 }
@@ -365,7 +375,10 @@ impl Service {
                 signal: Some(signal.clone()),
                 directory: None,
             };
-            let seq = fleet.publish(&message).await.map_err(SignalFailure::Unavailable)?;
+            let seq = fleet.publish(&message).await.map_err(|e| match e {
+                PublishError::NotSent(e) => SignalFailure::Unavailable(e),
+                PublishError::Unknown(e) => SignalFailure::Unknown(e),
+            })?;
             let (unconfirmed, _) = fleet.confirm(seq).await;
             let unknown_target = self.unknown_target(&self.store.current(), signal.change().field(), signal.target());
             return Ok(Signalled { seq, signal, unknown_target, unconfirmed });
@@ -465,9 +478,18 @@ impl Service {
                 signal: None,
                 directory: Some(SentDirectory { change: raw, by: by.to_string(), reason: reason.to_string() }),
             };
-            let seq = fleet.publish(&message).await.map_err(DirectoryFailure::Unavailable)?;
+            let seq = fleet.publish(&message).await.map_err(|e| match e {
+                PublishError::NotSent(e) => DirectoryFailure::Unavailable(e),
+                PublishError::Unknown(e) => DirectoryFailure::Unknown(e),
+            })?;
             let (unconfirmed, outcome) = fleet.confirm(seq).await;
-            if let Some(Outcome::Refused(errors)) = outcome {
+            if let Some(Outcome::Refused(mut errors)) = outcome {
+                if errors.is_empty() {
+                    errors.push(crate::directory::DirectoryError::Object {
+                        object: "the change".into(),
+                        message: format!("#{seq} could not be read back from the fleet's stream here"),
+                    });
+                }
                 return Err(DirectoryFailure::Refused(errors));
             }
             return Ok(DirectoryApplied {
@@ -575,6 +597,12 @@ impl Service {
         let caller = message.caller.caller(&message.origin);
         match (message.signal, message.directory) {
             (Some(signal), None) => {
+                let mark = signal.mark();
+                if let Err(e) = crate::signals::check_text(signal.target(), &mark.reason, &mark.by) {
+                    tracing::error!(seq, origin = %crate::input::printable(&message.origin), error = %e, "a signal on the fleet's stream is not valid; skipped");
+                    self.mark_taken(seq).await?;
+                    return Ok(Outcome::Refused(Vec::new()));
+                }
                 let recorded = self
                     .blocking(move |s| {
                         let journal = s.journal().map_err(|e| e.to_string())?;
@@ -838,7 +866,8 @@ impl Source for Service {
     }
 
     fn ready(&self) -> bool {
-        self.serving()
+        // A replica denying everything for a stale live state sends its callers elsewhere.
+        self.serving() && !self.settings.fleet.as_ref().is_some_and(|f| f.denying())
     }
 }
 

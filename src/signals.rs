@@ -673,6 +673,8 @@ pub struct Journal {
     /// Compact when the journal holds this many more lines than live values.
     compact_after: u64,
     lines: AtomicU64,
+    /// The last number, as `file` holds it: read without waiting for an fsync in progress.
+    last: AtomicU64,
     notice: Mutex<Option<String>>,
 }
 
@@ -780,6 +782,7 @@ impl Journal {
             file: Mutex::new(tail),
             compact_after: 10_000,
             lines: AtomicU64::new(lines),
+            last: AtomicU64::new(last_seq),
             notice: Mutex::new(None),
         };
         Ok((journal, replayed))
@@ -818,7 +821,7 @@ impl Journal {
 
     /// The number of the last signal (or mark) journaled.
     pub fn seq(&self) -> u64 {
-        self.file.lock().map_or(0, |tail| tail.seq)
+        self.last.load(Ordering::SeqCst)
     }
 
     /// Appends a signal and fsyncs it; returns its sequence number. On failure (a full disk)
@@ -875,6 +878,7 @@ impl Journal {
         }
         tail.len += line.len() as u64;
         tail.seq = if at == 0 { tail.seq + 1 } else { at };
+        self.last.store(tail.seq, Ordering::SeqCst);
         self.lines.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

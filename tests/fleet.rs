@@ -301,6 +301,8 @@ async fn without_nats_replicas_decide_refuse_signals_say_they_are_stale_and_catc
     for r in [&a, &b, &c] {
         assert!(is_allow(&decide(r, "ag-mail-01").await));
         assert_eq!(live(r).await.applied_seq, enabled.seq);
+        // The signal refused while NATS was away never landed later.
+        assert!(is_allow(&decide(r, "ag-code-01").await));
     }
 }
 
@@ -382,5 +384,57 @@ async fn two_replicas_with_one_id_both_say_so() {
     for r in [&a, &twin] {
         let l = until(r, "the twin is seen", |l| l.error.contains("another replica announces itself as `a`")).await;
         assert!(!l.healthy);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_one_replica_cannot_apply_is_named_in_the_answer() {
+    let fleet = Fleet::new();
+    let (a, b) = (fleet.replica("a", &[]), fleet.replica("b", &[]));
+    // Replica c's directory lacks ag-support-01: a patch of it is, there, a new agent without
+    // its blueprint, which is refused.
+    let policies = fleet.dir.path().join("c/policies");
+    copy_sample(&policies);
+    let path = policies.join("directory.json");
+    let mut directory: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    directory["agents"].as_array_mut().unwrap().retain(|a| a["id"] != "ag-support-01");
+    std::fs::write(&path, directory.to_string()).unwrap();
+    let c = fleet.replica("c", &[]);
+    formed(&[&a, &b, &c]).await;
+
+    let patch = serde_json::json!({"upsert": {"agents": [{"id": "ag-support-01", "risk": "high"}]}});
+    let request = pb::DirectoryChange { json: patch.to_string(), actor: "secops".into(), reason: "suspicious".into() };
+    let applied = a.admin().await.apply_directory(request).await.unwrap().into_inner();
+    assert_eq!(applied.unconfirmed_replicas, ["c"]);
+    // c went on: the next change applies there.
+    let done = b.admin().await.signal(signal("disable_agent", "ag-mail-01")).await.unwrap().into_inner();
+    assert!(done.unconfirmed_replicas.is_empty(), "{:?}", done.unconfirmed_replicas);
+    assert_eq!(decide(&c, "ag-mail-01").await.reasons[0].code, "agent_disabled");
+    assert!(c.log().contains("does not apply here; skipped"), "{}", c.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_anew_under_the_replicas_is_not_followed() {
+    let fleet = Fleet::new();
+    let (a, b) = (fleet.replica("a", &[]), fleet.replica("b", &[]));
+    formed(&[&a, &b]).await;
+    a.admin().await.signal(signal("disable_agent", "ag-mail-01")).await.unwrap();
+
+    let client = async_nats::connect(fleet.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.delete_stream("agentca").await.unwrap();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "agentca".into(),
+        subjects: vec!["agentca.live".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for r in [&a, &b] {
+        until(r, "the new stream is refused", |l| l.error.contains("deleted and made anew")).await;
+        // Its numbers start again at 1, which the replicas have applied: nothing is sent.
+        let refused = r.admin().await.signal(signal("enable_agent", "ag-mail-01")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert_eq!(decide(r, "ag-mail-01").await.reasons[0].code, "agent_disabled");
     }
 }

@@ -123,7 +123,16 @@ pub struct LiveArgs {
     /// What a replica does once its live state is stale: keep deciding with it (`serve`), or
     /// deny every request with `live_state_unavailable` (`deny`).
     #[arg(long, value_enum, default_value = "serve", env = "AGENTCA_LIVE_STALE_POLICY")]
-    live_stale_policy: crate::fleet::StalePolicy,
+    live_stale_policy: StalePolicyArg,
+}
+
+/// `--live-stale-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StalePolicyArg {
+    /// Keep deciding with the last state applied.
+    Serve,
+    /// Deny every request (`live_state_unavailable`).
+    Deny,
 }
 
 /// `--log-format`.
@@ -426,7 +435,10 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
                 ack_timeout: args.live.fleet_ack_timeout,
                 copies: usize::from(args.live.live_copies),
                 stale_after: args.live.live_stale_after,
-                stale_policy: args.live.live_stale_policy,
+                stale_policy: match args.live.live_stale_policy {
+                    StalePolicyArg::Serve => crate::fleet::StalePolicy::Serve,
+                    StalePolicyArg::Deny => crate::fleet::StalePolicy::Deny,
+                },
             };
             let applied = journal.seq().max(store.current().live_seq());
             Some(crate::fleet::Fleet::new(options, &args.state, applied)?)
@@ -573,6 +585,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
         }
     };
     reloader.abort();
+    if let Some(fleet) = &fleet {
+        fleet.leave().await;
+    }
     // Make every record durable before exiting, within the grace period again.
     let flushed = tokio::time::timeout(grace, service.audit().flush()).await.is_ok();
     if !flushed {

@@ -197,6 +197,7 @@ impl pb::admin_service_server::AdminService for Admin {
             })),
             Err(e @ DirectoryFailure::Refused(_)) => Err(Status::invalid_argument(e.to_string())),
             Err(e @ DirectoryFailure::NoJournal) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ DirectoryFailure::Unknown(_)) => Err(Status::deadline_exceeded(e.to_string())),
             Err(
                 e @ (DirectoryFailure::NotDurable(_) | DirectoryFailure::Aborted | DirectoryFailure::Unavailable(_)),
             ) => Err(Status::unavailable(e.to_string())),
@@ -344,6 +345,7 @@ fn failure(e: SignalFailure) -> Status {
         SignalFailure::Invalid(e) => Status::invalid_argument(e.to_string()),
         SignalFailure::TooManyUnknown { .. } => Status::resource_exhausted(e.to_string()),
         SignalFailure::NothingToClear(_) => Status::not_found(e.to_string()),
+        SignalFailure::Unknown(_) => Status::deadline_exceeded(e.to_string()),
         SignalFailure::Journal(_) | SignalFailure::Aborted | SignalFailure::Unavailable(_) => {
             Status::unavailable(e.to_string())
         }
