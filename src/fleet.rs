@@ -57,6 +57,8 @@ pub struct Options {
     /// The address it serves on, as others should reach it.
     pub address: String,
     pub ack_timeout: Duration,
+    /// The server's call timeout (`--call-timeout-secs`): an answer must come before it.
+    pub call_timeout: Duration,
     /// Copies of the stream and the bucket the NATS cluster keeps (1 on a lone server; 3 on a
     /// cluster of three, so that losing one server loses nothing).
     pub copies: usize,
@@ -74,13 +76,22 @@ pub enum FleetError {
     StreamName(String),
     #[error("--live-creds `{path}`: {source}")]
     Creds { path: String, source: std::io::Error },
-    #[error("--live-tls-ca `{0}`: not a readable file")]
+    #[error("--live-tls-ca `{0}`: not a readable PEM file of certificates")]
     TlsCa(String),
+    #[error("--live-stale-after: at least 2s (a replica asks the stream every second)")]
+    StaleAfter,
+    #[error(
+        "--fleet-ack-timeout ({ack:?}) must be shorter than the call timeout ({call:?}, --call-timeout-secs): a caller would time out on a change that applied"
+    )]
+    AckTimeout { ack: Duration, call: Duration },
     #[error("state folder `{path}`: {message}")]
     State { path: String, message: String },
     #[error("--live: cannot set up the NATS client: {0}")]
     Client(String),
 }
+
+/// The shortest `--live-stale-after`: the stream is asked every second.
+pub const MIN_STALE_AFTER: Duration = Duration::from_secs(2);
 
 /// Why a change was not published.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +103,21 @@ pub enum PublishError {
     /// every replica applies it.
     #[error("{0}")]
     Unknown(String),
+}
+
+/// A heartbeat as the bucket holds it, if it is one: its key is its id, and its fields are of
+/// sane sizes (anyone who may write the bucket could put anything there).
+fn read_heartbeat(key: &str, value: &[u8]) -> Option<Heartbeat> {
+    if value.len() > 16 * 1024 || !is_name(key, 64) {
+        return None;
+    }
+    let heartbeat: Heartbeat = serde_json::from_slice(value).ok()?;
+    let sane = heartbeat.id == key
+        && heartbeat.address.len() <= 256
+        && heartbeat.revision.len() <= 256
+        && heartbeat.error.as_ref().is_none_or(|e| e.len() <= 4096)
+        && heartbeat.skipped.len() <= 16;
+    sane.then_some(heartbeat)
 }
 
 /// Checks `--live` (comma-separated addresses) and returns the addresses.
@@ -121,6 +147,18 @@ pub fn check_names(options: &Options) -> Result<(), FleetError> {
     }
     if !is_name(&options.stream, 32) {
         return Err(FleetError::StreamName(options.stream.clone()));
+    }
+    if options.stale_after.is_some_and(|after| after < MIN_STALE_AFTER) {
+        return Err(FleetError::StaleAfter);
+    }
+    if options.ack_timeout >= options.call_timeout {
+        return Err(FleetError::AckTimeout { ack: options.ack_timeout, call: options.call_timeout });
+    }
+    if let Some(ca) = &options.tls_ca {
+        let pem = std::fs::read(ca).ok().filter(|pem| pem.len() <= 1 << 20);
+        if !pem.is_some_and(|pem| pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----")) {
+            return Err(FleetError::TlsCa(ca.display().to_string()));
+        }
     }
     Ok(())
 }
@@ -265,6 +303,8 @@ pub struct Freshness {
 pub trait Applier: Send + Sync + 'static {
     /// The last number applied (kept in the journals under `--state`).
     fn applied(&self) -> u64;
+    /// The last numbers of the signal journal and of the directory journal.
+    fn journals(&self) -> (u64, u64);
     /// True if the journals hold live state from before this folder followed a stream.
     fn has_local_state(&self) -> bool;
     /// The served bundle revision.
@@ -294,6 +334,12 @@ struct Tie {
     created: i128,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     synced_at: Option<DateTime<Utc>>,
+    /// The last numbers the signal and directory journals held when this was written: a
+    /// journal found behind them at start has lost changes (deleted, restored from a backup).
+    #[serde(default)]
+    signals: u64,
+    #[serde(default)]
+    directory: u64,
 }
 
 pub struct Fleet {
@@ -305,6 +351,8 @@ pub struct Fleet {
     stream_seq: AtomicU64,
     tie: Mutex<Option<Tie>>,
     synced_at: Mutex<Option<DateTime<Utc>>>,
+    /// `synced_at` in milliseconds since the epoch (`i64::MIN`: never), read per request.
+    synced_ms: std::sync::atomic::AtomicI64,
     /// Why the link is down or the state cannot follow the stream (a fatal one stays).
     error: Mutex<Option<String>>,
     fatal: AtomicBool,
@@ -323,6 +371,8 @@ pub struct Fleet {
     twin: Mutex<Option<(String, Instant)>>,
     /// Shutting down: no more heartbeats.
     leaving: AtomicBool,
+    /// Why the last heartbeat could not be put, if it could not (while connected).
+    announce_error: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -335,11 +385,6 @@ impl Fleet {
     /// Checks the options and the state folder's tie to a stream; connects later (`start`).
     pub fn new(options: Options, state: &Path, applied: u64) -> Result<Arc<Fleet>, FleetError> {
         check_names(&options)?;
-        if let Some(ca) = &options.tls_ca
-            && !std::fs::metadata(ca).is_ok_and(|m| m.is_file())
-        {
-            return Err(FleetError::TlsCa(ca.display().to_string()));
-        }
         let tie = read_tie(state)?;
         let synced_at = tie.as_ref().and_then(|t| t.synced_at);
         Ok(Arc::new(Fleet {
@@ -351,6 +396,7 @@ impl Fleet {
             stream_seq: AtomicU64::new(0),
             tie: Mutex::new(tie),
             synced_at: Mutex::new(synced_at),
+            synced_ms: std::sync::atomic::AtomicI64::new(synced_at.map_or(i64::MIN, |at| at.timestamp_millis())),
             error: Mutex::new(Some("not connected to NATS yet".into())),
             fatal: AtomicBool::new(false),
             answered: Mutex::new(None),
@@ -362,6 +408,7 @@ impl Fleet {
             deny: AtomicBool::new(false),
             twin: Mutex::new(None),
             leaving: AtomicBool::new(false),
+            announce_error: Mutex::new(None),
         }))
     }
 
@@ -489,19 +536,22 @@ impl Fleet {
         };
         let kv = match js.get_key_value(self.bucket()).await {
             Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: self.bucket(),
-                    history: 1,
-                    max_age: BUCKET_TTL,
-                    storage: stream::StorageType::File,
-                    num_replicas: self.options.copies,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?,
+            Err(_) => self.make_bucket(js).await?,
         };
         Ok((stream, kv))
+    }
+
+    async fn make_bucket(&self, js: &jetstream::Context) -> Result<kv::Store, String> {
+        js.create_key_value(kv::Config {
+            bucket: self.bucket(),
+            history: 1,
+            max_age: BUCKET_TTL,
+            storage: stream::StorageType::File,
+            num_replicas: self.options.copies,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())
     }
 
     /// Checks that the state folder follows this very stream (or nothing yet), and ties it.
@@ -520,15 +570,33 @@ impl Fleet {
                      replica on an empty --state folder to take the stream's state"
                 ));
             }
+            Some(t) if t.signals > applier.journals().0 || t.directory > applier.journals().1 => {
+                let (signals, directory) = applier.journals();
+                return Err(format!(
+                    "state folder `{state}` has lost changes: its journals end at #{signals} (signals) and \
+                     #{directory} (directory), but it had applied up to #{} and #{}. Start this replica on an empty \
+                     --state folder to take the stream's state",
+                    t.signals, t.directory
+                ));
+            }
             Some(_) => {}
             None if applier.has_local_state() => {
                 return Err(format!(
-                    "state folder `{state}` holds live signals or directory changes made without --live: a fleet \
-                     replica takes its live state from the stream only. Start it on an empty --state folder (and \
-                     send what is still needed again, to any replica)"
+                    "state folder `{state}` holds live signals or directory changes but no {FLEET_FILE}: they were \
+                     made without --live (or the file was removed), and a fleet replica takes its live state from \
+                     the stream only. Start it on an empty --state folder (and send what is still needed again, to \
+                     any replica)"
                 ));
             }
             None => {}
+        }
+        if info.config.subjects != [self.subject()] {
+            return Err(format!(
+                "the stream `{name}` holds other subjects than `{}` ({:?}): give agentca a stream of its own \
+                 (--live-stream)",
+                self.subject(),
+                info.config.subjects
+            ));
         }
         if applied > last {
             return Err(format!(
@@ -545,7 +613,7 @@ impl Fleet {
             ));
         }
         if tie.is_none() {
-            let new = Tie { stream: name.clone(), created, synced_at: None };
+            let new = Tie { stream: name.clone(), created, synced_at: None, signals: 0, directory: 0 };
             write_tie(&self.state, &new).map_err(|e| format!("cannot write `{state}/{FLEET_FILE}`: {e}"))?;
             *tie = Some(new);
         }
@@ -687,8 +755,25 @@ impl Fleet {
             let heartbeat = self.heartbeat(applier.as_ref());
             let Ok(body) = serde_json::to_vec(&heartbeat) else { continue };
             self.saw(heartbeat);
-            if let Err(e) = link.kv.put(&self.options.replica, body.into()).await {
-                tracing::debug!(error = %e, "heartbeat not put");
+            let put = link.kv.put(&self.options.replica, body.into()).await;
+            let error = match put {
+                Ok(_) => None,
+                Err(e) if link.client.connection_state() == async_nats::connection::State::Connected => {
+                    // Connected, yet the bucket does not take it: deleted? Made again, as at start.
+                    let made = self.make_bucket(&link.js).await;
+                    Some(format!(
+                        "cannot announce this replica in the bucket `{}`: {e}{}",
+                        self.bucket(),
+                        match made {
+                            Ok(_) => String::new(),
+                            Err(made) => format!("; making it again failed: {made}"),
+                        }
+                    ))
+                }
+                Err(_) => None,
+            };
+            if let Ok(mut slot) = self.announce_error.lock() {
+                *slot = error;
             }
         }
     }
@@ -703,21 +788,33 @@ impl Fleet {
 
     /// A heartbeat under this replica's own id that it did not put: another replica has the
     /// same id, and the fleet cannot tell them apart (it would wait for one and hear the other).
-    fn check_twin(&self, value: &[u8]) {
-        let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(value) else { return };
+    fn check_twin(&self, heartbeat: &Heartbeat) {
+        // This replica's own heartbeats from before a restart are not another replica's.
+        if heartbeat.at < self.started_at {
+            return;
+        }
         if heartbeat.started_at == self.started_at && heartbeat.address == self.options.address {
             return;
         }
         if let Ok(mut twin) = self.twin.lock() {
-            *twin = Some((heartbeat.address, Instant::now()));
+            *twin = Some((heartbeat.address.clone(), Instant::now()));
         }
     }
 
     fn saw(&self, heartbeat: Heartbeat) {
+        self.saw_aged(heartbeat, Duration::ZERO);
+    }
+
+    /// Keeps a replica's heartbeat, sent `age` ago.
+    fn saw_aged(&self, heartbeat: Heartbeat, age: Duration) {
+        if age >= BUCKET_TTL {
+            return;
+        }
+        let seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         if let Ok(mut replicas) = self.replicas.lock() {
             // Replicas gone long ago are forgotten: ids do not pile up.
             replicas.retain(|_, (_, seen)| seen.elapsed() < 10 * GONE_AFTER);
-            replicas.insert(heartbeat.id.clone(), (heartbeat, Instant::now()));
+            replicas.insert(heartbeat.id.clone(), (heartbeat, seen));
         }
         self.seen.send_modify(|n| *n += 1);
     }
@@ -725,8 +822,11 @@ impl Fleet {
     /// Keeps the fleet's heartbeats as they come.
     async fn watch_fleet(self: Arc<Self>, link: Link) {
         loop {
-            match link.kv.watch_all().await {
+            // With the last heartbeat of each replica first: a sender that just started knows
+            // the fleet at once.
+            match link.kv.watch_with_history(">").await {
                 Ok(mut entries) => {
+                    let mut replaying = true;
                     // This replica's own heartbeat comes every second: a watch that brings
                     // nothing for longer has gone quiet (NATS restarted under it) and is made anew,
                     // as is one from before a reconnection.
@@ -738,17 +838,22 @@ impl Fleet {
                             _ = reconnected.changed() => break,
                         };
                         let Ok(Some(Ok(entry))) = entry else { break };
+                        // A heartbeat from the history is as old as it says; one as it comes is new.
+                        let history = replaying;
+                        replaying &= entry.delta > 0;
                         match entry.operation {
                             kv::Operation::Put => {
+                                let Some(heartbeat) = read_heartbeat(&entry.key, &entry.value) else { continue };
                                 if entry.key == self.options.replica {
-                                    self.check_twin(&entry.value);
+                                    self.check_twin(&heartbeat);
                                     continue;
                                 }
-                                if let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&entry.value)
-                                    && heartbeat.id == entry.key
-                                {
-                                    self.saw(heartbeat);
-                                }
+                                let age = if history {
+                                    (Utc::now() - heartbeat.at).to_std().unwrap_or_default()
+                                } else {
+                                    Duration::ZERO
+                                };
+                                self.saw_aged(heartbeat, age);
                             }
                             kv::Operation::Delete | kv::Operation::Purge => {
                                 if let Ok(mut replicas) = self.replicas.lock() {
@@ -784,7 +889,9 @@ impl Fleet {
                     Err(e) => Err(e.to_string()),
                 };
                 match asked {
-                    Ok((_, created)) if self.tie.lock().ok().and_then(|t| t.as_ref().map(|t| t.created)) != Some(created) => {
+                    Ok((_, created))
+                        if self.tie.lock().ok().and_then(|t| t.as_ref().map(|t| t.created)) != Some(created) =>
+                    {
                         self.stop_following(format!(
                             "the stream `{}` was deleted and made anew under this replica: its numbers start again, \
                              so nothing more is applied here. Start the replicas on empty --state folders to take \
@@ -799,27 +906,36 @@ impl Fleet {
                         }
                         if applier.applied() >= last && !self.fatal.load(Ordering::SeqCst) {
                             self.note_error(None);
+                            let now = Utc::now();
                             if let Ok(mut synced) = self.synced_at.lock() {
-                                *synced = Some(Utc::now());
+                                *synced = Some(now);
                             }
+                            self.synced_ms.store(now.timestamp_millis(), Ordering::SeqCst);
                             if kept_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                                 kept_at = Some(Instant::now());
-                                let fleet = self.clone();
-                                let _ = tokio::task::spawn_blocking(move || fleet.keep_synced_at()).await;
+                                self.keep_tie(applier.journals()).await;
                             }
                         }
                     }
                     Err(e) => self.note_error(Some(format!("cannot reach the NATS stream: {e}"))),
                 }
             }
-            let deny = match (self.options.stale_policy, self.options.stale_after) {
-                (StalePolicy::Deny, Some(after)) => {
-                    let synced_at = self.synced_at.lock().ok().and_then(|s| *s);
-                    !self.freshness().healthy
-                        && synced_at.is_none_or(|at| (Utc::now() - at).to_std().unwrap_or_default() > after)
-                }
-                _ => false,
-            };
+            // Only once the folder's tie is checked (the link is set then): the numbers it holds
+            // are what the check compares the journals with.
+            let journals = applier.journals();
+            let checked = self.link.lock().is_ok_and(|l| l.is_some());
+            if checked
+                && !self.fatal.load(Ordering::SeqCst)
+                && self
+                    .tie
+                    .lock()
+                    .ok()
+                    .and_then(|t| t.as_ref().map(|t| (t.signals, t.directory)))
+                    .is_some_and(|kept| kept != journals)
+            {
+                self.keep_tie(journals).await;
+            }
+            let deny = self.denying();
             if self.deny.swap(deny, Ordering::SeqCst) != deny {
                 tracing::warn!(
                     deny,
@@ -830,15 +946,21 @@ impl Fleet {
         }
     }
 
-    fn keep_synced_at(&self) {
-        let synced_at = self.synced_at.lock().ok().and_then(|s| *s);
-        let Ok(mut tie) = self.tie.lock() else { return };
-        if let Some(tie) = tie.as_mut() {
-            tie.synced_at = synced_at;
-            if let Err(e) = write_tie(&self.state, tie) {
-                tracing::debug!(error = %e, "cannot note when the live state was last in step");
+    /// Writes `fleet.json` anew (off the async threads): when the state was last in step,
+    /// and the journals' last numbers.
+    async fn keep_tie(self: &Arc<Self>, journals: (u64, u64)) {
+        let fleet = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let synced_at = fleet.synced_at.lock().ok().and_then(|s| *s);
+            let Ok(mut tie) = fleet.tie.lock() else { return };
+            if let Some(tie) = tie.as_mut() {
+                (tie.synced_at, tie.signals, tie.directory) = (synced_at, journals.0, journals.1);
+                if let Err(e) = write_tie(&fleet.state, tie) {
+                    tracing::debug!(error = %e, "cannot write the state folder's fleet.json");
+                }
             }
-        }
+        })
+        .await;
     }
 
     fn note_error(&self, error: Option<String>) {
@@ -869,8 +991,17 @@ impl Fleet {
 
     /// True when requests are to be denied: the live state is older than --live-stale-after
     /// and the policy is deny.
+    ///
+    /// Worked out per request from when the replica was last known in step (noted every
+    /// second), so that a process that was frozen denies from its first request on.
     pub fn denying(&self) -> bool {
-        self.deny.load(Ordering::Relaxed)
+        let (StalePolicy::Deny, Some(after)) = (self.options.stale_policy, self.options.stale_after) else {
+            return false;
+        };
+        let synced = self.synced_ms.load(Ordering::Relaxed);
+        synced == i64::MIN
+            || Utc::now().timestamp_millis().saturating_sub(synced)
+                > i64::try_from(after.as_millis()).unwrap_or(i64::MAX)
     }
 
     pub fn freshness(&self) -> Freshness {
@@ -881,6 +1012,7 @@ impl Fleet {
         let stream_seq = self.stream_seq.load(Ordering::SeqCst);
         let error = self.error.lock().ok().and_then(|e| e.clone());
         let error = error.or_else(|| (!connected).then(|| "not connected to NATS".to_string()));
+        let error = error.or_else(|| self.announce_error.lock().ok().and_then(|e| e.clone()));
         let twin = self.twin.lock().ok().and_then(|t| t.clone()).filter(|(_, at)| at.elapsed() < GONE_AFTER);
         let error = error.or_else(|| {
             twin.map(|(address, _)| {
@@ -987,6 +1119,11 @@ impl Fleet {
         let mut behind = Vec::new();
         if *self.applied.borrow() < seq || self.skipped.lock().is_ok_and(|s| s.contains(&seq)) {
             behind.push(self.options.replica.clone());
+        }
+        // Another replica under this one's id: whether it applied the change cannot be told.
+        let twin = self.twin.lock().ok().and_then(|t| t.clone()).filter(|(_, at)| at.elapsed() < within);
+        if let Some((address, _)) = twin {
+            behind.push(format!("{} (another replica with this id, at {address})", self.options.replica));
         }
         if let Ok(replicas) = self.replicas.lock() {
             let mut others: Vec<_> = replicas

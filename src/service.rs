@@ -822,6 +822,10 @@ impl crate::fleet::Applier for Service {
         self.live_applied()
     }
 
+    fn journals(&self) -> (u64, u64) {
+        (self.journal.as_ref().map_or(0, Journal::seq), self.store.current().live_seq())
+    }
+
     fn has_local_state(&self) -> bool {
         self.live_applied() > 0 || !self.live.is_empty()
     }

@@ -211,7 +211,10 @@ async fn a_replica_that_starts_applies_what_it_missed_before_it_serves() {
     // While c is down: many changes, the kill switch last.
     let mut admin = a.admin().await;
     for i in 0..60 {
-        admin.signal(signal(if i % 2 == 0 { "set_risk" } else { "dismiss_risk" }, "ag-code-01").risk_if(i % 2 == 0)).await.unwrap();
+        admin
+            .signal(signal(if i % 2 == 0 { "set_risk" } else { "dismiss_risk" }, "ag-code-01").risk_if(i % 2 == 0))
+            .await
+            .unwrap();
     }
     let last = admin.signal(signal("disable_agent", "ag-mail-01")).await.unwrap().into_inner();
     let c = fleet.replica("c", &[]);
@@ -309,7 +312,7 @@ async fn without_nats_replicas_decide_refuse_signals_say_they_are_stale_and_catc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_past_its_stale_limit_denies_when_told_to_and_decides_again_in_step() {
     let mut fleet = Fleet::new();
-    let a = fleet.replica("a", &["--live-stale-after", "1s", "--live-stale-policy", "deny"]);
+    let a = fleet.replica("a", &["--live-stale-after", "2s", "--live-stale-policy", "deny"]);
     until(&a, "in step", |l| l.healthy).await;
     assert!(is_allow(&decide(&a, "ag-mail-01").await));
     fleet.nats.stop();
@@ -339,7 +342,12 @@ async fn a_replica_on_another_bundle_revision_is_flagged() {
     assert_eq!(view.majority_revision, status(&a).await.revision);
     assert!(live(&b).await.revision_disagreement);
     let metrics = common::scrape(a.metrics_addr.as_deref().unwrap());
-    for line in ["agentca_fleet_replicas 3", "agentca_bundle_revision_disagreement 1", "agentca_live_lag 0", "agentca_live_healthy 1"] {
+    for line in [
+        "agentca_fleet_replicas 3",
+        "agentca_bundle_revision_disagreement 1",
+        "agentca_live_lag 0",
+        "agentca_live_healthy 1",
+    ] {
         assert!(metrics.lines().any(|l| l == line), "no `{line}` in:\n{metrics}");
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentca"))
@@ -378,8 +386,19 @@ async fn two_replicas_with_one_id_both_say_so() {
     let (state, policies) = (fleet.path("twin/state"), policies.to_str().unwrap().to_string());
     let url = fleet.nats.url();
     let twin = Server::start(&[
-        "--policies", &policies, "--state", &state, "--audit", "off", "--no-watch", "--live", &url, "--replica-id", "a",
-        "--live-start-wait", "1s",
+        "--policies",
+        &policies,
+        "--state",
+        &state,
+        "--audit",
+        "off",
+        "--no-watch",
+        "--live",
+        &url,
+        "--replica-id",
+        "a",
+        "--live-start-wait",
+        "1s",
     ]);
     for r in [&a, &twin] {
         let l = until(r, "the twin is seen", |l| l.error.contains("another replica announces itself as `a`")).await;
@@ -436,5 +455,78 @@ async fn a_stream_made_anew_under_the_replicas_is_not_followed() {
         let refused = r.admin().await.signal(signal("enable_agent", "ag-mail-01")).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
         assert_eq!(decide(r, "ag-mail-01").await.reasons[0].code, "agent_disabled");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_is_named_and_denies_from_its_first_request_under_the_deny_policy() {
+    let fleet = Fleet::new();
+    let a = fleet.replica("a", &[]);
+    let c = fleet.replica("c", &["--live-stale-after", "2s", "--live-stale-policy", "deny"]);
+    formed(&[&a, &c]).await;
+    c.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // c has been silent for more than 5 s: not waited for, but named.
+    let sent = Instant::now();
+    let done = a.admin().await.signal(signal("disable_agent", "ag-mail-01")).await.unwrap().into_inner();
+    assert_eq!(done.unconfirmed_replicas, ["c"]);
+    assert!(sent.elapsed() < Duration::from_secs(15), "waited for a silent replica: {:?}", sent.elapsed());
+    // A request that reached c while it was frozen is answered once it wakes: deny, for its
+    // live state is older than 2 s, never an allow from before the signal.
+    let mut client = c.decisions().await;
+    let asked = tokio::spawn(async move { client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.signal("CONT");
+    let d = asked.await.unwrap().unwrap().into_inner();
+    assert!(!is_allow(&d), "{d:?}");
+    until(&c, "c caught up", |l| l.applied_seq == done.seq && !l.denying).await;
+    assert_eq!(decide(&c, "ag-mail-01").await.reasons[0].code, "agent_disabled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_journal_was_lost_does_not_follow_and_is_named() {
+    let fleet = Fleet::new();
+    let a = fleet.replica("a", &["--fleet-ack-timeout", "2s"]);
+    let mut c = fleet.replica("c", &[]);
+    formed(&[&a, &c]).await;
+    let done = a.admin().await.signal(signal("disable_agent", "ag-mail-01")).await.unwrap().into_inner();
+    // fleet.json notes the journals' numbers within a second or so.
+    let tie = std::path::PathBuf::from(fleet.path("c/state/fleet.json"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&tie).is_ok_and(|t| t.contains(&format!("\"signals\":{}", done.seq))) {
+        assert!(Instant::now() < deadline, "fleet.json never noted #{}", done.seq);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.signal("KILL");
+    c.wait();
+    drop(c);
+    std::fs::remove_file(fleet.path("c/state/signals.jsonl")).unwrap();
+    let c = fleet.replica("c", &["--live-start-wait", "1s"]);
+    let l = until(&c, "the loss is seen", |l| l.error.contains("has lost changes")).await;
+    assert!(!l.healthy, "{l:?}");
+    let next = a.admin().await.signal(signal("set_risk", "ag-code-01").risk_if(true)).await.unwrap().into_inner();
+    assert_eq!(next.unconfirmed_replicas, ["c"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_message_on_the_stream_is_skipped_everywhere_and_later_changes_apply() {
+    let fleet = Fleet::new();
+    let (a, b) = (fleet.replica("a", &[]), fleet.replica("b", &[]));
+    formed(&[&a, &b]).await;
+    let client = async_nats::connect(fleet.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let huge = serde_json::json!({"origin": "x", "signal": {
+        "kind": "disable_agent", "field": "agent_enabled", "target": "ag-code-01", "value": false,
+        "reason": "r".repeat(100_000), "actor": "x", "at": "2026-12-01T00:00:00Z"
+    }});
+    for body in [b"not json".to_vec(), huge.to_string().into_bytes(), b"{\"origin\":\"x\"}".to_vec()] {
+        js.publish("agentca.live", body.into()).await.unwrap().await.unwrap();
+    }
+    let done = a.admin().await.signal(signal("disable_agent", "ag-mail-01")).await.unwrap().into_inner();
+    assert!(done.unconfirmed_replicas.is_empty(), "{:?}", done.unconfirmed_replicas);
+    for r in [&a, &b] {
+        assert_eq!(decide(r, "ag-mail-01").await.reasons[0].code, "agent_disabled");
+        assert!(is_allow(&decide(r, "ag-code-01").await), "the over-long signal applied");
+        assert_eq!(signals(r).await.len(), 1);
     }
 }

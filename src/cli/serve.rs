@@ -433,6 +433,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
                 replica: args.live.replica_id.clone().unwrap_or_else(|| crate::fleet::default_replica_id(port)),
                 address: args.live.advertise.clone().unwrap_or_else(|| addr.clone()),
                 ack_timeout: args.live.fleet_ack_timeout,
+                call_timeout: args.limits.limits().call_timeout,
                 copies: usize::from(args.live.live_copies),
                 stale_after: args.live.live_stale_after,
                 stale_policy: match args.live.live_stale_policy {
