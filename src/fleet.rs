@@ -366,7 +366,9 @@ pub struct Fleet {
     /// The last numbers this replica took without applying them (refused or unreadable).
     skipped: Mutex<std::collections::VecDeque<u64>>,
     outcomes: Mutex<std::collections::BTreeMap<u64, Outcome>>,
-    deny: AtomicBool,
+    /// Whether requests are denied for a stale state, as the last tick found (for the health
+    /// service; each request works it out itself).
+    deny: tokio::sync::watch::Sender<bool>,
     /// Another replica announcing itself under this one's id: its address, and when.
     twin: Mutex<Option<(String, Instant)>>,
     /// Shutting down: no more heartbeats.
@@ -405,7 +407,7 @@ impl Fleet {
             connections: Arc::new(tokio::sync::watch::channel((0, None)).0),
             skipped: Mutex::new(std::collections::VecDeque::new()),
             outcomes: Mutex::new(std::collections::BTreeMap::new()),
-            deny: AtomicBool::new(false),
+            deny: tokio::sync::watch::channel(false).0,
             twin: Mutex::new(None),
             leaving: AtomicBool::new(false),
             announce_error: Mutex::new(None),
@@ -936,7 +938,7 @@ impl Fleet {
                 self.keep_tie(journals).await;
             }
             let deny = self.denying();
-            if self.deny.swap(deny, Ordering::SeqCst) != deny {
+            if self.deny.send_replace(deny) != deny {
                 tracing::warn!(
                     deny,
                     "live state staleness: requests are {}",
@@ -987,6 +989,11 @@ impl Fleet {
                 tracing::debug!("the heartbeat could not be removed; it expires by itself");
             }
         }
+    }
+
+    /// `denying`, as each second finds it.
+    pub fn denying_changes(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.deny.subscribe()
     }
 
     /// True when requests are to be denied: the live state is older than --live-stale-after

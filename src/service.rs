@@ -805,6 +805,15 @@ impl Service {
         self.audit.healthy() || self.audit.config().on_full != audit::OnFull::Deny
     }
 
+    /// In a fleet: whether every request is denied for a stale live state, as it changes
+    /// (never, without a fleet: the channel is closed at once).
+    pub fn denying_changes(&self) -> tokio::sync::watch::Receiver<bool> {
+        match &self.settings.fleet {
+            Some(fleet) => fleet.denying_changes(),
+            None => tokio::sync::watch::channel(false).1,
+        }
+    }
+
     /// `serving`, as it changes. Under any other overflow policy than deny it never changes
     /// (the channel is closed at once).
     pub fn serving_changes(&self) -> tokio::sync::watch::Receiver<bool> {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use agentca::grpc::pb;
 use common::nats::Nats;
 use common::{Server, copy_sample, is_allow, token_request};
+use tonic_health::ServingStatus;
 
 /// Three replicas' worth of folders: one bundle each (a copy of the sample), their own state
 /// and audit log, and NATS's store.
@@ -88,6 +89,21 @@ async fn until(server: &Server, what: &str, done: impl Fn(&pb::LiveStatus) -> bo
 async fn formed(replicas: &[&Server]) {
     for r in replicas {
         until(r, "the fleet formed", |l| l.replicas as usize == replicas.len() && l.healthy).await;
+    }
+}
+
+/// Waits (up to a minute) until the gRPC health service reports `want`.
+async fn health_becomes(server: &Server, want: ServingStatus) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ask = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let status = health.check(ask).await.unwrap().into_inner().status;
+        if status == want as i32 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "health never became {want:?}:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -319,9 +335,12 @@ async fn a_replica_past_its_stale_limit_denies_when_told_to_and_decides_again_in
     until(&a, "denying", |l| l.denying).await;
     let d = decide(&a, "ag-mail-01").await;
     assert_eq!(d.reasons[0].code, "live_state_unavailable", "{d:?}");
+    // The health service sends callers elsewhere meanwhile.
+    health_becomes(&a, ServingStatus::NotServing).await;
     fleet.nats.resume();
     until(&a, "in step again", |l| l.healthy && !l.denying).await;
     assert!(is_allow(&decide(&a, "ag-mail-01").await));
+    health_becomes(&a, ServingStatus::Serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,7 +113,7 @@ pub async fn serve(
 
     // Health follows the service: SERVING once a snapshot is loaded (it is, by construction),
     // NOT_SERVING while audit writes fail under the `deny` overflow policy.
-    let watcher = tokio::spawn(track_health(reporter, service.serving_changes()));
+    let watcher = tokio::spawn(track_health(reporter, service.serving_changes(), service.denying_changes()));
 
     let limits = &options.limits;
     let accepted = limits::incoming(listener, limits, shed.clone());
@@ -146,22 +146,34 @@ pub async fn serve(
 const SERVICES: [&str; 4] =
     ["", "agentca.v1.DecisionService", "agentca.v1.AdminService", "envoy.service.auth.v3.Authorization"];
 
-async fn track_health(reporter: tonic_health::server::HealthReporter, mut serving: watch::Receiver<bool>) {
+async fn track_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut serving: watch::Receiver<bool>,
+    mut denying: watch::Receiver<bool>,
+) {
     let mut last = None;
+    let (mut serving_open, mut denying_open) = (true, true);
     loop {
-        let status = if *serving.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let (audited, stale) = (*serving.borrow_and_update(), *denying.borrow_and_update());
+        let status = if audited && !stale { ServingStatus::Serving } else { ServingStatus::NotServing };
         if last != Some(status) {
             for name in SERVICES {
                 reporter.set_service_status(name, status).await;
             }
-            if status == ServingStatus::NotServing {
+            if !audited {
                 tracing::error!("audit writes are failing and the overflow policy is deny: reporting NOT_SERVING");
+            } else if stale {
+                tracing::error!(
+                    "the live state is older than --live-stale-after and the policy is deny: reporting NOT_SERVING"
+                );
             }
             last = Some(status);
         }
-        // Closed: the state can no longer change, and the last status stands.
-        if serving.changed().await.is_err() {
-            return;
+        // Both closed: the state can no longer change, and the last status stands.
+        tokio::select! {
+            changed = serving.changed(), if serving_open => serving_open = changed.is_ok(),
+            changed = denying.changed(), if denying_open => denying_open = changed.is_ok(),
+            else => return,
         }
     }
 }
