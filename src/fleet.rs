@@ -1080,17 +1080,31 @@ impl Fleet {
         let unknown = |e: &dyn std::fmt::Display| PublishError::Unknown(format!("change {id}: {e}"));
         let ack = link.js.publish_with_headers(self.subject(), headers, body.into()).await.map_err(|e| unknown(&e))?;
         let ack = ack.await.map_err(|e| unknown(&e))?;
-        let applied = *self.applied.borrow();
-        if ack.sequence <= applied {
-            // The stream numbers anew: it was deleted and made again under this replica.
+        // A number this replica has applied already: its own consumer was quicker than the
+        // acknowledgement, or the stream was deleted and made anew and numbers from 1 again.
+        // Only the stream's creation time tells.
+        if ack.sequence <= *self.applied.borrow() && !self.same_stream(&link.js).await {
             self.stop_following(format!(
-                "the stream `{}` numbered a new change #{}, at or below #{applied} that this replica applied: it \
-                 was deleted and made anew. Start the replicas on empty --state folders to take its state",
+                "the stream `{}` numbered a new change #{}, which this replica had applied already: it was \
+                 deleted and made anew. Start the replicas on empty --state folders to take its state",
                 self.options.stream, ack.sequence
             ));
             return Err(unknown(&"the stream was made anew; no replica here applies it"));
         }
         Ok(ack.sequence)
+    }
+
+    /// True unless the stream is known to be another than the one the folder is tied to (a
+    /// stream that cannot be asked counts as the same: the check every second tells later).
+    async fn same_stream(&self, js: &jetstream::Context) -> bool {
+        let created = match js.get_stream(&self.options.stream).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => info.created.unix_timestamp_nanos(),
+                Err(_) => return true,
+            },
+            Err(_) => return true,
+        };
+        self.tie.lock().ok().and_then(|t| t.as_ref().map(|t| t.created)) == Some(created)
     }
 
     /// Waits until every replica heard from (this one included) has applied `seq`, or for
