@@ -303,6 +303,26 @@ async fn without_nats_replicas_decide_refuse_signals_say_they_are_stale_and_catc
     formed(&[&a, &b, &c]).await;
     let done = a.admin().await.signal(signal("disable_agent", "ag-mail-01")).await.unwrap().into_inner();
     assert!(done.unconfirmed_replicas.is_empty());
+    // Load on a and b all along: every request is answered, and the disabled agent is never
+    // allowed, whatever NATS does.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = [a.channel().await, b.channel().await]
+        .into_iter()
+        .map(|channel| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut client = pb::decision_service_client::DecisionServiceClient::new(channel);
+                let mut answered = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let d =
+                        client.evaluate(token_request("ag-mail-01", "graph", "Mail.Read")).await.unwrap().into_inner();
+                    assert_eq!(d.reasons[0].code, "agent_disabled");
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
 
     fleet.nats.stop();
     // Decisions go on, with the last state applied.
@@ -330,6 +350,10 @@ async fn without_nats_replicas_decide_refuse_signals_say_they_are_stale_and_catc
     // NATS back: replicas catch up and take signals again.
     fleet.nats.resume();
     formed(&[&a, &b, &c]).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for answered in futures::future::join_all(load).await {
+        assert!(answered.unwrap() > 10, "the load never ran");
+    }
     let enabled = b.admin().await.signal(signal("enable_agent", "ag-mail-01")).await.unwrap().into_inner();
     assert!(enabled.unconfirmed_replicas.is_empty(), "{:?}", enabled.unconfirmed_replicas);
     for r in [&a, &b, &c] {
