@@ -28,6 +28,9 @@ use crate::signals::Signal;
 const BEAT: Duration = Duration::from_secs(1);
 /// A replica not heard from for this long is no longer waited for nor listed.
 pub const GONE_AFTER: Duration = Duration::from_secs(5);
+/// How long a replica lists the changes it skipped in its heartbeat, and how many at most.
+const SKIPPED_FOR: Duration = Duration::from_secs(60);
+const MAX_SKIPPED: usize = 1024;
 /// A consumer or watch that brings nothing it should for this long is made anew.
 const STALLED: Duration = Duration::from_secs(3);
 /// How long the heartbeat bucket keeps a silent replica's last heartbeat.
@@ -78,10 +81,12 @@ pub enum FleetError {
     Creds { path: String, source: std::io::Error },
     #[error("--live-tls-ca `{0}`: not a readable PEM file of certificates")]
     TlsCa(String),
+    #[error("--advertise: at most 256 bytes")]
+    Advertise,
     #[error("--live-stale-after: at least 2s (a replica asks the stream every second)")]
     StaleAfter,
     #[error(
-        "--fleet-ack-timeout ({ack:?}) must be shorter than the call timeout ({call:?}, --call-timeout-secs): a caller would time out on a change that applied"
+        "--fleet-ack-timeout ({ack:?}) plus 2s for the stream's own acknowledgement must be shorter than the call timeout ({call:?}, --call-timeout-secs): a caller would time out on a change that applied"
     )]
     AckTimeout { ack: Duration, call: Duration },
     #[error("state folder `{path}`: {message}")]
@@ -89,6 +94,9 @@ pub enum FleetError {
     #[error("--live: cannot set up the NATS client: {0}")]
     Client(String),
 }
+
+/// The longest wait for one JetStream request (an acknowledgement included).
+const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The shortest `--live-stale-after`: the stream is asked every second.
 pub const MIN_STALE_AFTER: Duration = Duration::from_secs(2);
@@ -108,16 +116,18 @@ pub enum PublishError {
 /// A heartbeat as the bucket holds it, if it is one: its key is its id, and its fields are of
 /// sane sizes (anyone who may write the bucket could put anything there).
 fn read_heartbeat(key: &str, value: &[u8]) -> Option<Heartbeat> {
-    if value.len() > 16 * 1024 || !is_name(key, 64) {
+    if value.len() > 256 * 1024 || !is_name(key, 64) {
         return None;
     }
-    let heartbeat: Heartbeat = serde_json::from_slice(value).ok()?;
-    let sane = heartbeat.id == key
-        && heartbeat.address.len() <= 256
-        && heartbeat.revision.len() <= 256
-        && heartbeat.error.as_ref().is_none_or(|e| e.len() <= 4096)
-        && heartbeat.skipped.len() <= 16;
-    sane.then_some(heartbeat)
+    let mut heartbeat: Heartbeat = serde_json::from_slice(value).ok()?;
+    if heartbeat.id != key {
+        return None;
+    }
+    // Long fields are cut, not the heartbeat dropped: a replica is never made invisible.
+    heartbeat.address = clip(heartbeat.address, 256);
+    heartbeat.revision = clip(heartbeat.revision, 256);
+    heartbeat.error = heartbeat.error.map(|e| clip(e, 1024));
+    Some(heartbeat)
 }
 
 /// Checks `--live` (comma-separated addresses) and returns the addresses.
@@ -148,10 +158,13 @@ pub fn check_names(options: &Options) -> Result<(), FleetError> {
     if !is_name(&options.stream, 32) {
         return Err(FleetError::StreamName(options.stream.clone()));
     }
+    if options.address.len() > 256 {
+        return Err(FleetError::Advertise);
+    }
     if options.stale_after.is_some_and(|after| after < MIN_STALE_AFTER) {
         return Err(FleetError::StaleAfter);
     }
-    if options.ack_timeout >= options.call_timeout {
+    if options.ack_timeout + JETSTREAM_TIMEOUT >= options.call_timeout {
         return Err(FleetError::AckTimeout { ack: options.ack_timeout, call: options.call_timeout });
     }
     if let Some(ca) = &options.tls_ca {
@@ -252,10 +265,18 @@ pub struct Heartbeat {
     /// Why it is not healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The last numbers it took without applying them (a change refused over its directory,
-    /// or one it could not read): a sender names it for those.
+    /// The numbers it took without applying them in the last minute (a change refused over
+    /// its directory, or one it could not read): a sender names it for those.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<u64>,
+    /// False once it stopped following the stream (see `error`): it applies nothing more, and
+    /// is named in every answer, whatever number it had reached.
+    #[serde(default = "yes")]
+    pub following: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One replica as `AdminService.Fleet` shows it.
@@ -325,6 +346,12 @@ struct Link {
     kv: kv::Store,
 }
 
+/// What the stream says of itself every second.
+struct Asked {
+    created: i128,
+    last: u64,
+}
+
 /// What `--state`/fleet.json holds: the stream the folder follows, and when it was last in
 /// step with it (so that a restart while NATS is down knows how stale it is).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -347,6 +374,8 @@ pub struct Fleet {
     state: PathBuf,
     started_at: DateTime<Utc>,
     link: Mutex<Option<Link>>,
+    /// The NATS client, from the start on (the link only once the folder's tie is checked).
+    client: Mutex<Option<async_nats::Client>>,
     applied: tokio::sync::watch::Sender<u64>,
     stream_seq: AtomicU64,
     tie: Mutex<Option<Tie>>,
@@ -363,8 +392,14 @@ pub struct Fleet {
     /// Counts the client's (re)connections, and when the last was: a consumer or watch from
     /// before one is made anew.
     connections: Arc<tokio::sync::watch::Sender<(u64, Option<Instant>)>>,
-    /// The last numbers this replica took without applying them (refused or unreadable).
-    skipped: Mutex<std::collections::VecDeque<u64>>,
+    /// The numbers this replica took without applying them (refused or unreadable), in the
+    /// last minute: senders wait for at most their call timeout.
+    skipped: Mutex<std::collections::VecDeque<(u64, Instant)>>,
+    /// Ids under which two replicas announce themselves, as this one saw: when last seen so.
+    twins: Mutex<HashMap<String, Instant>>,
+    /// Per id, the replicas seen under it (started at, first and last seen): two alive at
+    /// once are twins.
+    instances: Mutex<HashMap<String, Vec<(DateTime<Utc>, Instant, Instant)>>>,
     outcomes: Mutex<std::collections::BTreeMap<u64, Outcome>>,
     /// Whether requests are denied for a stale state, as the last tick found (for the health
     /// service; each request works it out itself).
@@ -388,12 +423,14 @@ impl Fleet {
     pub fn new(options: Options, state: &Path, applied: u64) -> Result<Arc<Fleet>, FleetError> {
         check_names(&options)?;
         let tie = read_tie(state)?;
-        let synced_at = tie.as_ref().and_then(|t| t.synced_at);
+        // A time ahead of the clock (a clock stepped back) says nothing of how old the state is.
+        let synced_at = tie.as_ref().and_then(|t| t.synced_at).filter(|at| *at <= Utc::now());
         Ok(Arc::new(Fleet {
             options,
             state: state.to_path_buf(),
             started_at: Utc::now(),
             link: Mutex::new(None),
+            client: Mutex::new(None),
             applied: tokio::sync::watch::channel(applied).0,
             stream_seq: AtomicU64::new(0),
             tie: Mutex::new(tie),
@@ -406,6 +443,8 @@ impl Fleet {
             seen: tokio::sync::watch::channel(0).0,
             connections: Arc::new(tokio::sync::watch::channel((0, None)).0),
             skipped: Mutex::new(std::collections::VecDeque::new()),
+            twins: Mutex::new(HashMap::new()),
+            instances: Mutex::new(HashMap::new()),
             outcomes: Mutex::new(std::collections::BTreeMap::new()),
             deny: tokio::sync::watch::channel(false).0,
             twin: Mutex::new(None),
@@ -470,7 +509,16 @@ impl Fleet {
             connect = connect.add_root_certificates(ca.clone()).require_tls(true);
         }
         let addrs: Vec<async_nats::ServerAddr> = self.options.servers.iter().filter_map(|s| s.parse().ok()).collect();
+        // A user and password in the address (`nats://user:pass@host:4222`), as NATS tools take them.
+        if let Some(addr) = addrs.iter().find(|a| a.has_user_pass())
+            && let (Some(user), Some(pass)) = (addr.username(), addr.password())
+        {
+            connect = connect.user_and_password(user.to_string(), pass.to_string());
+        }
         let client = connect.connect(addrs).await.map_err(|e| FleetError::Client(e.to_string()))?;
+        if let Ok(mut slot) = self.client.lock() {
+            *slot = Some(client.clone());
+        }
         tokio::spawn(self.clone().keep_time(applier.clone()));
         tokio::spawn(self.clone().run(client, applier));
         Ok(())
@@ -479,7 +527,7 @@ impl Fleet {
     /// Sets up the stream and bucket (retried until NATS answers), checks that the state
     /// folder follows this stream, then follows it for good.
     async fn run<A: Applier>(self: Arc<Self>, client: async_nats::Client, applier: Arc<A>) {
-        let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client.clone());
+        let js = jetstream::ContextBuilder::new().timeout(JETSTREAM_TIMEOUT).build(client.clone());
         let (stream, kv) = loop {
             match self.set_up(&js).await {
                 Ok(done) => break done,
@@ -510,11 +558,15 @@ impl Fleet {
     /// This replica can no longer follow the stream: it says why until it is restarted, and
     /// takes no change (it decides with the last state it applied).
     fn stop_following(&self, message: String) {
+        if self.fatal.swap(true, Ordering::SeqCst) {
+            return;
+        }
         tracing::error!("{message}");
-        self.fatal.store(true, Ordering::SeqCst);
         if let Ok(mut slot) = self.error.lock() {
             *slot = Some(message);
         }
+        // Heard by the fleet at once: no sender counts this replica as confirming anything.
+        self.seen.send_modify(|n| *n += 1);
     }
 
     async fn set_up(&self, js: &jetstream::Context) -> Result<(stream::Stream, kv::Store), String> {
@@ -652,6 +704,7 @@ impl Fleet {
             // A consumer can go quiet for good (NATS restarted under it): one that delivers
             // nothing while the stream holds more is made anew.
             let mut stalled_since: Option<Instant> = None;
+            let mut others_upto = 0;
             let mut check = tokio::time::interval(BEAT);
             let mut reconnected = self.connections.subscribe();
             reconnected.mark_unchanged();
@@ -686,20 +739,31 @@ impl Fleet {
                     tracing::debug!("a message from the stream without its sequence; the consumer is made anew");
                     break;
                 };
+                if self.fatal.load(Ordering::SeqCst) {
+                    return;
+                }
                 let seq = info.stream_sequence;
                 let applied = applier.applied();
                 if seq <= applied {
                     continue;
                 }
-                if seq > applied + 1 {
-                    self.stop_following(format!(
-                        "the stream no longer holds changes #{}..#{} that this replica has not applied: it stops \
-                         here rather than skip them. Start it on an empty --state folder only if the stream still \
-                         holds all its changes",
-                        applied + 1,
-                        seq - 1
-                    ));
-                    return;
+                if seq > applied + 1 && seq - 1 > others_upto {
+                    // Numbers between belong to other subjects of the stream, or are gone.
+                    match self.gone_between(&stream, (applied + 1).max(others_upto + 1), seq).await {
+                        Ok(None) => others_upto = seq - 1,
+                        Ok(Some(gone)) => {
+                            self.stop_following(format!(
+                                "the stream no longer holds change #{gone}, which this replica has not applied: it \
+                                 stops here rather than skip it. Start it on an empty --state folder only if the \
+                                 stream still holds all its changes"
+                            ));
+                            return;
+                        }
+                        Err(e) => {
+                            self.note_error(Some(format!("cannot read the stream: {e}")));
+                            break;
+                        }
+                    }
                 }
                 let parsed = serde_json::from_slice::<Message>(&message.payload).map_err(|e| e.to_string());
                 let origin = parsed.as_ref().map(|m| m.origin.clone()).unwrap_or_default();
@@ -719,8 +783,10 @@ impl Fleet {
                 if matches!(outcome, Outcome::Refused(_))
                     && let Ok(mut skipped) = self.skipped.lock()
                 {
-                    skipped.push_back(seq);
-                    while skipped.len() > 16 {
+                    skipped.push_back((seq, Instant::now()));
+                    while skipped.len() > MAX_SKIPPED
+                        || skipped.front().is_some_and(|(_, at)| at.elapsed() > SKIPPED_FOR)
+                    {
                         skipped.pop_front();
                     }
                 }
@@ -739,6 +805,20 @@ impl Fleet {
             }
             tokio::time::sleep(BEAT / 4).await;
         }
+    }
+
+    /// The first number in `from..to` that the stream no longer holds, if any; the numbers it
+    /// does hold there are other subjects' (a stream shared with others).
+    async fn gone_between(&self, stream: &stream::Stream, from: u64, to: u64) -> Result<Option<u64>, String> {
+        for seq in from..to {
+            match stream.get_raw_message(seq).await {
+                Ok(message) if message.subject.as_str() != self.subject() => {}
+                Ok(_) => return Err(format!("change #{seq} was not delivered")),
+                Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => return Ok(Some(seq)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(None)
     }
 
     /// Puts this replica's heartbeat every second, and at once after each change it applies.
@@ -785,7 +865,10 @@ impl Fleet {
     }
 
     fn skipped(&self) -> Vec<u64> {
-        self.skipped.lock().map(|s| s.iter().copied().collect()).unwrap_or_default()
+        self.skipped
+            .lock()
+            .map(|s| s.iter().filter(|(_, at)| at.elapsed() <= SKIPPED_FOR).map(|(n, _)| *n).collect())
+            .unwrap_or_default()
     }
 
     /// A heartbeat under this replica's own id that it did not put: another replica has the
@@ -807,15 +890,39 @@ impl Fleet {
         self.saw_aged(heartbeat, Duration::ZERO);
     }
 
+    /// Notes which replica (by its start) announced itself under an id: two that go on
+    /// announcing themselves at once are twins, whichever replica sees them.
+    fn count_instances(&self, heartbeat: &Heartbeat, seen: Instant) {
+        let Ok(mut instances) = self.instances.lock() else { return };
+        instances.retain(|_, list| {
+            list.retain(|(_, _, last)| last.elapsed() < GONE_AFTER);
+            !list.is_empty()
+        });
+        let list = instances.entry(heartbeat.id.clone()).or_default();
+        match list.iter_mut().find(|(started, _, _)| *started == heartbeat.started_at) {
+            Some((_, _, last)) => *last = (*last).max(seen),
+            None => list.push((heartbeat.started_at, seen, seen)),
+        }
+        // An older start still heard from after a newer one appeared: not a restart, a twin.
+        let twin = list
+            .iter()
+            .any(|(older, _, last)| list.iter().any(|(newer, first, _)| older < newer && *last > *first + BEAT / 2));
+        if twin && let Ok(mut twins) = self.twins.lock() {
+            twins.insert(heartbeat.id.clone(), Instant::now());
+        }
+    }
+
     /// Keeps a replica's heartbeat, sent `age` ago.
     fn saw_aged(&self, heartbeat: Heartbeat, age: Duration) {
         if age >= BUCKET_TTL {
             return;
         }
         let seen = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        self.count_instances(&heartbeat, seen);
         if let Ok(mut replicas) = self.replicas.lock() {
             // Replicas gone long ago are forgotten: ids do not pile up.
-            replicas.retain(|_, (_, seen)| seen.elapsed() < 10 * GONE_AFTER);
+            let keep = self.name_within() + GONE_AFTER;
+            replicas.retain(|_, (_, seen)| seen.elapsed() < keep);
             replicas.insert(heartbeat.id.clone(), (heartbeat, seen));
         }
         self.seen.send_modify(|n| *n += 1);
@@ -882,17 +989,11 @@ impl Fleet {
             tick.tick().await;
             let link = self.link.lock().ok().and_then(|l| l.clone());
             if let Some(link) = link {
-                let asked = match link.js.get_stream(&self.options.stream).await {
-                    Ok(mut stream) => stream
-                        .info()
-                        .await
-                        .map(|i| (i.state.last_sequence, i.created.unix_timestamp_nanos()))
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                match asked {
-                    Ok((_, created))
-                        if self.tie.lock().ok().and_then(|t| t.as_ref().map(|t| t.created)) != Some(created) =>
+                // Read before asking: whatever it applies meanwhile, the stream held it already.
+                let applied_before = applier.applied();
+                match self.ask_stream(&link.js).await {
+                    Ok(asked)
+                        if Some(asked.created) != self.tie.lock().ok().and_then(|t| t.as_ref().map(|t| t.created)) =>
                     {
                         self.stop_following(format!(
                             "the stream `{}` was deleted and made anew under this replica: its numbers start again, \
@@ -901,7 +1002,16 @@ impl Fleet {
                             self.options.stream
                         ));
                     }
-                    Ok((last, _)) => {
+                    Ok(asked) if asked.last < applied_before => {
+                        self.stop_following(format!(
+                            "the stream `{}` ends at #{}, before #{applied_before} that this replica applied: it lost \
+                             changes (restored from an older copy?), and would number new ones as changes applied \
+                             here already. Start the replicas on empty --state folders to take its state",
+                            self.options.stream, asked.last
+                        ));
+                    }
+                    Ok(asked) => {
+                        let last = asked.last;
                         self.stream_seq.store(last, Ordering::SeqCst);
                         if let Ok(mut answered) = self.answered.lock() {
                             *answered = Some(Instant::now());
@@ -948,6 +1058,25 @@ impl Fleet {
         }
     }
 
+    /// The stream's creation time and the number of its last change.
+    async fn ask_stream(&self, js: &jetstream::Context) -> Result<Asked, String> {
+        let mut stream = js.get_stream(&self.options.stream).await.map_err(|e| e.to_string())?;
+        let info = stream.info().await.map_err(|e| e.to_string())?;
+        let created = info.created.unix_timestamp_nanos();
+        // The last of this stream's own changes: a stream shared with other subjects numbers
+        // their messages too.
+        let last = if info.config.subjects == [self.subject()] {
+            info.state.last_sequence
+        } else {
+            match stream.get_last_raw_message_by_subject(&self.subject()).await {
+                Ok(message) => message.sequence,
+                Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => 0,
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        Ok(Asked { created, last })
+    }
+
     /// Writes `fleet.json` anew (off the async threads): when the state was last in step,
     /// and the journals' last numbers.
     async fn keep_tie(self: &Arc<Self>, journals: (u64, u64)) {
@@ -980,8 +1109,13 @@ impl Fleet {
 
     /// Leaves the fleet on a clean shutdown: the heartbeat is removed, so no sender waits for
     /// this replica or names it.
-    pub async fn leave(&self) {
+    pub async fn leave(self: &Arc<Self>, journals: (u64, u64)) {
         self.leaving.store(true, Ordering::SeqCst);
+        // The journals' last numbers, as they end: a journal lost while this replica is down
+        // is found at the next start.
+        if self.link.lock().is_ok_and(|l| l.is_some()) && !self.fatal.load(Ordering::SeqCst) {
+            self.keep_tie(journals).await;
+        }
         let link = self.link.lock().ok().and_then(|l| l.clone());
         if let Some(link) = link {
             let removed = tokio::time::timeout(BEAT, link.kv.delete(&self.options.replica)).await;
@@ -1012,7 +1146,7 @@ impl Fleet {
     }
 
     pub fn freshness(&self) -> Freshness {
-        let connected = self.link.lock().ok().and_then(|l| l.as_ref().map(|l| l.client.connection_state()))
+        let connected = self.client.lock().ok().and_then(|c| c.as_ref().map(async_nats::Client::connection_state))
             == Some(async_nats::connection::State::Connected);
         let answered = self.answered.lock().ok().and_then(|a| *a).is_some_and(|a| a.elapsed() < 3 * BEAT);
         let applied = *self.applied.borrow();
@@ -1074,6 +1208,13 @@ impl Fleet {
             return Err(PublishError::NotSent("not connected to NATS".into()));
         }
         let body = serde_json::to_vec(message).map_err(|e| PublishError::NotSent(e.to_string()))?;
+        let max = link.client.server_info().max_payload;
+        if body.len() > max {
+            return Err(PublishError::NotSent(format!(
+                "the change takes {} bytes on the stream, more than NATS takes in one message ({max}): split it",
+                body.len()
+            )));
+        }
         let id = uuid::Uuid::now_v7().to_string();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
@@ -1123,7 +1264,7 @@ impl Fleet {
         }
         let mut applied = self.applied.subscribe();
         let mut seen = self.seen.subscribe();
-        while !self.behind(seq, GONE_AFTER).is_empty() {
+        while !self.awaited(seq).is_empty() {
             tokio::select! {
                 _ = applied.changed() => {}
                 _ = seen.changed() => {}
@@ -1131,28 +1272,55 @@ impl Fleet {
             }
         }
         let outcome = self.outcomes.lock().ok().and_then(|mut o| o.remove(&seq));
-        (self.behind(seq, BUCKET_TTL), outcome)
+        (self.behind(seq), outcome)
     }
 
-    /// The replicas (this one first) heard from `within` that have not applied `seq`, or took
-    /// it without applying it.
-    fn behind(&self, seq: u64, within: Duration) -> Vec<String> {
+    /// How long a silent replica is named in answers: 30 s, or longer than it may take a
+    /// replica cut off from NATS to deny (`--live-stale-after`; give all replicas the same).
+    fn name_within(&self) -> Duration {
+        BUCKET_TTL.max(self.options.stale_after.map_or(Duration::ZERO, |after| after + GONE_AFTER))
+    }
+
+    /// The replicas (this one first) that have not applied `seq`, or took it without applying
+    /// it, or cannot be told to have: stopped following the stream, or two under one id.
+    fn behind(&self, seq: u64) -> Vec<String> {
+        self.not_confirmed(seq, self.name_within(), false)
+    }
+
+    /// Of `behind`, the ones still worth waiting for: heard from in the last 5 s, following
+    /// the stream, and not twins (those will not confirm however long one waits).
+    fn awaited(&self, seq: u64) -> Vec<String> {
+        self.not_confirmed(seq, GONE_AFTER, true)
+    }
+
+    fn not_confirmed(&self, seq: u64, within: Duration, awaitable: bool) -> Vec<String> {
         let mut behind = Vec::new();
-        if *self.applied.borrow() < seq || self.skipped.lock().is_ok_and(|s| s.contains(&seq)) {
+        let stopped = self.fatal.load(Ordering::SeqCst);
+        let skipped_here = self.skipped.lock().is_ok_and(|s| s.iter().any(|(n, _)| *n == seq));
+        if (*self.applied.borrow() < seq || skipped_here || stopped) && !(awaitable && stopped) {
             behind.push(self.options.replica.clone());
         }
         // Another replica under this one's id: whether it applied the change cannot be told.
         let twin = self.twin.lock().ok().and_then(|t| t.clone()).filter(|(_, at)| at.elapsed() < within);
-        if let Some((address, _)) = twin {
+        if let Some((address, _)) = twin.filter(|_| !awaitable) {
             behind.push(format!("{} (another replica with this id, at {address})", self.options.replica));
         }
+        let twins: Vec<String> = self
+            .twins
+            .lock()
+            .map(|t| t.iter().filter(|(_, at)| at.elapsed() < within).map(|(id, _)| id.clone()).collect())
+            .unwrap_or_default();
         if let Ok(replicas) = self.replicas.lock() {
-            let mut others: Vec<_> = replicas
+            let mut others: Vec<String> = replicas
                 .values()
-                .filter(|(h, seen)| {
-                    h.id != self.options.replica
-                        && seen.elapsed() < within
-                        && (h.applied < seq || h.skipped.contains(&seq))
+                .filter(|(h, seen)| h.id != self.options.replica && seen.elapsed() < within)
+                .filter(|(h, _)| {
+                    let cannot_tell = !h.following || twins.contains(&h.id);
+                    if awaitable {
+                        !cannot_tell && (h.applied < seq || h.skipped.contains(&seq))
+                    } else {
+                        cannot_tell || h.applied < seq || h.skipped.contains(&seq)
+                    }
                 })
                 .map(|(h, _)| h.id.clone())
                 .collect();
@@ -1209,10 +1377,23 @@ impl Fleet {
             started_at: self.started_at,
             healthy: freshness.healthy,
             at: Utc::now(),
-            error: freshness.error,
+            error: freshness.error.map(|e| clip(e, 1024)),
             skipped: self.skipped(),
+            following: !self.fatal.load(Ordering::SeqCst),
         }
     }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 fn read_tie(state: &Path) -> Result<Option<Tie>, FleetError> {

@@ -587,7 +587,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, Error> {
     };
     reloader.abort();
     if let Some(fleet) = &fleet {
-        fleet.leave().await;
+        fleet.leave(crate::fleet::Applier::journals(service.as_ref())).await;
     }
     // Make every record durable before exiting, within the grace period again.
     let flushed = tokio::time::timeout(grace, service.audit().flush()).await.is_ok();
