@@ -346,6 +346,9 @@ struct Link {
     kv: kv::Store,
 }
 
+/// One replica seen under an id: when it started, and when it was first and last heard.
+type Instance = (DateTime<Utc>, Instant, Instant);
+
 /// What the stream says of itself every second.
 struct Asked {
     created: i128,
@@ -399,7 +402,7 @@ pub struct Fleet {
     twins: Mutex<HashMap<String, Instant>>,
     /// Per id, the replicas seen under it (started at, first and last seen): two alive at
     /// once are twins.
-    instances: Mutex<HashMap<String, Vec<(DateTime<Utc>, Instant, Instant)>>>,
+    instances: Mutex<HashMap<String, Vec<Instance>>>,
     outcomes: Mutex<std::collections::BTreeMap<u64, Outcome>>,
     /// Whether requests are denied for a stale state, as the last tick found (for the health
     /// service; each request works it out itself).
