@@ -432,6 +432,15 @@ async fn a_state_folder_with_local_changes_does_not_join_a_fleet() {
     let refused = a.admin().await.signal(signal("enable_agent", "ag-mail-01")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable);
     assert!(refused.message().contains("made without --live"), "{}", refused.message());
+    // Its journal holds #1 already, yet it never counts as confirming the stream's #1: it is
+    // named, and not waited for.
+    let b = fleet.replica("b", &[]);
+    until(&b, "a is heard", |l| l.replicas == 2).await;
+    let sent = Instant::now();
+    let done = b.admin().await.signal(signal("disable_agent", "ag-code-01")).await.unwrap().into_inner();
+    assert_eq!((done.seq, done.unconfirmed_replicas.as_slice()), (1, ["a".to_string()].as_slice()));
+    assert!(sent.elapsed() < Duration::from_secs(10), "waited for a stopped replica: {:?}", sent.elapsed());
+    assert!(is_allow(&decide(&a, "ag-code-01").await), "a stopped replica applied a change");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,6 +470,18 @@ async fn two_replicas_with_one_id_both_say_so() {
     for r in [&a, &twin] {
         let l = until(r, "the twin is seen", |l| l.error.contains("another replica announces itself as `a`")).await;
         assert!(!l.healthy);
+    }
+    // A third replica tells them apart by their starts: it names `a` in its answers, without
+    // waiting for it.
+    let b = fleet.replica("b", &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = b.admin().await.signal(signal("disable_agent", "ag-code-01")).await.unwrap().into_inner();
+        if done.unconfirmed_replicas == ["a"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never named the twins: {:?}", done.unconfirmed_replicas);
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -586,5 +607,33 @@ async fn a_hostile_message_on_the_stream_is_skipped_everywhere_and_later_changes
         assert_eq!(decide(r, "ag-mail-01").await.reasons[0].code, "agent_disabled");
         assert!(is_allow(&decide(r, "ag-code-01").await), "the over-long signal applied");
         assert_eq!(signals(r).await.len(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_rolled_back_under_the_replicas_stops_them() {
+    let mut fleet = Fleet::new();
+    let (a, b) = (fleet.replica("a", &[]), fleet.replica("b", &[]));
+    formed(&[&a, &b]).await;
+    a.admin().await.signal(signal("disable_agent", "ag-code-01")).await.unwrap();
+    // NATS's store as it is now, restored after two more changes: same stream, fewer changes.
+    fleet.nats.stop();
+    let (store, copy) = (fleet.dir.path().join("nats"), fleet.dir.path().join("nats-copy"));
+    assert!(std::process::Command::new("cp").arg("-a").arg(&store).arg(&copy).status().unwrap().success());
+    fleet.nats.resume();
+    formed(&[&a, &b]).await;
+    for kind in ["disable_agent", "enable_agent"] {
+        let done = a.admin().await.signal(signal(kind, "ag-mail-01")).await.unwrap().into_inner();
+        assert!(done.unconfirmed_replicas.is_empty());
+    }
+    fleet.nats.stop();
+    std::fs::remove_dir_all(&store).unwrap();
+    std::fs::rename(&copy, &store).unwrap();
+    fleet.nats.resume();
+    for r in [&a, &b] {
+        let l = until(r, "the rollback is seen", |l| l.error.contains("lost changes")).await;
+        assert!(!l.healthy, "{l:?}");
+        let refused = r.admin().await.signal(signal("disable_agent", "ag-mail-01")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     }
 }
