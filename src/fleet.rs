@@ -227,7 +227,7 @@ impl Sender {
 }
 
 /// A directory change as the stream carries it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SentDirectory {
     pub change: Box<RawValue>,
     #[serde(default)]
@@ -237,7 +237,7 @@ pub struct SentDirectory {
 }
 
 /// One message of the stream: a signal or a directory change, and who sent it where.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     /// The replica that took it.
@@ -382,8 +382,8 @@ pub struct Fleet {
     applied: tokio::sync::watch::Sender<u64>,
     stream_seq: AtomicU64,
     tie: Mutex<Option<Tie>>,
-    synced_at: Mutex<Option<DateTime<Utc>>>,
-    /// `synced_at` in milliseconds since the epoch (`i64::MIN`: never), read per request.
+    /// When this replica last knew it had applied all the stream held, in milliseconds since
+    /// the epoch (`i64::MIN`: never); read per request.
     synced_ms: std::sync::atomic::AtomicI64,
     /// Why the link is down or the state cannot follow the stream (a fatal one stays).
     error: Mutex<Option<String>>,
@@ -437,7 +437,6 @@ impl Fleet {
             applied: tokio::sync::watch::channel(applied).0,
             stream_seq: AtomicU64::new(0),
             tie: Mutex::new(tie),
-            synced_at: Mutex::new(synced_at),
             synced_ms: std::sync::atomic::AtomicI64::new(synced_at.map_or(i64::MIN, |at| at.timestamp_millis())),
             error: Mutex::new(Some("not connected to NATS yet".into())),
             fatal: AtomicBool::new(false),
@@ -458,6 +457,14 @@ impl Fleet {
 
     pub fn options(&self) -> &Options {
         &self.options
+    }
+
+    /// When this replica last knew it had applied all the stream held.
+    fn synced_at(&self) -> Option<DateTime<Utc>> {
+        match self.synced_ms.load(Ordering::SeqCst) {
+            i64::MIN => None,
+            ms => DateTime::from_timestamp_millis(ms),
+        }
     }
 
     /// Seconds since this replica started.
@@ -615,6 +622,7 @@ impl Fleet {
     fn tie_to(&self, info: &stream::Info, applier: &impl Applier) -> Result<(), String> {
         let created = info.created.unix_timestamp_nanos();
         let applied = applier.applied();
+        let (signals, directory) = applier.journals();
         let last = info.state.last_sequence;
         let state = self.state.display();
         let name = &self.options.stream;
@@ -627,8 +635,7 @@ impl Fleet {
                      replica on an empty --state folder to take the stream's state"
                 ));
             }
-            Some(t) if t.signals > applier.journals().0 || t.directory > applier.journals().1 => {
-                let (signals, directory) = applier.journals();
+            Some(t) if t.signals > signals || t.directory > directory => {
                 return Err(format!(
                     "state folder `{state}` has lost changes: its journals end at #{signals} (signals) and \
                      #{directory} (directory), but it had applied up to #{} and #{}. Start this replica on an empty \
@@ -771,11 +778,7 @@ impl Fleet {
                 let parsed = serde_json::from_slice::<Message>(&message.payload).map_err(|e| e.to_string());
                 let origin = parsed.as_ref().map(|m| m.origin.clone()).unwrap_or_default();
                 let outcome = loop {
-                    let parsed = match &parsed {
-                        Ok(_) => serde_json::from_slice::<Message>(&message.payload).map_err(|e| e.to_string()),
-                        Err(e) => Err(e.clone()),
-                    };
-                    match applier.clone().apply(seq, parsed).await {
+                    match applier.clone().apply(seq, parsed.clone()).await {
                         Ok(outcome) => break outcome,
                         Err(e) => {
                             self.note_error(Some(format!("cannot apply change #{seq} here, retrying: {e}")));
@@ -837,7 +840,7 @@ impl Fleet {
             if self.leaving.load(Ordering::SeqCst) {
                 return;
             }
-            let heartbeat = self.heartbeat(applier.as_ref());
+            let heartbeat = self.this(applier.revision());
             let Ok(body) = serde_json::to_vec(&heartbeat) else { continue };
             self.saw(heartbeat);
             let put = link.kv.put(&self.options.replica, body.into()).await;
@@ -861,10 +864,6 @@ impl Fleet {
                 *slot = error;
             }
         }
-    }
-
-    fn heartbeat(&self, applier: &impl Applier) -> Heartbeat {
-        self.this(applier.revision())
     }
 
     fn skipped(&self) -> Vec<u64> {
@@ -1021,11 +1020,7 @@ impl Fleet {
                         }
                         if applier.applied() >= last && !self.fatal.load(Ordering::SeqCst) {
                             self.note_error(None);
-                            let now = Utc::now();
-                            if let Ok(mut synced) = self.synced_at.lock() {
-                                *synced = Some(now);
-                            }
-                            self.synced_ms.store(now.timestamp_millis(), Ordering::SeqCst);
+                            self.synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
                             if kept_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                                 kept_at = Some(Instant::now());
                                 self.keep_tie(applier.journals()).await;
@@ -1085,7 +1080,7 @@ impl Fleet {
     async fn keep_tie(self: &Arc<Self>, journals: (u64, u64)) {
         let fleet = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let synced_at = fleet.synced_at.lock().ok().and_then(|s| *s);
+            let synced_at = fleet.synced_at();
             let Ok(mut tie) = fleet.tie.lock() else { return };
             if let Some(tie) = tie.as_mut() {
                 (tie.synced_at, tie.signals, tie.directory) = (synced_at, journals.0, journals.1);
@@ -1166,7 +1161,7 @@ impl Fleet {
                 )
             })
         });
-        let synced_at = self.synced_at.lock().ok().and_then(|s| *s);
+        let synced_at = self.synced_at();
         let in_step = connected && answered && applied >= stream_seq && error.is_none();
         let stale_seconds =
             if in_step { Some(0) } else { synced_at.map(|at| (Utc::now() - at).num_seconds().max(0) as u64) };
