@@ -48,5 +48,8 @@ pub fn run(dir: &Path, state: Option<&Path>) -> Result<ExitCode, Error> {
         outln!("note: policy `{id}` can never apply: its scope names no agent, blueprint, sponsor or resource")?;
     }
     outln!("revision {}", snap.revision())?;
+    // The process ends now: freeing a large bundle piece by piece (half a second for 100,000
+    // policies) would only delay its exit.
+    std::mem::forget(snap);
     Ok(ExitCode::SUCCESS)
 }
