@@ -186,6 +186,8 @@ pub struct Index {
     sponsors: HashMap<Box<str>, Scope>,
     /// Policies that can never apply to an agent (their scope names another type).
     unreachable: Vec<Arc<str>>,
+    /// The entities the indexed conditions name literally, actions aside, each once.
+    literals: Box<[EntityUid]>,
     memo: Memo,
 }
 
@@ -206,6 +208,7 @@ pub struct Keys<'a> {
 impl Index {
     pub fn build(policies: &[BundlePolicy], types: &EntityTypes, entities: &Entities) -> Index {
         let mut index = Index::default();
+        let mut literals = std::collections::HashSet::new();
         for (order, p) in policies.iter().enumerate() {
             if p.state == PolicyState::Off {
                 continue;
@@ -229,6 +232,9 @@ impl Index {
             // action and resource are its keys, so the scope holds whenever the slice is
             // evaluated (the differential test checks it), and only the body is left to Cedar.
             let condition = Condition::body_of(&p.policy).split();
+            for c in [&condition.fixed, &condition.rest].into_iter().flatten() {
+                literals.extend(c.entity_literals().filter(|uid| *uid.type_name() != types.action));
+            }
             let compiled =
                 Arc::new(Compiled { id: p.id.clone(), effect: p.effect, reason: p.reason.clone(), order, condition });
             for action in actions {
@@ -243,6 +249,7 @@ impl Index {
                 }
             }
         }
+        index.literals = literals.into_iter().collect();
         index
     }
 
@@ -252,25 +259,8 @@ impl Index {
     }
 
     /// The entities the indexed conditions name literally, actions aside, each once.
-    pub fn literals(&self, types: &EntityTypes) -> Box<[EntityUid]> {
-        let mut seen = std::collections::HashSet::new();
-        let scopes = std::iter::once(&self.global)
-            .chain(self.agents.values())
-            .chain(self.blueprints.values())
-            .chain(self.sponsors.values());
-        for scope in scopes {
-            for target in &scope.actions {
-                for slice in std::iter::once(&target.any_resource).chain(target.by_resource.values()) {
-                    for p in slice.on.iter().chain(&slice.report_only) {
-                        let parts = [&p.condition.fixed, &p.condition.rest];
-                        for c in parts.into_iter().flatten() {
-                            seen.extend(c.entity_literals().filter(|uid| *uid.type_name() != types.action));
-                        }
-                    }
-                }
-            }
-        }
-        seen.into_iter().collect()
+    pub fn literals(&self) -> &[EntityUid] {
+        &self.literals
     }
 
     /// The slices that can apply to a request: at most two per principal scope.

@@ -201,7 +201,7 @@ impl Snapshot {
         let action_entities = action_entities(bundle.schema()).map_err(|e| fail(e.0))?;
         let actions_only = entities_of(&action_entities).map_err(|e| fail(e.0))?;
         let index = Index::build(bundle.policies(), types, &actions_only);
-        let literals = index.literals(types);
+        let literals: Box<[EntityUid]> = index.literals().into();
         let names_agents = literals.iter().any(|uid| *uid.type_name() == types.agent);
         let actions = Action::ALL.map(|a| EntityTypes::uid(&types.action, a.as_str()));
         static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
