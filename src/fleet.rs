@@ -993,6 +993,11 @@ impl Fleet {
             if let Some(link) = link {
                 // Read before asking: whatever it applies meanwhile, the stream held it already.
                 let applied_before = applier.applied();
+                // The answer tells how the stream stood when it was asked, or later; never
+                // later than the answer is read. An answer that waited in the socket while the
+                // process was frozen must not make a stale state look fresh, so it counts
+                // from when it was asked.
+                let (asked_at, asked_ms) = (Instant::now(), Utc::now().timestamp_millis());
                 match self.ask_stream(&link.js).await {
                     Ok(asked)
                         if Some(asked.created) != self.tie.lock().ok().and_then(|t| t.as_ref().map(|t| t.created)) =>
@@ -1016,11 +1021,11 @@ impl Fleet {
                         let last = asked.last;
                         self.stream_seq.store(last, Ordering::SeqCst);
                         if let Ok(mut answered) = self.answered.lock() {
-                            *answered = Some(Instant::now());
+                            *answered = Some(asked_at);
                         }
                         if applier.applied() >= last && !self.fatal.load(Ordering::SeqCst) {
                             self.note_error(None);
-                            self.synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
+                            self.synced_ms.fetch_max(asked_ms, Ordering::SeqCst);
                             if kept_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                                 kept_at = Some(Instant::now());
                                 self.keep_tie(applier.journals()).await;
@@ -1137,7 +1142,8 @@ impl Fleet {
         let (StalePolicy::Deny, Some(after)) = (self.options.stale_policy, self.options.stale_after) else {
             return false;
         };
-        let synced = self.synced_ms.load(Ordering::Relaxed);
+        // SeqCst: a time stored after a change was applied brings that change with it.
+        let synced = self.synced_ms.load(Ordering::SeqCst);
         synced == i64::MIN
             || Utc::now().timestamp_millis().saturating_sub(synced)
                 > i64::try_from(after.as_millis()).unwrap_or(i64::MAX)

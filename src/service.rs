@@ -263,17 +263,23 @@ impl Service {
 
     /// The decision on `request`: the engine's, unless the fleet's live state is too old to
     /// decide with (`--live-stale-after` with `--live-stale-policy deny`).
+    ///
+    /// The staleness is read before the live state: a state found fresh enough then is at
+    /// least as fresh when it is read. Read after, a change applied in between (a replica
+    /// woken after a freeze, catching up) could vouch for the state read before it.
     fn judged(&self, snap: &Snapshot, request: &Request) -> Decision {
+        let stale = self.settings.fleet.as_ref().is_some_and(|fleet| fleet.denying());
         let decision = evaluate(snap, &self.live, request);
-        match &self.settings.fleet {
-            Some(fleet) if fleet.denying() => Decision::deny(
+        if stale {
+            Decision::deny(
                 ReasonCode::LiveStateUnavailable,
                 "the live state (signals, directory changes) is older than --live-stale-after allows: the fleet's \
                  stream cannot be reached",
                 decision.revision,
                 decision.request_id,
-            ),
-            _ => decision,
+            )
+        } else {
+            decision
         }
     }
 

@@ -557,7 +557,7 @@ async fn a_frozen_replica_is_named_and_denies_from_its_first_request_under_the_d
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.signal("CONT");
     let d = asked.await.unwrap().unwrap().into_inner();
-    assert!(!is_allow(&d), "{d:?}");
+    assert!(!is_allow(&d), "{d:?}\n{}", c.log());
     until(&c, "c caught up", |l| l.applied_seq == done.seq && !l.denying).await;
     assert_eq!(decide(&c, "ag-mail-01").await.reasons[0].code, "agent_disabled");
 }
