@@ -1023,9 +1023,11 @@ impl Fleet {
                         if let Ok(mut answered) = self.answered.lock() {
                             *answered = Some(asked_at);
                         }
-                        if applier.applied() >= last && !self.fatal.load(Ordering::SeqCst) {
+                        // The fleet's own count, set once a change is applied and its barrier
+                        // passed (a journal may number a change before the state holds it).
+                        if *self.applied.borrow() >= last && !self.fatal.load(Ordering::SeqCst) {
                             self.note_error(None);
-                            self.synced_ms.fetch_max(asked_ms, Ordering::SeqCst);
+                            self.synced_ms.store(asked_ms, Ordering::SeqCst);
                             if kept_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                                 kept_at = Some(Instant::now());
                                 self.keep_tie(applier.journals()).await;
@@ -1168,7 +1170,9 @@ impl Fleet {
             })
         });
         let synced_at = self.synced_at();
-        let in_step = connected && answered && applied >= stream_seq && error.is_none();
+        // Never in step while requests are denied as stale (an answer within 3 s may still be
+        // older than a --live-stale-after of 2 s).
+        let in_step = connected && answered && applied >= stream_seq && error.is_none() && !self.denying();
         let stale_seconds =
             if in_step { Some(0) } else { synced_at.map(|at| (Utc::now() - at).num_seconds().max(0) as u64) };
         Freshness { connected, healthy: in_step, applied, stream_seq, synced_at, stale_seconds, error }

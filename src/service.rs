@@ -223,19 +223,24 @@ impl Service {
         complete: impl FnOnce(&Snapshot, &mut RawRequest),
     ) -> Result<Decision, RequestError> {
         let _in_flight = self.live.enter();
+        // Before the snapshot and the live state are read (see `judged`).
+        let stale = self.stale();
         let snap = self.store.current();
         complete(&snap, &mut raw);
         let request = raw.validate_with(Utc::now(), self.settings.max_clock_skew).inspect_err(|e| {
             self.metrics.invalid_request();
             tracing::debug!(caller = %caller, error = %e, "invalid request");
         })?;
-        let decision = self.judged(&snap, &request);
+        let decision = self.judged(stale, &snap, &request);
         Ok(self.audited(&snap, &request, decision, caller).await)
     }
 
     /// Decides many requests, each on its own: one bad item is an error for that item only.
     pub async fn decide_batch(&self, raws: Vec<RawRequest>, caller: &Caller) -> Vec<Result<Decision, RequestError>> {
         let _in_flight = self.live.enter();
+        // As of the batch's start, before its snapshot is read; and again before each item,
+        // since a batch yields the thread between items.
+        let stale = self.stale();
         let snap = self.store.current();
         let now = Utc::now();
         let mut pending = Vec::with_capacity(raws.len());
@@ -245,7 +250,7 @@ impl Service {
                 tracing::debug!(caller = %caller, error = %e, "invalid batch item");
             });
             pending.push(item.map(|request| {
-                let decision = self.judged(&snap, &request);
+                let decision = self.judged(stale || self.stale(), &snap, &request);
                 (request, decision)
             }));
             // A large batch gives the thread back now and then: admin calls, the kill switch
@@ -264,11 +269,10 @@ impl Service {
     /// The decision on `request`: the engine's, unless the fleet's live state is too old to
     /// decide with (`--live-stale-after` with `--live-stale-policy deny`).
     ///
-    /// The staleness is read before the live state: a state found fresh enough then is at
-    /// least as fresh when it is read. Read after, a change applied in between (a replica
-    /// woken after a freeze, catching up) could vouch for the state read before it.
-    fn judged(&self, snap: &Snapshot, request: &Request) -> Decision {
-        let stale = self.settings.fleet.as_ref().is_some_and(|fleet| fleet.denying());
+    /// `stale` is read before the snapshot and the live state: a state found fresh enough then
+    /// is at least as fresh when it is read. Read after, a change applied in between (a
+    /// replica woken after a freeze, catching up) could vouch for the state read before it.
+    fn judged(&self, stale: bool, snap: &Snapshot, request: &Request) -> Decision {
         let decision = evaluate(snap, &self.live, request);
         if stale {
             Decision::deny(
@@ -281,6 +285,11 @@ impl Service {
         } else {
             decision
         }
+    }
+
+    /// Whether the fleet's live state is too old to decide with (see `judged`).
+    fn stale(&self) -> bool {
+        self.settings.fleet.as_ref().is_some_and(|fleet| fleet.denying())
     }
 
     /// Audits a decision (see `recorded`), counts it and logs it (at debug level).

@@ -80,7 +80,10 @@ impl Probes {
             "/readyz" if self.source.get().is_none() => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: the bundle is loading\n")
             }
-            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: audit writes are failing\n"),
+            "/readyz" => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: audit writes are failing, or the fleet's live state is older than --live-stale-after\n",
+            ),
             _ => match self.source.get() {
                 Some(source) => {
                     let body = source.metrics().render(source.sample());
