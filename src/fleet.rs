@@ -530,6 +530,7 @@ impl Fleet {
             *slot = Some(client.clone());
         }
         tokio::spawn(self.clone().keep_time(applier.clone()));
+        tokio::spawn(self.clone().watch_staleness());
         tokio::spawn(self.clone().run(client, applier));
         Ok(())
     }
@@ -1052,6 +1053,17 @@ impl Fleet {
             {
                 self.keep_tie(journals).await;
             }
+        }
+    }
+
+    /// Keeps `denying` for the health service four times a second, on its own task: the
+    /// stream's answer may take seconds (or never come), and a process woken from a freeze
+    /// must not report SERVING while its requests are denied.
+    async fn watch_staleness(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(BEAT / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
             let deny = self.denying();
             if self.deny.send_replace(deny) != deny {
                 tracing::warn!(
