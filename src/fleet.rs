@@ -1029,6 +1029,7 @@ impl Fleet {
                         if *self.applied.borrow() >= last && !self.fatal.load(Ordering::SeqCst) {
                             self.note_error(None);
                             self.synced_ms.store(asked_ms, Ordering::SeqCst);
+                            self.note_denying();
                             if kept_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                                 kept_at = Some(Instant::now());
                                 self.keep_tie(applier.journals()).await;
@@ -1064,14 +1065,19 @@ impl Fleet {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let deny = self.denying();
-            if self.deny.send_replace(deny) != deny {
-                tracing::warn!(
-                    deny,
-                    "live state staleness: requests are {}",
-                    if deny { "denied" } else { "decided again" }
-                );
-            }
+            self.note_denying();
+        }
+    }
+
+    /// Puts `denying` where the health service reads it.
+    fn note_denying(&self) {
+        let deny = self.denying();
+        if self.deny.send_replace(deny) != deny {
+            tracing::warn!(
+                deny,
+                "live state staleness: requests are {}",
+                if deny { "denied" } else { "decided again" }
+            );
         }
     }
 
