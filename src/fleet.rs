@@ -530,7 +530,9 @@ impl Fleet {
             *slot = Some(client.clone());
         }
         tokio::spawn(self.clone().keep_time(applier.clone()));
-        tokio::spawn(self.clone().watch_staleness());
+        if self.options.stale_policy == StalePolicy::Deny && self.options.stale_after.is_some() {
+            tokio::spawn(self.clone().watch_staleness());
+        }
         tokio::spawn(self.clone().run(client, applier));
         Ok(())
     }

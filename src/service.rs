@@ -273,18 +273,17 @@ impl Service {
     /// is at least as fresh when it is read. Read after, a change applied in between (a
     /// replica woken after a freeze, catching up) could vouch for the state read before it.
     fn judged(&self, stale: bool, snap: &Snapshot, request: &Request) -> Decision {
-        let decision = evaluate(snap, &self.live, request);
         if stale {
-            Decision::deny(
+            // Nothing is evaluated on a state too old to decide with.
+            return Decision::deny(
                 ReasonCode::LiveStateUnavailable,
                 "the live state (signals, directory changes) is older than --live-stale-after allows: the fleet's \
                  stream cannot be reached",
-                decision.revision,
-                decision.request_id,
-            )
-        } else {
-            decision
+                snap.revision().clone(),
+                request.request_id.clone(),
+            );
         }
+        evaluate(snap, &self.live, request)
     }
 
     /// Whether the fleet's live state is too old to decide with (see `judged`).
