@@ -81,22 +81,26 @@ def free_port():
 
 procs = []
 servers = {}
-for mode in args.modes.split(","):
-    port, metrics = free_port(), free_port()
-    audit = ["--audit", "off"] if mode == "off" else ["--audit", str(work / f"{mode}.jsonl"), "--audit-durability", mode]
-    log = open(work / f"{mode}.log", "w")
-    procs.append(subprocess.Popen([args.binary, "serve", "--policies", args.policies, "--listen", f"127.0.0.1:{port}",
-                                   "--metrics-listen", f"127.0.0.1:{metrics}", "--state", str(work / f"state-{mode}"),
-                                   *audit], stdout=log, stderr=log))
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        sys.exit(f"audit {mode} did not start: {(work / f'{mode}.log').read_text()[-300:]}")
-    servers[mode] = (port, metrics)
+
+
+def start_servers():
+    for mode in args.modes.split(","):
+        port, metrics = free_port(), free_port()
+        audit = ["--audit", "off"] if mode == "off" else ["--audit", str(work / f"{mode}.jsonl"), "--audit-durability", mode]
+        log = open(work / f"{mode}.log", "w")
+        procs.append(subprocess.Popen([args.binary, "serve", "--policies", args.policies, "--listen", f"127.0.0.1:{port}",
+                                       "--metrics-listen", f"127.0.0.1:{metrics}", "--state", str(work / f"state-{mode}"),
+                                       *audit], stdout=log, stderr=log))
+        for _ in range(150):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            sys.exit(f"audit {mode} did not start: {(work / f'{mode}.log').read_text()[-300:]}")
+        servers[mode] = (port, metrics)
+
 
 
 def decisions(metrics):
@@ -111,16 +115,20 @@ def h2(port, metrics, body, method, items):
                           f"http://127.0.0.1:{port}/agentca.v1.DecisionService/{method}"],
                          capture_output=True, text=True).stdout
     counted = decisions(metrics) - before
-    rps = float(re.search(r"([\d.]+) req/s", out).group(1))
-    done = int(re.search(r"(\d+) succeeded", out).group(1))
+    rps, done = re.search(r"([\d.]+) req/s", out), re.search(r"(\d+) succeeded", out)
+    if not (rps and done):
+        sys.exit(f"{method}: h2load gave no figures:\n{out[-500:]}")
+    rps, done = float(rps.group(1)), int(done.group(1))
     # The server counts the warm-up's decisions too: at least every measured one must be there.
     if counted < done * items:
         sys.exit(f"{method}: h2load saw {done} answers of {items} decisions, the server counted {counted:.0f}")
     return rps * items
 
 
-res = {(mode, call): [] for mode in servers for call in calls}
 try:
+    # Inside the try: a server that does not start stops those started before it.
+    start_servers()
+    res = {(mode, call): [] for mode in servers for call in calls}
     for r in range(args.rounds):
         for mode, (port, metrics) in servers.items():
             for call, (body, method, items) in calls.items():
