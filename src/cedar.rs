@@ -222,9 +222,20 @@ fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, CedarError> {
 }
 
 /// A request context built as values: no expression to evaluate and no schema check (the
-/// caller's types guarantee the shape). Keys are put in any order and sorted once, at `build`.
+/// caller's types guarantee the shape). Keys are put in any order; `build` puts them in
+/// Cedar's map, reusing this thread's last map when it has the same keys.
 #[derive(Debug, Default)]
-pub struct ContextBuilder(Vec<(SmolStr, Value)>);
+pub struct ContextBuilder(Vec<(&'static str, Value)>);
+
+/// The last context map built on this thread: the keys it was built from, in the order they
+/// were put, and for each entry of the map (in key order) the position of its value among
+/// them. A request with the same keys writes its values into that map in place, once Cedar has
+/// let go of it: no sorting and no allocation (building the map was a sixth of a decision).
+struct LastContext {
+    keys: Vec<&'static str>,
+    order: Vec<usize>,
+    map: Arc<BTreeMap<SmolStr, Value>>,
+}
 
 /// What a set of named locations is built from: a snapshot's generation and a client address.
 type LocationsKey = (u64, Option<IpAddr>);
@@ -234,6 +245,7 @@ thread_local! {
     /// client address, and the last set of scopes: a caller's requests repeat them.
     static LAST_LOCATIONS: RefCell<Option<(LocationsKey, Value)>> = const { RefCell::new(None) };
     static LAST_SCOPES: RefCell<Option<(Vec<String>, Value)>> = const { RefCell::new(None) };
+    static LAST_CONTEXT: RefCell<Option<LastContext>> = const { RefCell::new(None) };
 }
 
 impl ContextBuilder {
@@ -242,7 +254,7 @@ impl ContextBuilder {
     }
 
     fn put(&mut self, key: &'static str, value: Value) {
-        self.0.push((SmolStr::new_static(key), value));
+        self.0.push((key, value));
     }
 
     pub fn string(&mut self, key: &'static str, value: &str) {
@@ -297,9 +309,34 @@ impl ContextBuilder {
         Ok(())
     }
 
-    pub fn build(self) -> Context {
+    pub fn build(mut self) -> Context {
+        let reused = LAST_CONTEXT.with_borrow_mut(|last| {
+            let last = last.as_mut()?;
+            let same_keys = last.keys.len() == self.0.len()
+                && last.keys.iter().zip(&self.0).all(|(a, (b, _))| std::ptr::eq(*a, *b) || a == b);
+            // INVARIANT: only this thread's cache holds the map once the request it was given to
+            // is dropped; while anything else holds it, `get_mut` refuses and a new map is built.
+            let map = Arc::get_mut(&mut last.map).filter(|_| same_keys)?;
+            for (slot, &at) in map.values_mut().zip(&last.order) {
+                *slot = std::mem::replace(&mut self.0[at].1, Value::from(false));
+            }
+            Some(last.map.clone())
+        });
+        Context::from(ast::Context::Value(reused.unwrap_or_else(|| self.fresh())))
+    }
+
+    /// A new map, kept for the next request on this thread if its keys are distinct.
+    fn fresh(self) -> Arc<BTreeMap<SmolStr, Value>> {
+        let keys: Vec<&'static str> = self.0.iter().map(|(k, _)| *k).collect();
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by_key(|&at| keys[at]);
+        let distinct = order.windows(2).all(|w| keys[w[0]] != keys[w[1]]);
         // Sorting a handful of keys and building the map in bulk beats inserting them one by one.
-        Context::from(ast::Context::Value(Arc::new(self.0.into_iter().collect::<BTreeMap<_, _>>())))
+        let map = Arc::new(self.0.into_iter().map(|(k, v)| (SmolStr::new_static(k), v)).collect::<BTreeMap<_, _>>());
+        if distinct {
+            LAST_CONTEXT.set(Some(LastContext { keys, order, map: map.clone() }));
+        }
+        map
     }
 }
 
@@ -570,6 +607,66 @@ mod tests {
         );
         // Built again from the per-thread cache, the values are the same.
         assert_eq!(Evaluator::new(&request(r#"User::"ann""#), &entities).holds(&Condition::body_of(&p)), Ok(true));
+    }
+
+    /// The map of a built context, by key.
+    fn map_of(c: &Context) -> BTreeMap<SmolStr, Value> {
+        match c.as_ref() {
+            ast::Context::Value(map) => (**map).clone(),
+            ast::Context::RestrictedResidual(_) => panic!("a context built from values has no residual"),
+        }
+    }
+
+    fn expected(pairs: &[(&str, Value)]) -> BTreeMap<SmolStr, Value> {
+        pairs.iter().map(|(k, v)| (SmolStr::new(k), v.clone())).collect()
+    }
+
+    #[test]
+    fn a_thread_reuses_its_context_map_only_once_it_is_free_and_keeps_each_requests_values() {
+        std::thread::spawn(|| {
+            let build = |pairs: &[(&'static str, i64)]| {
+                let mut c = ContextBuilder::new();
+                for (k, v) in pairs {
+                    c.long(k, *v);
+                }
+                c.build()
+            };
+            let ptr = |c: &Context| match c.as_ref() {
+                ast::Context::Value(map) => Arc::as_ptr(map),
+                ast::Context::RestrictedResidual(_) => std::ptr::null(),
+            };
+            let first = build(&[("s", 1), ("n", 2), ("a", 3)]);
+            // The first is still held: the second gets a map of its own.
+            let second = build(&[("s", 4), ("n", 5), ("a", 6)]);
+            assert_ne!(ptr(&first), ptr(&second));
+            assert_eq!(map_of(&first), expected(&[("s", 1.into()), ("n", 2.into()), ("a", 3.into())]));
+            assert_eq!(map_of(&second), expected(&[("s", 4.into()), ("n", 5.into()), ("a", 6.into())]));
+            let kept = ptr(&second);
+            drop((first, second));
+            // Free again: the same map, with the new values in their places.
+            let third = build(&[("s", 7), ("n", 8), ("a", 9)]);
+            assert_eq!(ptr(&third), kept);
+            assert_eq!(map_of(&third), expected(&[("s", 7.into()), ("n", 8.into()), ("a", 9.into())]));
+            drop(third);
+            // Other keys, or the same keys put in another order, or one key twice: a new map,
+            // with what Cedar's own map would hold (the last value of a key given twice).
+            let reordered = build(&[("a", 10), ("s", 11), ("n", 12)]);
+            assert_eq!(map_of(&reordered), expected(&[("s", 11.into()), ("n", 12.into()), ("a", 10.into())]));
+            drop(reordered);
+            let again = build(&[("a", 13), ("s", 14), ("n", 15)]);
+            assert_eq!(map_of(&again), expected(&[("s", 14.into()), ("n", 15.into()), ("a", 13.into())]));
+            drop(again);
+            let fewer = build(&[("a", 16), ("s", 17)]);
+            assert_eq!(map_of(&fewer), expected(&[("s", 17.into()), ("a", 16.into())]));
+            drop(fewer);
+            let twice = build(&[("a", 18), ("s", 19), ("a", 20)]);
+            assert_eq!(map_of(&twice), expected(&[("s", 19.into()), ("a", 20.into())]));
+            drop(twice);
+            let after = build(&[("a", 21), ("s", 22), ("a", 23)]);
+            assert_eq!(map_of(&after), expected(&[("s", 22.into()), ("a", 23.into())]));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
