@@ -686,9 +686,12 @@ impl Change {
     }
 }
 
-type Map<T> = imbl::HashMap<SmolStr, Arc<T>>;
+/// The directory's maps hash with foldhash (randomly seeded, as std's maps are): a request
+/// looks up its agent, blueprint, sponsor and resource, and SipHash was most of that.
+type Hashed<K, V> = imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+type Map<T> = Hashed<SmolStr, Arc<T>>;
 /// How many objects refer to an id (agents to a blueprint, blueprints to a resource, …).
-type Uses = imbl::HashMap<SmolStr, u32>;
+type Uses = Hashed<SmolStr, u32>;
 
 /// The whole directory, every reference checked. A value: cloning it is cheap, and a change
 /// makes a new one that shares everything the change did not touch (persistent maps), so a
@@ -701,7 +704,7 @@ pub struct Directory {
     agents: Map<Agent>,
     resources: Map<Resource>,
     /// A resource's id, and each of its audiences, to its id.
-    names: imbl::HashMap<SmolStr, SmolStr>,
+    names: Hashed<SmolStr, SmolStr>,
     agents_of_blueprint: Uses,
     agents_of_sponsor: Uses,
     agents_of_owner: Uses,

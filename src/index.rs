@@ -7,7 +7,6 @@
 //! runs it over the conditions of its slices. Cedar's own authorizer rebuilds every condition and walks the
 //! whole set on each call; the decision is the same, and a differential test proves it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -80,7 +79,7 @@ const MEMO_ENTRIES: usize = 1 << 17;
 /// so a value is learned on a key's first request and reused until its records change; the
 /// differential test checks decisions either way.
 #[derive(Default)]
-struct Memo(DashMap<MemoKey, Arc<Learned>>);
+struct Memo(DashMap<MemoKey, Arc<Learned>, foldhash::fast::RandomState>);
 
 /// The serials of the agent's record, the resource's record and the rest of the directory
 /// (each changes when its record does), and the action.
@@ -153,6 +152,9 @@ struct Slice {
     on: Vec<Arc<Compiled>>,
     report_only: Vec<Arc<Compiled>>,
 }
+
+/// Maps looked up on every request hash with foldhash (randomly seeded), not SipHash.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The slices of one action within one principal scope.
 #[derive(Debug, Default)]

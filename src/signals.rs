@@ -399,13 +399,16 @@ impl<T> std::ops::Deref for LiveRef<'_, T> {
     }
 }
 
+/// Live values by id, hashed with foldhash (randomly seeded): looked up on every decision.
+type Lives<T> = DashMap<String, Live<T>, foldhash::fast::RandomState>;
+
 /// The overlay of live state. Lookups are lock-free on distinct keys (dashmap shards).
 #[derive(Debug, Default)]
 pub struct Overlay {
-    agent_enabled: DashMap<String, Live<bool>>,
-    agent_risk: DashMap<String, Live<RiskLevel>>,
-    blueprint_enabled: DashMap<String, Live<bool>>,
-    sponsor_active: DashMap<String, Live<bool>>,
+    agent_enabled: Lives<bool>,
+    agent_risk: Lives<RiskLevel>,
+    blueprint_enabled: Lives<bool>,
+    sponsor_active: Lives<bool>,
     /// How many live values there are: when zero, a decision skips the lookups.
     count: AtomicU64,
     /// The barrier: decisions in flight counted per epoch (by its parity); `quiesce` moves the
@@ -443,20 +446,20 @@ impl Overlay {
     }
 
     /// A live value, read in place (no copy of its mark); skipped when nothing is live.
-    fn get<'a, T>(&self, map: &'a DashMap<String, Live<T>>, id: &str) -> Option<LiveRef<'a, T>> {
+    fn get<'a, T>(&self, map: &'a Lives<T>, id: &str) -> Option<LiveRef<'a, T>> {
         if !self.any() {
             return None;
         }
         map.get(id).map(LiveRef)
     }
 
-    fn put<T>(&self, map: &DashMap<String, Live<T>>, id: &str, live: Live<T>) {
+    fn put<T>(&self, map: &Lives<T>, id: &str, live: Live<T>) {
         if map.insert(id.to_string(), live).is_none() {
             self.count.fetch_add(1, Ordering::AcqRel);
         }
     }
 
-    fn remove<T>(&self, map: &DashMap<String, Live<T>>, id: &str) {
+    fn remove<T>(&self, map: &Lives<T>, id: &str) {
         if map.remove(id).is_some() {
             self.count.fetch_sub(1, Ordering::AcqRel);
         }
@@ -501,7 +504,7 @@ impl Overlay {
 
     /// How many live values satisfy `keep` (nothing is copied).
     pub fn count(&self, keep: impl Fn(Field, &str) -> bool) -> usize {
-        fn of<T>(map: &DashMap<String, Live<T>>, field: Field, keep: &impl Fn(Field, &str) -> bool) -> usize {
+        fn of<T>(map: &Lives<T>, field: Field, keep: &impl Fn(Field, &str) -> bool) -> usize {
             map.iter().filter(|e| keep(field, e.key())).count()
         }
         of(&self.agent_enabled, Field::AgentEnabled, &keep)
@@ -519,7 +522,7 @@ impl Overlay {
     /// more follow. Only the keys are gathered for the sort; marks (with reasons of up to
     /// 4 KiB) are copied for the page alone.
     pub fn page(&self, after: Option<(Field, &str)>, size: usize) -> (Vec<Listed>, bool) {
-        fn keys<T>(map: &DashMap<String, Live<T>>, field: Field, out: &mut Vec<(Field, String)>) {
+        fn keys<T>(map: &Lives<T>, field: Field, out: &mut Vec<(Field, String)>) {
             out.extend(map.iter().map(|e| (field, e.key().clone())));
         }
         let mut all = Vec::with_capacity(self.len());
