@@ -221,6 +221,29 @@ fn construct(f: &ExtensionFunction, arg: &str) -> Result<Value, CedarError> {
     }
 }
 
+thread_local! {
+    /// The uids of this thread's last principal, action and resource, shared with the next
+    /// request that names them: Cedar keeps each uid of a request in a box of its own.
+    static LAST_UIDS: RefCell<[Option<Arc<CoreUid>>; 3]> = const { RefCell::new([None, None, None]) };
+}
+
+/// A Cedar request, as `Request::new` without a schema builds it (the caller's types
+/// guarantee its shape), its uids shared with this thread's last request that named them.
+pub fn request(principal: &EntityUid, action: &EntityUid, resource: &EntityUid, context: &Context) -> Request {
+    LAST_UIDS.with_borrow_mut(|last| {
+        let mut known = |slot: usize, uid: &EntityUid| {
+            let uid: &CoreUid = uid.as_ref();
+            let euid = match &last[slot] {
+                Some(kept) if **kept == *uid => kept.clone(),
+                _ => last[slot].insert(Arc::new(uid.clone())).clone(),
+            };
+            ast::EntityUIDEntry::Known { euid, loc: None }
+        };
+        let (p, a, r) = (known(0, principal), known(1, action), known(2, resource));
+        Request::from(ast::Request::new_unchecked(p, a, r, Some(context.as_ref().clone())))
+    })
+}
+
 /// A request context built as values: no expression to evaluate and no schema check (the
 /// caller's types guarantee the shape). Keys are put in any order; `build` puts them in
 /// Cedar's map, reusing this thread's last map when it has the same keys.
@@ -607,6 +630,42 @@ mod tests {
         );
         // Built again from the per-thread cache, the values are the same.
         assert_eq!(Evaluator::new(&request(r#"User::"ann""#), &entities).holds(&Condition::body_of(&p)), Ok(true));
+    }
+
+    #[test]
+    fn requests_share_repeated_uids_and_equal_cedars_own() {
+        std::thread::spawn(|| {
+            let (ann, bob, read, doc) =
+                (uid(r#"User::"ann""#), uid(r#"User::"bob""#), uid(r#"Action::"read""#), uid(r#"Doc::"d""#));
+            let ctx = context();
+            let own = |p: &EntityUid| Request::new(p.clone(), read.clone(), doc.clone(), ctx.clone(), None).unwrap();
+            let shows = |r: &Request| format!("{:?}", AsRef::<ast::Request>::as_ref(r));
+            let arc = |r: &Request| match AsRef::<ast::Request>::as_ref(r).principal() {
+                ast::EntityUIDEntry::Known { euid, .. } => Arc::as_ptr(euid),
+                ast::EntityUIDEntry::Unknown { .. } => std::ptr::null(),
+            };
+            let first = super::request(&ann, &read, &doc, &ctx);
+            assert_eq!(shows(&first), shows(&own(&ann)));
+            let again = super::request(&ann, &read, &doc, &ctx);
+            assert_eq!(arc(&first), arc(&again));
+            let other = super::request(&bob, &read, &doc, &ctx);
+            assert_ne!(arc(&other), arc(&first));
+            assert_eq!(shows(&other), shows(&own(&bob)));
+            // The principal's slot holds bob now; ann's request is untouched.
+            assert_eq!(shows(&first), shows(&own(&ann)));
+            let entities = entities();
+            let p = policy(r#"permit(principal == User::"bob", action, resource);"#);
+            assert_eq!(Evaluator::new(&other, &entities).holds(&Condition::body_of(&p)), Ok(true));
+            let scoped = |r: &Request| {
+                let mut set = PolicySet::new();
+                set.add(p.clone()).unwrap();
+                Authorizer::new().is_authorized(r, &set, &entities).decision()
+            };
+            assert_eq!(scoped(&other), Decision::Allow);
+            assert_eq!(scoped(&first), Decision::Deny);
+        })
+        .join()
+        .unwrap();
     }
 
     /// The map of a built context, by key.

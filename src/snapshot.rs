@@ -351,9 +351,7 @@ impl Snapshot {
         agent_risk: RiskLevel,
     ) -> Result<(CedarRequest, Arc<Entities>), CedarError> {
         let context = self.context(req, agent_risk)?;
-        let request =
-            CedarRequest::new(agent.uid(), self.action_uid(req.action()).clone(), resource.uid(), context, None)
-                .map_err(|e| CedarError(e.to_string()))?;
+        let request = crate::cedar::request(&agent.uid(), self.action_uid(req.action()), &resource.uid(), &context);
         Ok((request, self.entities(req, agent, resource)?))
     }
 
