@@ -404,7 +404,7 @@ pub struct Fleet {
     /// once are twins.
     instances: Mutex<HashMap<String, Vec<Instance>>>,
     outcomes: Mutex<std::collections::BTreeMap<u64, Outcome>>,
-    /// Whether requests are denied for a stale state, as the last tick found (for the health
+    /// Whether requests are denied for a stale state, as the staleness watch last found (for the health
     /// service; each request works it out itself).
     deny: tokio::sync::watch::Sender<bool>,
     /// Another replica announcing itself under this one's id: its address, and when.
@@ -1059,15 +1059,16 @@ impl Fleet {
         }
     }
 
-    /// Keeps `denying` for the health service four times a second, on its own task: the
-    /// stream's answer may take seconds (or never come), and a process woken from a freeze
-    /// must not report SERVING while its requests are denied.
+    /// Keeps `denying` for the health service, on its own task: the stream's answer may take
+    /// seconds (or never come), and a process woken from a freeze must not report SERVING
+    /// while its requests are denied. It wakes when the state would turn stale; a sync only
+    /// moves that later (and notes `denying` itself), so waking at the earlier time is never
+    /// late. At most a beat apart all the same: the timer's clock stops while a host sleeps,
+    /// and the wall clock, which staleness is judged by, may be stepped.
     async fn watch_staleness(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(BEAT / 4);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
             self.note_denying();
+            tokio::time::sleep(self.fresh_for().unwrap_or(BEAT).min(BEAT)).await;
         }
     }
 
@@ -1150,7 +1151,7 @@ impl Fleet {
         }
     }
 
-    /// `denying`, as each second finds it.
+    /// `denying`, as the staleness watch finds it.
     pub fn denying_changes(&self) -> tokio::sync::watch::Receiver<bool> {
         self.deny.subscribe()
     }
@@ -1161,14 +1162,22 @@ impl Fleet {
     /// Worked out per request from when the replica was last known in step (noted every
     /// second), so that a process that was frozen denies from its first request on.
     pub fn denying(&self) -> bool {
-        let (StalePolicy::Deny, Some(after)) = (self.options.stale_policy, self.options.stale_after) else {
-            return false;
-        };
+        self.options.stale_policy == StalePolicy::Deny && self.fresh_for().is_none()
+    }
+
+    /// How much longer the live state is young enough to decide with: None once it is older
+    /// than --live-stale-after (or was never known in step), `Duration::MAX` without it.
+    fn fresh_for(&self) -> Option<Duration> {
+        let Some(after) = self.options.stale_after else { return Some(Duration::MAX) };
         // SeqCst: a time stored after a change was applied brings that change with it.
         let synced = self.synced_ms.load(Ordering::SeqCst);
-        synced == i64::MIN
-            || Utc::now().timestamp_millis().saturating_sub(synced)
-                > i64::try_from(after.as_millis()).unwrap_or(i64::MAX)
+        if synced == i64::MIN {
+            return None;
+        }
+        let after = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+        // Stale once more than `after` has passed: from a millisecond past `synced + after`.
+        let left = synced.saturating_add(after).saturating_sub(Utc::now().timestamp_millis());
+        u64::try_from(left).ok().map(|ms| Duration::from_millis(ms.saturating_add(1)))
     }
 
     pub fn freshness(&self) -> Freshness {
