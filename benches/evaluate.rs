@@ -7,6 +7,7 @@
 
 use std::hint::black_box;
 use std::path::Path;
+use std::time::Instant;
 
 use agentca::engine::evaluate;
 use agentca::request::{RawRequest, Request};
@@ -40,6 +41,35 @@ fn sample(c: &mut Criterion) {
     for (name, json) in cases {
         let req = request(json);
         group.bench_function(name, |b| b.iter(|| evaluate(black_box(&snap), &live, black_box(&req))));
+    }
+    // Two threads deciding at once, as the server's two workers do under load; the time is
+    // per decision of one thread. `_two_threads`: one snapshot, so what both decisions write
+    // to (reference counts, the memo's lock) moves between the cores' caches; `_two_snapshots`:
+    // each thread its own copy of the bundle (loaded twice), so what is left is the host's:
+    // two cores busy at once.
+    let own = || (Snapshot::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap(), Overlay::new());
+    let copies = [own(), own()];
+    for (name, json) in &cases[..2] {
+        let req = request(json);
+        for (variant, pair) in [
+            ("two_threads", [(&snap, &live), (&snap, &live)]),
+            ("two_snapshots", copies.each_ref().map(|(s, l)| (s, l))),
+        ] {
+            group.bench_function(format!("{name}_{variant}"), |b| {
+                b.iter_custom(|iters| {
+                    let started = Instant::now();
+                    std::thread::scope(|scope| {
+                        for (snap, live) in pair {
+                            let req = &req;
+                            scope.spawn(move || {
+                                (0..iters).for_each(|_| drop(black_box(evaluate(snap, live, black_box(req)))))
+                            });
+                        }
+                    });
+                    started.elapsed()
+                })
+            });
+        }
     }
     // Every request a millisecond apart from the last and from another client: the per-thread
     // cache of the last `time` and `client_ip` values never hits (the worst case).
