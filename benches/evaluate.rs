@@ -16,13 +16,18 @@ use agentca::snapshot::Snapshot;
 use chrono::Utc;
 use criterion::{Criterion, criterion_group, criterion_main};
 
+/// The sample bundle of `policies/`.
+fn sample_snapshot() -> Snapshot {
+    Snapshot::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap()
+}
+
 fn request(json: &str) -> Request {
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
     RawRequest::from_json(&v).unwrap().validate(Utc::now()).unwrap()
 }
 
 fn sample(c: &mut Criterion) {
-    let snap = Snapshot::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap();
+    let snap = sample_snapshot();
     let live = Overlay::new();
     let cases = [
         (
@@ -47,8 +52,7 @@ fn sample(c: &mut Criterion) {
     // to (reference counts, the memo's lock) moves between the cores' caches; `_two_snapshots`:
     // each thread its own copy of the bundle (loaded twice), so what is left is the host's:
     // two cores busy at once.
-    let own = || (Snapshot::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap(), Overlay::new());
-    let copies = [own(), own()];
+    let copies = [(sample_snapshot(), Overlay::new()), (sample_snapshot(), Overlay::new())];
     for (name, json) in &cases[..2] {
         let req = request(json);
         for (variant, pair) in [
@@ -117,7 +121,7 @@ fn sample(c: &mut Criterion) {
 /// What a live signal costs a decision: an empty overlay (no lookups), 10,000 live values
 /// for other agents, and a live value for the agent being decided.
 fn signals(c: &mut Criterion) {
-    let snap = Snapshot::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap();
+    let snap = sample_snapshot();
     let req = request(
         r#"{"agent": "ag-mail-01", "resource": "graph", "scopes": ["Mail.Read"], "client_ip": "10.1.2.3",
             "time": "2026-11-25T10:00:00Z"}"#,
