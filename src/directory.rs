@@ -686,9 +686,9 @@ impl Change {
     }
 }
 
-/// The directory's maps hash with foldhash (randomly seeded, as std's maps are): a request
-/// looks up its agent, blueprint, sponsor and resource, and SipHash was most of that.
-type Hashed<K, V> = imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+/// The directory's maps, with the decision path's hasher (`crate::HashState`): a request looks up
+/// its agent, blueprint, sponsor and resource, and SipHash was most of that.
+type Hashed<K, V> = imbl::GenericHashMap<K, V, crate::HashState, imbl::shared_ptr::DefaultSharedPtr>;
 type Map<T> = Hashed<SmolStr, Arc<T>>;
 /// How many objects refer to an id (agents to a blueprint, blueprints to a resource, …).
 type Uses = Hashed<SmolStr, u32>;

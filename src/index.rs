@@ -79,7 +79,7 @@ const MEMO_ENTRIES: usize = 1 << 17;
 /// so a value is learned on a key's first request and reused until its records change; the
 /// differential test checks decisions either way.
 #[derive(Default)]
-struct Memo(DashMap<MemoKey, Arc<Learned>, foldhash::fast::RandomState>);
+struct Memo(DashMap<MemoKey, Arc<Learned>, crate::HashState>);
 
 /// The serials of the agent's record, the resource's record and the rest of the directory
 /// (each changes when its record does), and the action.
@@ -153,8 +153,8 @@ struct Slice {
     report_only: Vec<Arc<Compiled>>,
 }
 
-/// Maps looked up on every request hash with foldhash (randomly seeded), not SipHash.
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// Maps looked up on every request: std's, with the decision path's hasher (`crate::HashState`).
+type HashMap<K, V> = std::collections::HashMap<K, V, crate::HashState>;
 
 /// The slices of one action within one principal scope.
 #[derive(Debug, Default)]

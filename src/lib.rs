@@ -72,3 +72,10 @@ pub mod signals;
 pub mod snapshot;
 pub mod tls;
 pub mod watch;
+
+/// How the maps a decision looks up hash their keys (the directory's, the index's and its
+/// memo's, the live overlay's): foldhash, randomly seeded per map as std's SipHash is, and
+/// several times faster on short keys. It resists deliberately colliding keys less than SipHash;
+/// the keys these maps hold come from the bundle, the directory's changes and admins' signals,
+/// and the memo's are serials, none from a decision's request (which only looks keys up).
+pub(crate) type HashState = foldhash::fast::RandomState;

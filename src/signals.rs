@@ -399,8 +399,8 @@ impl<T> std::ops::Deref for LiveRef<'_, T> {
     }
 }
 
-/// Live values by id, hashed with foldhash (randomly seeded): looked up on every decision.
-type Lives<T> = DashMap<String, Live<T>, foldhash::fast::RandomState>;
+/// Live values by id, looked up on every decision (hence `crate::HashState`).
+type Lives<T> = DashMap<String, Live<T>, crate::HashState>;
 
 /// The overlay of live state. Lookups are lock-free on distinct keys (dashmap shards).
 #[derive(Debug, Default)]
